@@ -1,0 +1,124 @@
+"""Checks of the tensors passed at call time, shared by the operator and the reference."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from .errors import ShapeError, UnsupportedError
+from .schema import AttentionSpec
+
+#: dtypes the generated kernels take for q, k and v.
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+def position_offset(spec: AttentionSpec, t_q: int, t_kv: int) -> int:
+    """Absolute position of query row 0: ``T_KV - T_Q`` for ``bottom_right``, else 0."""
+    return t_kv - t_q if spec.align == "bottom_right" else 0
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_call(
+    spec: AttentionSpec,
+    q: Any,
+    k: Any,
+    v: Any,
+    inputs: Mapping[str, Any],
+    *,
+    allow_float64: bool = False,
+) -> tuple[dict[str, int], list[torch.Tensor]]:
+    """Validate ``q, k, v`` and the runtime inputs against each other and the spec.
+
+    Args:
+        spec: the validated spec.
+        q: ``[B, H, T_Q, D_QK]``; k: ``[B, H_KV, T_KV, D_QK]``; v: ``[B, H_KV, T_KV, D_V]``.
+        inputs: the runtime inputs passed by keyword.
+        allow_float64: accept float64 (the reference does; the kernels do not).
+
+    Returns:
+        The named dimensions (``B, H, H_KV, T_Q, T_KV, D_QK, D_V``) and the runtime inputs in
+        the spec's declaration order.
+
+    Raises:
+        ShapeError: naming the argument, what was expected and what came.
+        UnsupportedError: a runtime input requires grad (not supported yet).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ShapeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    layouts = {"q": "[B, H, T_Q, D_QK]", "k": "[B, H_KV, T_KV, D_QK]", "v": "[B, H_KV, T_KV, D_V]"}
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ShapeError(f"{name}: expected 4 dimensions {layouts[name]}, got shape {tuple(t.shape)}")
+    allowed = KERNEL_DTYPES + ((torch.float64,) if allow_float64 else ())
+    if q.dtype not in allowed:
+        names = ", ".join(_dtype_name(d) for d in allowed)
+        raise ShapeError(f"q: dtype {_dtype_name(q.dtype)} is not supported; use one of {names}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ShapeError(
+                f"{name}: dtype {_dtype_name(t.dtype)} differs from q's {_dtype_name(q.dtype)}; "
+                f"cast with {name}.to(q.dtype)"
+            )
+        if t.device != q.device:
+            raise ShapeError(f"{name}: on {t.device} but q is on {q.device}; move all tensors to one device")
+    B, H, T_Q, D_QK = q.shape
+    _, H_KV, T_KV, _ = k.shape
+    D_V = v.shape[3]
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ShapeError(f"batch sizes differ: q has B={B}, k has {k.shape[0]}, v has {v.shape[0]}")
+    if v.shape[1] != H_KV or v.shape[2] != T_KV:
+        raise ShapeError(f"v: expected [B, H_KV={H_KV}, T_KV={T_KV}, D_V] like k, got shape {tuple(v.shape)}")
+    if k.shape[3] != D_QK:
+        raise ShapeError(f"k: head dim {k.shape[3]} differs from q's D_QK={D_QK}")
+    if H_KV == 0 or H % H_KV != 0:
+        raise ShapeError(f"k: H_KV={H_KV} must divide q's H={H} (grouped-query attention)")
+    if T_Q < 1 or T_KV < 1 or B < 1 or H < 1:
+        raise ShapeError(f"empty attention: B={B}, H={H}, T_Q={T_Q}, T_KV={T_KV}; every size must be at least 1")
+    for name, d in (("D_QK", D_QK), ("D_V", D_V)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ShapeError(f"{name}={d}: head dims from 1 to {MAX_HEAD_DIM} are supported")
+    dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V}
+
+    declared = {i.name: i for i in spec.inputs}
+    unknown = [name for name in inputs if name not in declared]
+    if unknown:
+        listed = ", ".join(declared) or "none"
+        raise ShapeError(f"{unknown[0]}: unknown keyword argument; the spec's runtime inputs are: {listed}")
+    ordered = []
+    params = spec.param_values
+    for name, decl in declared.items():
+        expected = tuple(dims[d] if isinstance(d, str) and d in dims else params.get(d, d) for d in decl.shape)
+        if name not in inputs:
+            raise ShapeError(
+                f"{name}: missing runtime input; the spec declares {name} ({decl.dtype}, shape "
+                f"[{', '.join(map(str, decl.shape))}] = {list(expected)}); pass it as op(q, k, v, {name}=...)"
+            )
+        t = inputs[name]
+        if not isinstance(t, torch.Tensor):
+            raise ShapeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != q.device:
+            raise ShapeError(f"{name}: on {t.device} but q is on {q.device}; move it with {name}.to(q.device)")
+        if tuple(t.shape) != expected:
+            raise ShapeError(
+                f"{name}: expected shape [{', '.join(map(str, decl.shape))}] = {list(expected)}, got {list(t.shape)}"
+            )
+        kind_ok = {
+            "float": t.is_floating_point(),
+            "int": not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
+            "bool": t.dtype == torch.bool,
+        }[decl.kind]
+        if not kind_ok:
+            raise ShapeError(f"{name}: dtype {_dtype_name(t.dtype)} does not fit the declared {decl.dtype}; cast it")
+        if t.requires_grad:
+            raise UnsupportedError(
+                f"{name}: runtime inputs that require grad are not supported yet (learnable score "
+                f"parameters are issue #9); pass {name}.detach()"
+            )
+        ordered.append(t)
+    return dims, ordered

@@ -1,0 +1,62 @@
+"""``attngen.compile``: spec -> IR -> passes -> plan -> rendered kernels -> operator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from .load import load_module
+from .lower import lower
+from .op import AttentionOp
+from .passes import run_pipeline
+from .plan import ModulePlan, make_plan
+from .render import RenderedModule, render
+from .schema import AttentionSpec, load_spec, with_params
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """Every stage's output for one spec, as ``python -m attngen show`` prints it."""
+
+    spec: AttentionSpec
+    graph: nx.DiGraph
+    plan: ModulePlan
+    rendered: RenderedModule
+
+
+def build(spec: Any, **params: int | float) -> Compiled:
+    """Run the pure stages (parse, validate, lower, passes, plan, render) without loading.
+
+    Raises:
+        SpecError, UnsupportedError: the spec is malformed or asks for what is not built.
+        IRVerifyError, CodegenError: a compiler bug.
+    """
+    spec = with_params(load_spec(spec), params)
+    graph = run_pipeline(lower(spec))
+    plan = make_plan(graph)
+    return Compiled(spec, graph, plan, render(plan))
+
+
+def compile(spec: Any, **params: int | float) -> AttentionOp:  # noqa: A001 - the product's verb
+    """Compile an attention spec into a differentiable operator.
+
+    Args:
+        spec: a YAML path, a zoo spec name (``"causal"``), a dict or an
+            :class:`~attngen.AttentionSpec`.
+        **params: overrides of the spec's compile-time params, e.g. ``window=1024``.
+
+    Returns:
+        An :class:`~attngen.op.AttentionOp`; see its docstring for the calling convention.
+        Kernels are rendered into ``<cache dir>/kernels/<name>_<hash>.py`` (written atomically)
+        and compiled by Triton on first use for each dtype and head dim.
+
+    Raises:
+        SpecError: a malformed spec or an unknown or mistyped param override.
+        UnsupportedError: a normaliser or recompute policy that is not built yet.
+    """
+    compiled = build(spec, **params)
+    module, path = load_module(compiled.spec.name, compiled.rendered)
+    return AttentionOp(compiled.spec, module, Path(path), compiled.plan)

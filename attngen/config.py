@@ -1,0 +1,44 @@
+"""Every environment variable attngen reads, in one module.
+
+``ATTNGEN_CACHE_DIR``   where rendered kernels (and later tuning caches) are written.
+``ATTNGEN_VERIFY_IR``   ``1`` runs the IR verifier after every compiler pass (tests switch it on).
+``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors); CPU
+                        tensors are always interpreted.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _source_checkout() -> Path | None:
+    """The repository root when attngen runs from a source checkout, else ``None``."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "pyproject.toml").is_file() and (root / "generated").is_dir():
+        return root
+    return None
+
+
+def cache_dir() -> Path:
+    """Directory for rendered kernels: ``$ATTNGEN_CACHE_DIR``, else ``generated/`` in a source
+    checkout, else the platform's user cache directory (``platformdirs``)."""
+    env = os.environ.get("ATTNGEN_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    root = _source_checkout()
+    if root is not None:
+        return root / "generated"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("attngen"))
+
+
+def verify_ir() -> bool:
+    """Whether to run the IR verifier after every pass."""
+    return os.environ.get("ATTNGEN_VERIFY_IR", "0") == "1"
+
+
+def interpret_all() -> bool:
+    """Whether Triton was asked to interpret every kernel (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

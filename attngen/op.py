@@ -1,0 +1,241 @@
+"""The compiled operator: launches the generated kernels behind ``torch.library`` custom ops.
+
+Two ops are registered (once, on the first compile, never at import):
+
+* ``attngen::attention_fwd(q, k, v, inputs, op_id) -> (o, lse)``
+* ``attngen::attention_bwd(do, dlse, q, k, v, o, lse, inputs, op_id) -> (dq, dk, dv)``
+
+``op_id`` names an :class:`AttentionOp` in this process's registry. Both ops have fake (meta)
+implementations, so ``torch.compile(fullgraph=True)`` traces through them, and the forward
+has a registered autograd formula that calls the backward op.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+import triton
+
+from . import config
+from .args import check_call, position_offset
+from .errors import ShapeError, UnsupportedError
+from .schema import AttentionSpec
+from .tiles import LaunchConfig, default_config, head_block
+
+_REGISTRY: dict[str, "AttentionOp"] = {}
+_REGISTER_LOCK = threading.Lock()
+_REGISTERED = False
+
+LOG2E = 1.0 / math.log(2.0)
+
+
+class AttentionOp:
+    """A compiled attention variant: call it like a function.
+
+    ``op(q, k, v, *, return_lse=False, **inputs)``
+
+    Args (of a call):
+        q: ``[B, H, T_Q, D_QK]``, float16, bfloat16 or float32, any strides.
+        k: ``[B, H_KV, T_KV, D_QK]``, q's dtype; ``H % H_KV == 0`` (GQA: query head ``h``
+            reads KV head ``h // (H // H_KV)``).
+        v: ``[B, H_KV, T_KV, D_V]``, q's dtype; ``D_V`` may differ from ``D_QK``.
+        return_lse: also return the log-sum-exp.
+        **inputs: the spec's runtime inputs by name.
+
+    Returns:
+        ``o [B, H, T_Q, D_V]`` in q's dtype; with ``return_lse`` also ``lse [B, H, T_Q]``
+        float32, natural log, ``-inf`` for a row that sees no key (whose output is 0).
+
+    Raises:
+        ShapeError: mismatched shapes or dtypes, or a missing or misshaped runtime input.
+        UnsupportedError: a runtime input requires grad.
+
+    CUDA tensors run the compiled Triton kernels; CPU tensors run the same kernels under
+    Triton's interpreter. Gradients flow to q, k and v (FlashAttention-2 backward).
+    """
+
+    def __init__(self, spec: AttentionSpec, module: ModuleType, kernel_file: Path, plan: Any) -> None:
+        self.spec = spec
+        self.module = module
+        self.kernel_file = kernel_file
+        self.plan = plan
+        self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}"
+        self._const_reads = [
+            (ld.input, dim, index)
+            for ld in (*plan.fwd.outer_loads, *plan.fwd.inner_loads)
+            for dim, index in ld.const_indices
+        ]
+        _ensure_registered()
+        _REGISTRY[self.op_id] = self
+
+    def __repr__(self) -> str:
+        return f"AttentionOp({self.spec.name!r}, kernels={str(self.kernel_file)!r})"
+
+    def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
+        _, ordered = check_call(self.spec, q, k, v, inputs)
+        for name, dim, index in self._const_reads:
+            size = inputs[name].shape[dim]
+            if not 0 <= index < size:
+                raise ShapeError(f"{name}: the spec reads index {index} of dimension {dim}, which has size {size}")
+        o, lse = torch.ops.attngen.attention_fwd(q, k, v, ordered, self.op_id)
+        return (o, lse) if return_lse else o
+
+    # -- kernel access -------------------------------------------------------------------
+    def kernel(self, name: str, device: torch.device):
+        """The kernel ``name`` for tensors on ``device``.
+
+        Raises:
+            UnsupportedError: CPU tensors while Triton's interpreter is off.
+        """
+        if device.type == "cpu" and not config.interpret_all():
+            raise UnsupportedError(
+                "CPU tensors run under Triton's interpreter, which Triton fixes when it is first "
+                "imported: start Python with TRITON_INTERPRET=1, or move q, k and v to a CUDA device"
+            )
+        return getattr(self.module, name)
+
+    def scale_for(self, d_qk: int) -> float:
+        return self.spec.scale if self.spec.scale is not None else 1.0 / math.sqrt(d_qk)
+
+    def _input_args(self, inputs: list[torch.Tensor]) -> list[Any]:
+        args: list[Any] = []
+        for t in inputs:
+            args.append(t)
+            for d in range(t.dim()):
+                args += [t.stride(d), t.shape[d]]
+        return args
+
+    def _common(self, q, k, v):
+        B, H, T_Q, D_QK = q.shape
+        H_KV, T_KV, D_V = k.shape[1], k.shape[2], v.shape[3]
+        scale = self.scale_for(D_QK)
+        constexprs = dict(
+            GROUP=H // H_KV,
+            D_QK=D_QK,
+            D_V=D_V,
+            BLOCK_DQK=head_block(D_QK),
+            BLOCK_DV=head_block(D_V),
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        )
+        runtime = [H, T_Q, T_KV, position_offset(self.spec, T_Q, T_KV), scale, scale * LOG2E]
+        return (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs
+
+    @staticmethod
+    def _launch(cfg: LaunchConfig) -> dict[str, int]:
+        return dict(BLOCK_Q=cfg.block_q, BLOCK_KV=cfg.block_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    # -- the work ------------------------------------------------------------------------
+    def forward_impl(self, q, k, v, inputs):
+        (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs = self._common(q, k, v)
+        o = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device)
+        lse = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
+        cfg = default_config("fwd", max(D_QK, D_V), q.dtype)
+        grid = (triton.cdiv(T_Q, cfg.block_q), H, B)
+        self.kernel(self.plan.fwd.name, q.device)[grid](
+            q, k, v, o, lse,
+            *self._input_args(inputs),
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            *runtime,
+            **constexprs, **self._launch(cfg),
+        )  # fmt: skip
+        return o, lse
+
+    def backward_impl(self, do, dlse, q, k, v, o, lse, inputs):
+        (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs = self._common(q, k, v)
+        delta = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
+        pre = default_config("preprocess", D_V, q.dtype)
+        self.kernel("attn_bwd_preprocess", q.device)[(triton.cdiv(T_Q, pre.block_q), H, B)](
+            o, do, delta, *o.stride(), *do.stride(), H, T_Q,
+            D_V=D_V, BLOCK_Q=pre.block_q, BLOCK_DV=constexprs["BLOCK_DV"], num_warps=pre.num_warps,
+        )  # fmt: skip
+        if dlse is not None:
+            # d lse / d score = P, so an incoming lse gradient folds into delta: dS = P (dP - (delta - dlse))
+            delta = delta - dlse.to(torch.float32)
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        input_args = self._input_args(inputs)
+        cfg = default_config("dkdv", max(D_QK, D_V), q.dtype)
+        self.kernel(self.plan.dkdv.name, q.device)[(triton.cdiv(T_KV, cfg.block_kv), H_KV, B)](
+            q, k, v, do, lse, delta, dk, dv,
+            *input_args,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            *runtime,
+            **constexprs, **self._launch(cfg),
+        )  # fmt: skip
+        cfg = default_config("dq", max(D_QK, D_V), q.dtype)
+        self.kernel(self.plan.dq.name, q.device)[(triton.cdiv(T_Q, cfg.block_q), H, B)](
+            q, k, v, do, lse, delta, dq,
+            *input_args,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            *runtime,
+            **constexprs, **self._launch(cfg),
+        )  # fmt: skip
+        return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library registration
+
+
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: list[torch.Tensor], op_id: str):
+    return _REGISTRY[op_id].forward_impl(q, k, v, inputs)
+
+
+def _fwd_fake(q, k, v, inputs, op_id):
+    B, H, T_Q, _ = q.shape
+    o = q.new_empty((B, H, T_Q, v.shape[3]))
+    lse = q.new_empty((B, H, T_Q), dtype=torch.float32)
+    return o, lse
+
+
+def _bwd(do, dlse, q, k, v, o, lse, inputs, op_id):
+    return _REGISTRY[op_id].backward_impl(do, dlse, q, k, v, o, lse, inputs)
+
+
+def _bwd_fake(do, dlse, q, k, v, o, lse, inputs, op_id):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, ins, op_id = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, *ins)
+    ctx.op_id = op_id
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, *ins = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attngen.attention_bwd(do, dlse, q, k, v, o, lse, ins, ctx.op_id)
+    return dq, dk, dv, [None] * len(ins), None
+
+
+def _ensure_registered() -> None:
+    global _REGISTERED
+    with _REGISTER_LOCK:
+        if _REGISTERED:
+            return
+        fwd = torch.library.custom_op(
+            "attngen::attention_fwd",
+            _fwd,
+            mutates_args=(),
+            schema="(Tensor q, Tensor k, Tensor v, Tensor[] inputs, str op_id) -> (Tensor, Tensor)",
+        )
+        fwd.register_fake(_fwd_fake)
+        bwd = torch.library.custom_op(
+            "attngen::attention_bwd",
+            _bwd,
+            mutates_args=(),
+            schema=(
+                "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
+                "Tensor[] inputs, str op_id) -> (Tensor, Tensor, Tensor)"
+            ),
+        )
+        bwd.register_fake(_bwd_fake)
+        fwd.register_autograd(_backward, setup_context=_setup_context)
+        _REGISTERED = True

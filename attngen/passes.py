@@ -1,0 +1,206 @@
+"""Compiler passes over the IR graph, and the one ordered pipeline that runs them.
+
+Each pass takes the graph, rewrites it in place, and returns it. Its docstring says what it
+requires of the graph and what it establishes; :func:`verify` checks the invariants that hold
+after every pass and runs between passes when ``ATTNGEN_VERIFY_IR=1`` (the tests set it).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import networkx as nx
+import sympy
+
+from . import config
+from .errors import IRVerifyError
+from .expr import SYMBOLS
+from .expr import bind_params as bind
+
+LOG2E = 1.0 / math.log(2.0)
+
+KNOWN_OPS = {"load", "dot", "scale", "score", "mask", "normalize", "store", "derivative", "load_input"}
+EXPR_NODES = ("score", "mask", "dscore")
+POSITION_SYMBOLS = {"q", "k", "b", "h", "T_Q", "T_KV"}
+
+
+def bind_params(g: nx.DiGraph) -> nx.DiGraph:
+    """Substitute every compile-time param by its value.
+
+    Requires: expression nodes from :func:`attngen.lower.lower`.
+    Establishes: no expression mentions a param symbol.
+    """
+    for node in EXPR_NODES:
+        if node in g:
+            g.nodes[node]["expr"] = bind(g.nodes[node]["expr"], g.graph["params"])
+    g.graph["params_bound"] = True
+    return g
+
+
+def simplify_expressions(g: nx.DiGraph) -> nx.DiGraph:
+    """Drop a mask that is always true and a score modification that is the identity.
+
+    Requires: params bound.
+    Establishes: a ``mask`` node exists only if some pair may be masked; a ``score`` node only
+    if the score differs from ``s``.
+    """
+    if "mask" in g and g.nodes["mask"]["expr"] is sympy.true:
+        _remove_through(g, "mask")
+    if "score" in g and sympy.expand(g.nodes["score"]["expr"] - SYMBOLS["s"]) == 0:
+        _remove_through(g, "score")
+    return g
+
+
+def derive_backward(g: nx.DiGraph) -> nx.DiGraph:
+    """Add the derivative of the score modification with respect to ``s``.
+
+    The backward pass needs ``d score / d s`` to carry ``dP`` back to ``dS`` (the chain rule
+    through the score modification); sympy differentiates the expression symbolically.
+
+    Requires: params bound.
+    Establishes: a ``dscore`` node (op ``derivative``) whenever a ``score`` node exists and its
+    derivative is not identically 1.
+    """
+    if "score" in g:
+        d = sympy.diff(g.nodes["score"]["expr"], SYMBOLS["s"])
+        if d != 1:
+            g.add_node("dscore", op="derivative", expr=d, of="score")
+            g.add_edge("score", "dscore")
+    return g
+
+
+def collect_input_loads(g: nx.DiGraph) -> nx.DiGraph:
+    """Turn each distinct ``input[...]`` read into a ``load_input`` node and a symbol.
+
+    Each load records the positions its indices depend on (``deps`` within ``q``, ``k``,
+    ``b``, ``h``), so that codegen hoists it out of the loops it does not depend on.
+
+    Requires: params bound.
+    Establishes: no expression holds an ``Indexed`` node; each read is a symbol ``ld<i>``.
+    """
+    found: dict[sympy.Indexed, sympy.Symbol] = {}
+    for node in EXPR_NODES:
+        if node in g:
+            for item in sorted(g.nodes[node]["expr"].atoms(sympy.Indexed), key=sympy.default_sort_key):
+                if item not in found:
+                    base = item.base
+                    kind = "int" if base.label.is_integer else "float"
+                    found[item] = sympy.Symbol(f"ld{len(found)}", integer=kind == "int", real=True)
+    for item, sym in found.items():
+        deps = {s.name for s in item.free_symbols if s.name in POSITION_SYMBOLS}
+        g.add_node(
+            f"load_input_{sym.name}",
+            op="load_input",
+            input=item.base.name,
+            indices=tuple(item.indices),
+            deps=frozenset(deps),
+            symbol=sym,
+        )
+    for node in EXPR_NODES:
+        if node in g:
+            expr = g.nodes[node]["expr"]
+            used = expr.atoms(sympy.Indexed)
+            g.nodes[node]["expr"] = expr.xreplace({i: found[i] for i in used})
+            for i in used:
+                g.add_edge(f"load_input_{found[i].name}", node)
+    return g
+
+
+def choose_numerics(g: nx.DiGraph) -> nx.DiGraph:
+    """Fix the numerics of the softmax.
+
+    Softmax runs in base 2 (``exp2``) with accumulators in float32. With no score
+    modification the scale and ``log2(e)`` fold into one multiply of ``q·k``; otherwise the
+    score is computed in natural units and multiplied by ``log2(e)`` afterwards. float32 inputs
+    use IEEE dots (not TF32), so float32 is as exact as the reference.
+
+    Establishes: graph attributes ``exp2``, ``fold_scale``, ``acc_dtype``.
+    """
+    g.graph["exp2"] = True
+    g.graph["fold_scale"] = "score" not in g
+    g.graph["acc_dtype"] = "float32"
+    return g
+
+
+def apply_recompute(g: nx.DiGraph) -> nx.DiGraph:
+    """Apply the recompute policy of the backward pass.
+
+    ``lse`` (FlashAttention-2): the forward saves O and the log-sum-exp; the backward
+    recomputes P tile by tile from them.
+
+    Establishes: graph attribute ``saved`` (the tensors the forward keeps for the backward).
+    """
+    if g.graph["recompute"] != "lse":  # validation admits only 'lse' so far
+        raise IRVerifyError(f"recompute policy {g.graph['recompute']!r} has no pass")
+    g.graph["saved"] = ("q", "k", "v", "o", "lse")
+    return g
+
+
+PIPELINE: list[Callable[[nx.DiGraph], nx.DiGraph]] = [
+    bind_params,
+    simplify_expressions,
+    derive_backward,
+    collect_input_loads,
+    choose_numerics,
+    apply_recompute,
+]
+
+
+def run_pipeline(g: nx.DiGraph, *, check: bool | None = None) -> nx.DiGraph:
+    """Run :data:`PIPELINE` in order; verify after each pass when ``check`` (default: the
+    ``ATTNGEN_VERIFY_IR`` setting)."""
+    check = config.verify_ir() if check is None else check
+    if check:
+        verify(g, after="lower")
+    for p in PIPELINE:
+        g = p(g)
+        if check:
+            verify(g, after=p.__name__)
+    return g
+
+
+def verify(g: nx.DiGraph, *, after: str) -> None:
+    """Check the invariants of the IR graph.
+
+    Raises:
+        IRVerifyError: naming the pass after which the invariant broke.
+    """
+
+    def fail(msg: str) -> IRVerifyError:
+        return IRVerifyError(f"after {after}: {msg}")
+
+    if not nx.is_directed_acyclic_graph(g):
+        raise fail("the graph has a cycle")
+    for node, data in g.nodes(data=True):
+        if data.get("op") not in KNOWN_OPS:
+            raise fail(f"node {node!r} has unknown op {data.get('op')!r}")
+    for required in ("load_q", "load_k", "load_v", "qk", "normalize", "pv", "store_o", "store_lse"):
+        if required not in g:
+            raise fail(f"node {required!r} is missing")
+    if not nx.has_path(g, "qk", "store_o"):
+        raise fail("the output does not depend on q·k")
+    params = set(g.graph["params"])
+    loads = {d["symbol"].name for _, d in g.nodes(data=True) if d.get("op") == "load_input"}
+    for node in EXPR_NODES:
+        if node not in g:
+            continue
+        expr = g.nodes[node]["expr"]
+        names = {s.name for s in expr.free_symbols if isinstance(s, sympy.Symbol)}
+        allowed = POSITION_SYMBOLS | loads | ({"s"} if node != "mask" else set())
+        if not g.graph.get("params_bound"):
+            allowed |= params
+        if expr.atoms(sympy.Indexed):
+            allowed |= {i.base.name for i in expr.atoms(sympy.Indexed)} | {
+                str(i.base.label) for i in expr.atoms(sympy.Indexed)
+            }
+        stray = names - allowed
+        if stray:
+            raise fail(f"{node} expression {expr} names {sorted(stray)}")
+
+
+def _remove_through(g: nx.DiGraph, node: str) -> None:
+    """Remove ``node`` and connect its predecessors to its successors."""
+    preds, succs = list(g.predecessors(node)), list(g.successors(node))
+    g.remove_node(node)
+    g.add_edges_from((p, s) for p in preds for s in succs)

@@ -1,0 +1,139 @@
+"""Kernel plans: the flat, typed records that are all a template may see.
+
+Every decision is made here or in the passes; templates only ``if``/``for`` over these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from .printer import TritonPrinter
+
+#: Kernel variable of each position symbol. ``pos_q`` is ``[BLOCK_Q, 1]``, ``pos_k`` is
+#: ``[1, BLOCK_KV]`` in every kernel, so one printed expression serves all of them.
+KERNEL_NAMES = {
+    "q": "pos_q",
+    "k": "pos_k",
+    "b": "off_b",
+    "h": "off_h",
+    "T_Q": "T_Q",
+    "T_KV": "T_KV",
+    "s": "s",
+}
+
+
+@dataclass(frozen=True)
+class InputArg:
+    """A runtime input tensor as kernel arguments: pointer, strides and sizes."""
+
+    name: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """One read of a runtime input: ``var = input[indices]``, out-of-range reads give 0."""
+
+    var: str
+    input: str
+    offset_terms: tuple[str, ...]
+    bound_codes: tuple[str, ...]
+    const_indices: tuple[tuple[int, int], ...]
+    is_float: bool
+    deps: frozenset[str]
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Per kernel: which runtime-input loads sit outside its inner loop and which inside."""
+
+    name: str
+    outer_loads: tuple[LoadPlan, ...]
+    inner_loads: tuple[LoadPlan, ...]
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """Everything the attention template renders: one module with the forward kernel, the
+    backward preprocess, the dK/dV kernel and the dQ kernel."""
+
+    spec_name: str
+    spec_digest: str
+    inputs: tuple[InputArg, ...]
+    has_mask: bool
+    mask_code: str
+    has_score: bool
+    score_code: str
+    has_dscore: bool
+    dscore_code: str
+    fold_scale: bool
+    fwd: KernelPlan
+    dkdv: KernelPlan
+    dq: KernelPlan
+
+
+def make_plan(g: nx.DiGraph) -> ModulePlan:
+    """Flatten a graph that went through :func:`attngen.passes.run_pipeline` into a plan."""
+    spec = g.graph["spec"]
+    loads_nodes = [d for _, d in g.nodes(data=True) if d.get("op") == "load_input"]
+    names = dict(KERNEL_NAMES)
+    names.update({d["symbol"].name: d["symbol"].name for d in loads_nodes})
+    pr = TritonPrinter(names)
+    loads = tuple(_load_plan(d, pr) for d in sorted(loads_nodes, key=lambda d: int(d["symbol"].name[2:])))
+
+    def split(inner_dep: str, name: str) -> KernelPlan:
+        return KernelPlan(
+            name=name,
+            outer_loads=tuple(ld for ld in loads if inner_dep not in ld.deps),
+            inner_loads=tuple(ld for ld in loads if inner_dep in ld.deps),
+        )
+
+    def code(node: str) -> str:
+        return pr(g.nodes[node]["expr"]) if node in g else ""
+
+    return ModulePlan(
+        spec_name=spec.name,
+        spec_digest=spec.digest(),
+        inputs=tuple(InputArg(i.name, len(i.shape)) for i in spec.inputs),
+        has_mask="mask" in g,
+        mask_code=code("mask"),
+        has_score="score" in g,
+        score_code=code("score"),
+        has_dscore="dscore" in g,
+        dscore_code=code("dscore"),
+        fold_scale=g.graph["fold_scale"],
+        # the forward and dQ kernels loop over key tiles; the dK/dV kernel over query tiles
+        fwd=split("k", "attn_fwd"),
+        dkdv=split("q", "attn_bwd_dkdv"),
+        dq=split("k", "attn_bwd_dq"),
+    )
+
+
+def _load_plan(node: dict, pr: TritonPrinter) -> LoadPlan:
+    """Pointer terms (int64 offsets) and bounds checks of one runtime-input read.
+
+    Constant indices are checked against the tensor's size on the host at call time, so only
+    computed indices get a bounds mask; an index outside the tensor reads 0.
+    """
+    name = node["input"]
+    terms, bounds, consts = [], [], []
+    for dim, index in enumerate(node["indices"]):
+        stride = f"{name}_stride_{dim}"
+        if index.is_Integer:
+            terms.append(f"{int(index)} * {stride}")
+            consts.append((dim, int(index)))
+            continue
+        code = pr(index)
+        terms.append(f"({code}).to(tl.int64) * {stride}")
+        bounds.append(f"(({code}) >= 0) & (({code}) < {name}_size_{dim})")
+    return LoadPlan(
+        var=node["symbol"].name,
+        input=name,
+        offset_terms=tuple(terms),
+        bound_codes=tuple(bounds),
+        const_indices=tuple(consts),
+        is_float=not node["symbol"].is_integer,
+        deps=node["deps"],
+    )

@@ -1,0 +1,100 @@
+"""The exact reference: dense attention computed straight from the spec's definition.
+
+It materialises the ``[B, H, T_Q, T_KV]`` score matrix, so it is for checking, not for speed.
+It runs in any dtype (float64 included) on any device and is differentiable with autograd.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from .args import check_call, position_offset
+from .expr import bind_params
+from .printer import TorchEvaluator
+from .schema import load_spec, with_params
+
+
+def gather_input(tensor: torch.Tensor, indices: list[torch.Tensor]) -> torch.Tensor:
+    """``tensor[indices]`` with broadcasting index tensors; an index outside the tensor reads 0
+    (as the kernels do)."""
+    shape = torch.broadcast_shapes(*[i.shape for i in indices])
+    valid = torch.ones(shape, dtype=torch.bool, device=tensor.device)
+    clamped = []
+    for dim, idx in enumerate(indices):
+        idx = idx.to(torch.int64)
+        valid = valid & (idx >= 0) & (idx < tensor.shape[dim])
+        clamped.append(idx.clamp(0, tensor.shape[dim] - 1).expand(shape))
+    values = tensor[tuple(clamped)]
+    return torch.where(valid, values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def reference(spec: Any, **params: int | float) -> Callable[..., Any]:
+    """The dense reference of a spec, as a function with the operator's calling convention.
+
+    Args:
+        spec: anything :func:`attngen.load_spec` takes.
+        **params: overrides of the spec's params (as for :func:`attngen.compile`).
+
+    Returns:
+        ``f(q, k, v, *, return_lse=False, **inputs)`` with ``q [B, H, T_Q, D_QK]``,
+        ``k [B, H_KV, T_KV, D_QK]``, ``v [B, H_KV, T_KV, D_V]``; it returns ``o [B, H, T_Q, D_V]``
+        in q's dtype, and with ``return_lse`` also ``lse [B, H, T_Q]`` (natural log, float32,
+        or float64 for float64 inputs). All arithmetic runs in q's dtype, so a float64 call is
+        the exact answer and a bfloat16 call shows what bfloat16 arithmetic alone costs.
+
+    Raises:
+        SpecError, ShapeError: as :func:`attngen.compile` and the operator do.
+    """
+    spec = with_params(load_spec(spec), params)
+    mask = spec.parsed_mask()
+    score = spec.parsed_score()
+    values = spec.param_values
+
+    def run(q, k, v, *, return_lse: bool = False, **inputs):
+        dims, ordered = check_call(spec, q, k, v, inputs, allow_float64=True)
+        B, H, T_Q, D_QK = q.shape
+        H_KV, T_KV = k.shape[1], k.shape[2]
+        dtype, device = q.dtype, q.device
+        group = H // H_KV
+        k_full = k.repeat_interleave(group, dim=1) if group > 1 else k
+        v_full = v.repeat_interleave(group, dim=1) if group > 1 else v
+        scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D_QK)
+        s = torch.matmul(q, k_full.transpose(-1, -2)) * scale
+        env = {
+            "s": s,
+            "q": (torch.arange(T_Q, device=device) + position_offset(spec, T_Q, T_KV)).view(1, 1, T_Q, 1),
+            "k": torch.arange(T_KV, device=device).view(1, 1, 1, T_KV),
+            "b": torch.arange(B, device=device).view(B, 1, 1, 1),
+            "h": torch.arange(H, device=device).view(1, H, 1, 1),
+            "T_Q": T_Q,
+            "T_KV": T_KV,
+            **values,
+        }
+        names = [i.name for i in spec.inputs]
+        tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in zip(names, ordered)}
+        ev = TorchEvaluator(env, lambda name, idx: gather_input(tensors[name], idx), dtype, device)
+        t = s if score is None else ev.flt(bind_params(score.sym, values)).to(dtype)
+        t = t.expand(B, H, T_Q, T_KV)
+        if mask is not None:
+            visible = ev(bind_params(mask.sym, values))
+            visible = torch.as_tensor(visible, device=device).expand(B, H, T_Q, T_KV)
+            t = torch.where(visible, t, torch.tensor(float("-inf"), dtype=dtype, device=device))
+        m = t.amax(dim=-1, keepdim=True)
+        m_safe = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=dtype, device=device))
+        p = torch.exp(t - m_safe)
+        l = p.sum(dim=-1, keepdim=True)
+        has_key = l > 0
+        l_safe = torch.where(has_key, l, torch.ones((), dtype=dtype, device=device))
+        o = torch.matmul(p / l_safe, v_full)
+        o = torch.where(has_key, o, torch.zeros((), dtype=dtype, device=device))
+        if not return_lse:
+            return o
+        lse = torch.where(has_key, m_safe + torch.log(l_safe), torch.tensor(float("-inf"), dtype=dtype, device=device))
+        lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        return o, lse.squeeze(-1).to(lse_dtype)
+
+    return run
+

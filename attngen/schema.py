@@ -1,0 +1,390 @@
+"""The attention spec: frozen dataclasses, loading from YAML or a dict, and validation.
+
+A spec is data, never code: YAML is read with ``yaml.safe_load`` and expressions are parsed
+by :mod:`attngen.expr` against a whitelist.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from . import resources
+from .errors import SpecError, UnsupportedError
+from .expr import RESERVED_NAMES, FUNCTIONS, InputSignature, Parsed, parse_expression
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+PARAM_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+
+#: Element types a runtime input may have, with the expression kind they read as.
+INPUT_DTYPES = {
+    "float32": "float",
+    "float16": "float",
+    "bfloat16": "float",
+    "float64": "float",
+    "int32": "int",
+    "int64": "int",
+    "bool": "bool",
+}
+#: Names a runtime input's shape may use, resolved from q, k and v at call time.
+DIM_NAMES = ("B", "H", "H_KV", "T_Q", "T_KV", "D_QK", "D_V")
+
+NORMALIZERS = ("softmax",)
+PLANNED_NORMALIZERS = {"sigmoid": "issue #6", "linear": "issue #6"}
+RECOMPUTE_POLICIES = ("lse",)
+PLANNED_RECOMPUTE = {"store_p": "issue #7", "full": "issue #7"}
+ALIGNS = ("bottom_right", "top_left")
+
+BLOCK_SIZES = (16, 32, 64, 128, 256)
+WARPS = (1, 2, 4, 8, 16)
+
+SPEC_KEYS = (
+    "name",
+    "description",
+    "params",
+    "inputs",
+    "mask",
+    "score",
+    "normalizer",
+    "scale",
+    "align",
+    "tiles",
+    "recompute",
+)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A runtime tensor that expressions index, passed by keyword at call time.
+
+    Attributes:
+        name: the keyword, also the name used in expressions (``doc`` in ``doc[b, q]``).
+        dtype: one of :data:`INPUT_DTYPES` (``float32``, ``int32``, ``bool``, ...).
+        shape: one entry per dimension: a name from :data:`DIM_NAMES`, an int param's name,
+            or a positive integer.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[str | int, ...]
+
+    @property
+    def kind(self) -> str:
+        return INPUT_DTYPES[self.dtype]
+
+
+@dataclass(frozen=True)
+class TileSpace:
+    """Tile configurations to search: each field is a tuple of candidates."""
+
+    block_q: tuple[int, ...] = (64, 128)
+    block_kv: tuple[int, ...] = (32, 64, 128)
+    num_warps: tuple[int, ...] = (4, 8)
+    num_stages: tuple[int, ...] = (2, 3, 4)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """An attention variant, as data.
+
+    Attributes:
+        name: ``[a-z][a-z0-9_]*``; in ``specs/`` the file stem equals the name.
+        description: one line on the variant and the model or paper it comes from.
+        params: compile-time numbers by name (``window``, ``cap``); :func:`attngen.compile`
+            may override them.
+        inputs: runtime tensors that expressions index.
+        mask: boolean expression of which keys a query sees; ``None`` means every key.
+        score: expression of the scaled score ``s``; ``None`` means ``s``.
+        normalizer: ``softmax``.
+        scale: multiplier of ``q·k``; ``None`` means ``1/sqrt(D_QK)``.
+        align: ``bottom_right`` (query row ``i`` at position ``i + T_KV - T_Q``) or
+            ``top_left`` (at ``i``).
+        tiles: the tile configurations to search.
+        recompute: backward-pass policy: ``lse`` (store O and log-sum-exp, recompute P).
+    """
+
+    name: str
+    description: str = ""
+    params: tuple[tuple[str, int | float], ...] = ()
+    inputs: tuple[InputSpec, ...] = ()
+    mask: str | None = None
+    score: str | None = None
+    normalizer: str = "softmax"
+    scale: float | None = None
+    align: str = "bottom_right"
+    tiles: TileSpace = field(default_factory=TileSpace)
+    recompute: str = "lse"
+
+    @property
+    def param_values(self) -> dict[str, int | float]:
+        return dict(self.params)
+
+    @property
+    def input_signatures(self) -> dict[str, InputSignature]:
+        return {i.name: InputSignature(len(i.shape), i.kind) for i in self.inputs}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data, in the YAML layout."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "params": dict(self.params),
+            "inputs": {i.name: {"dtype": i.dtype, "shape": list(i.shape)} for i in self.inputs},
+            "mask": self.mask,
+            "score": self.score,
+            "normalizer": self.normalizer,
+            "scale": self.scale,
+            "align": self.align,
+            "tiles": {f.name: list(getattr(self.tiles, f.name)) for f in fields(TileSpace)},
+            "recompute": self.recompute,
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def digest(self) -> str:
+        """A hash of everything that changes the generated kernels (not the description)."""
+        data = self.to_dict()
+        data.pop("description")
+        text = json.dumps(data, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def parsed_mask(self) -> Parsed | None:
+        if self.mask is None:
+            return None
+        return parse_expression(
+            self.mask, field="mask", params=self.param_values, inputs=self.input_signatures, allow_score=False
+        )
+
+    def parsed_score(self) -> Parsed | None:
+        if self.score is None:
+            return None
+        return parse_expression(
+            self.score, field="score", params=self.param_values, inputs=self.input_signatures, allow_score=True
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# loading
+
+
+def load_spec(source: str | Path | Mapping[str, Any] | AttentionSpec) -> AttentionSpec:
+    """Load and validate a spec.
+
+    Args:
+        source: a path to a YAML file, the name of a spec in the zoo (``"causal"``), a dict
+            with the YAML's keys, or an :class:`AttentionSpec`.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        SpecError: the file is missing or not YAML, or a field is malformed (the message
+            names the field path and the offending value).
+        UnsupportedError: the spec asks for a normaliser or recompute policy not built yet.
+    """
+    if isinstance(source, AttentionSpec):
+        return validate(source)
+    if isinstance(source, Mapping):
+        return validate(from_dict(source))
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists() and isinstance(source, str) and NAME_RE.match(source):
+            zoo = resources.zoo_dir() / f"{source}.yaml"
+            if zoo.is_file():
+                path = zoo
+            else:
+                known = ", ".join(sorted(p.stem for p in resources.zoo_dir().glob("*.yaml")))
+                raise SpecError("spec", f"no file {source!r} and no zoo spec of that name; zoo specs: {known}")
+        if not path.is_file():
+            raise SpecError("spec", f"no such spec file: {str(path)!r}")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise SpecError("spec", f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise SpecError("spec", f"{path} must hold a mapping of spec keys, got {type(data).__name__}")
+        data = dict(data)
+        data.setdefault("name", path.stem)
+        return validate(from_dict(data))
+    raise SpecError("spec", f"expected a path, a dict or an AttentionSpec, got {type(source).__name__}")
+
+
+def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
+    """Build an (unvalidated) spec from YAML-layout data; type errors raise :class:`SpecError`."""
+    unknown = [key for key in data if key not in SPEC_KEYS]
+    if unknown:
+        raise SpecError(str(unknown[0]), f"unknown key; known keys: {', '.join(SPEC_KEYS)}")
+    if "name" not in data:
+        raise SpecError("name", "missing; every spec needs a name like 'my_variant'")
+    params = data.get("params") or {}
+    if not isinstance(params, Mapping):
+        raise SpecError("params", f"expected a mapping of name: number, got {params!r}")
+    inputs_data = data.get("inputs") or {}
+    if not isinstance(inputs_data, Mapping):
+        raise SpecError("inputs", f"expected a mapping of name: {{dtype, shape}}, got {inputs_data!r}")
+    inputs = []
+    for name, decl in inputs_data.items():
+        where = f"inputs.{name}"
+        if not isinstance(decl, Mapping):
+            raise SpecError(where, f"expected {{dtype: ..., shape: [...]}}, got {decl!r}")
+        extra = [key for key in decl if key not in ("dtype", "shape")]
+        if extra:
+            raise SpecError(f"{where}.{extra[0]}", "unknown key; an input has 'dtype' and 'shape'")
+        if "shape" not in decl:
+            raise SpecError(f"{where}.shape", "missing; give one entry per dimension, e.g. [B, T_KV]")
+        shape = decl["shape"]
+        if not isinstance(shape, (list, tuple)):
+            raise SpecError(f"{where}.shape", f"expected a list like [B, T_KV], got {shape!r}")
+        inputs.append(InputSpec(str(name), decl.get("dtype", "float32"), tuple(shape)))
+    tiles_data = data.get("tiles") or {}
+    if not isinstance(tiles_data, Mapping):
+        raise SpecError("tiles", f"expected a mapping like {{block_q: [64, 128]}}, got {tiles_data!r}")
+    tile_fields = {f.name for f in fields(TileSpace)}
+    tiles = {}
+    for key, value in tiles_data.items():
+        if key not in tile_fields:
+            raise SpecError(f"tiles.{key}", f"unknown key; known keys: {', '.join(sorted(tile_fields))}")
+        values = value if isinstance(value, (list, tuple)) else [value]
+        tiles[key] = tuple(values)
+    scale = data.get("scale")
+    return AttentionSpec(
+        name=data["name"],
+        description=data.get("description") or "",
+        params=tuple(params.items()),
+        inputs=tuple(inputs),
+        mask=data.get("mask"),
+        score=data.get("score"),
+        normalizer=data.get("normalizer") or "softmax",
+        scale=scale,
+        align=data.get("align") or "bottom_right",
+        tiles=TileSpace(**tiles),
+        recompute=data.get("recompute") or "lse",
+    )
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate(spec: AttentionSpec) -> AttentionSpec:
+    """Check every field of a spec and parse its expressions; return it unchanged.
+
+    Raises:
+        SpecError: naming the first malformed field and how to fix it.
+        UnsupportedError: a normaliser or recompute policy that is planned but not built.
+    """
+    if not isinstance(spec.name, str) or not NAME_RE.match(spec.name):
+        raise SpecError("name", f"{spec.name!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)")
+    if not isinstance(spec.description, str):
+        raise SpecError("description", f"expected text, got {spec.description!r}")
+    seen: set[str] = set()
+    for name, value in spec.params:
+        where = f"params.{name}"
+        if not isinstance(name, str) or not PARAM_RE.match(name):
+            raise SpecError(where, "param names are identifiers like 'window'")
+        if name in RESERVED_NAMES or name in FUNCTIONS or name in DIM_NAMES:
+            raise SpecError(where, f"{name!r} is a reserved name; pick another")
+        if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
+            raise SpecError(where, f"expected a finite number, got {value!r}")
+        seen.add(name)
+    int_params = {n for n, v in spec.params if isinstance(v, int)}
+    for inp in spec.inputs:
+        where = f"inputs.{inp.name}"
+        if not PARAM_RE.match(inp.name) or inp.name in RESERVED_NAMES or inp.name in FUNCTIONS:
+            raise SpecError(where, "input names are identifiers that are not reserved (q, k, b, h, s, ...)")
+        if inp.name in seen:
+            raise SpecError(where, f"{inp.name!r} is already a param; names must be unique")
+        seen.add(inp.name)
+        if inp.dtype not in INPUT_DTYPES:
+            raise SpecError(f"{where}.dtype", f"{inp.dtype!r} is not one of {', '.join(INPUT_DTYPES)}")
+        if not inp.shape:
+            raise SpecError(f"{where}.shape", "an input needs at least one dimension")
+        for dim in inp.shape:
+            ok = (isinstance(dim, int) and not isinstance(dim, bool) and dim > 0) or dim in DIM_NAMES or dim in int_params
+            if not ok:
+                raise SpecError(
+                    f"{where}.shape",
+                    f"dimension {dim!r} must be a positive integer, an int param, or one of {', '.join(DIM_NAMES)}",
+                )
+    if spec.mask is not None:
+        parsed = spec.parsed_mask()
+        if parsed.kind != "bool":
+            raise SpecError("mask", f"{spec.mask!r} is a number, not a condition; write e.g. 'k <= q'")
+    if spec.score is not None:
+        parsed = spec.parsed_score()
+        if parsed.kind == "bool":
+            raise SpecError("score", f"{spec.score!r} is a condition; the score is a number such as 's + 1.0'")
+    if spec.normalizer in PLANNED_NORMALIZERS:
+        raise UnsupportedError(
+            f"normalizer: {spec.normalizer!r} is not implemented yet ({PLANNED_NORMALIZERS[spec.normalizer]}); "
+            "use 'softmax'"
+        )
+    if spec.normalizer not in NORMALIZERS:
+        raise SpecError("normalizer", f"{spec.normalizer!r} is not one of {', '.join(NORMALIZERS)}")
+    if spec.scale is not None and (not _is_number(spec.scale) or not math.isfinite(spec.scale) or spec.scale <= 0):
+        raise SpecError("scale", f"expected null (1/sqrt(D_QK)) or a positive number, got {spec.scale!r}")
+    if spec.align not in ALIGNS:
+        raise SpecError("align", f"{spec.align!r} is not one of {', '.join(ALIGNS)}")
+    if spec.recompute in PLANNED_RECOMPUTE:
+        raise UnsupportedError(
+            f"recompute: {spec.recompute!r} is not implemented yet ({PLANNED_RECOMPUTE[spec.recompute]}); use 'lse'"
+        )
+    if spec.recompute not in RECOMPUTE_POLICIES:
+        raise SpecError("recompute", f"{spec.recompute!r} is not one of {', '.join(RECOMPUTE_POLICIES)}")
+    _validate_tiles(spec.tiles)
+    return spec
+
+
+def _validate_tiles(tiles: TileSpace) -> None:
+    allowed = {
+        "block_q": BLOCK_SIZES,
+        "block_kv": BLOCK_SIZES,
+        "num_warps": WARPS,
+        "num_stages": tuple(range(1, 9)),
+    }
+    for name, legal in allowed.items():
+        values = getattr(tiles, name)
+        if not values:
+            raise SpecError(f"tiles.{name}", "needs at least one candidate")
+        for v in values:
+            if isinstance(v, bool) or v not in legal:
+                raise SpecError(f"tiles.{name}", f"{v!r} is not one of {', '.join(map(str, legal))}")
+
+
+def with_params(spec: AttentionSpec, overrides: Mapping[str, Any]) -> AttentionSpec:
+    """Return ``spec`` with some params replaced, keeping each param's int/float type.
+
+    Raises:
+        SpecError: an unknown param (the message lists the known ones) or a value of the
+            wrong type (a float for an int param).
+    """
+    if not overrides:
+        return spec
+    values = spec.param_values
+    for name, value in overrides.items():
+        if name not in values:
+            known = ", ".join(values) or "none"
+            raise SpecError(f"params.{name}", f"unknown param; the spec's params are: {known}")
+        if not _is_number(value):
+            raise SpecError(f"params.{name}", f"expected a number, got {value!r}")
+        if isinstance(values[name], int) and not isinstance(value, int):
+            if float(value).is_integer():
+                value = int(value)
+            else:
+                raise SpecError(f"params.{name}", f"is an integer param; got {value!r}")
+        elif isinstance(values[name], float):
+            value = float(value)
+        values[name] = value
+    return validate(replace(spec, params=tuple(values.items())))

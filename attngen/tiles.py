@@ -1,0 +1,65 @@
+"""Launch configurations: one fixed, sound tile config per kernel, head dim and dtype.
+
+Autotuning (choosing among the spec's ``tiles`` on the GPU at hand) replaces these defaults
+per shape; until then every call uses them, so no call ever pauses to tune.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and launch parameters of one kernel launch."""
+
+    block_q: int
+    block_kv: int
+    num_warps: int
+    num_stages: int
+
+
+def head_block(d: int) -> int:
+    """The padded head-dim block: the next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def default_config(kernel: str, d_max: int, dtype: torch.dtype) -> LaunchConfig:
+    """A config that compiles and runs well on recent NVIDIA GPUs for any shape.
+
+    Args:
+        kernel: ``fwd``, ``dkdv``, ``dq`` or ``preprocess``.
+        d_max: the larger of ``D_QK`` and ``D_V``.
+        dtype: the dtype of q, k and v; float32 tiles take twice the shared memory.
+    """
+    wide = dtype == torch.float32
+    if kernel == "preprocess":
+        return LaunchConfig(64, 16, 4, 1)
+    if kernel == "fwd":
+        if d_max <= 64:
+            cfg = LaunchConfig(128, 64, 4, 3)
+        elif d_max <= 128:
+            cfg = LaunchConfig(128, 64, 8, 2)
+        else:
+            cfg = LaunchConfig(64, 32, 4, 2)
+    elif kernel == "dkdv":
+        if d_max <= 64:
+            cfg = LaunchConfig(32, 128, 4, 3)
+        elif d_max <= 128:
+            cfg = LaunchConfig(32, 64, 4, 2)
+        else:
+            cfg = LaunchConfig(16, 32, 4, 1)
+    elif kernel == "dq":
+        if d_max <= 64:
+            cfg = LaunchConfig(128, 32, 4, 3)
+        elif d_max <= 128:
+            cfg = LaunchConfig(64, 32, 4, 2)
+        else:
+            cfg = LaunchConfig(32, 16, 4, 1)
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    if wide:
+        cfg = LaunchConfig(max(16, cfg.block_q // 2), max(16, cfg.block_kv // 2), cfg.num_warps, 1)
+    return cfg
