@@ -42,3 +42,19 @@ def verify_ir() -> bool:
 def interpret_all() -> bool:
     """Whether Triton was asked to interpret every kernel (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def enable_interpreter() -> None:
+    """Switch Triton's interpreter on for this process (CPU runs of the CLI).
+
+    Triton reads ``TRITON_INTERPRET`` when it is first imported, so this must run before any
+    module imports ``triton``.
+
+    Raises:
+        RuntimeError: Triton was already imported without the interpreter.
+    """
+    import sys
+
+    if "triton" in sys.modules:
+        raise RuntimeError("Triton is already imported; set TRITON_INTERPRET=1 before starting Python")
+    os.environ["TRITON_INTERPRET"] = "1"

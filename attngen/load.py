@@ -38,19 +38,25 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
+def write_kernel(name: str, rendered: RenderedModule) -> Path:
+    """Write the kernel file if it is missing or differs; return its path."""
+    path = kernel_path(name, rendered)
+    if not path.is_file() or path.read_text() != rendered.source:
+        write_atomic(path, rendered.source)
+    return path
+
+
 def load_module(name: str, rendered: RenderedModule) -> tuple[ModuleType, Path]:
     """Write (if needed) and import the kernel module; one import per source per process.
 
     Returns:
         The module and the path of its file.
     """
-    path = kernel_path(name, rendered)
     with _LOCK:
         module = _MODULES.get(rendered.digest)
         if module is not None:
-            return module, path
-        if not path.is_file() or path.read_text() != rendered.source:
-            write_atomic(path, rendered.source)
+            return module, kernel_path(name, rendered)
+        path = write_kernel(name, rendered)
         module_name = f"attngen_kernels_{name}_{rendered.digest[:16]}"
         spec = importlib.util.spec_from_file_location(module_name, path)
         module = importlib.util.module_from_spec(spec)

@@ -19,7 +19,6 @@ from types import ModuleType
 from typing import Any
 
 import torch
-import triton
 
 from . import config
 from .args import check_call, position_offset
@@ -32,6 +31,10 @@ _REGISTER_LOCK = threading.Lock()
 _REGISTERED = False
 
 LOG2E = 1.0 / math.log(2.0)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class AttentionOp:
@@ -121,6 +124,7 @@ class AttentionOp:
             BLOCK_DQK=head_block(D_QK),
             BLOCK_DV=head_block(D_V),
             DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),
         )
         runtime = [H, T_Q, T_KV, position_offset(self.spec, T_Q, T_KV), scale, scale * LOG2E]
         return (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs
@@ -135,7 +139,7 @@ class AttentionOp:
         o = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device)
         lse = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
         cfg = default_config("fwd", max(D_QK, D_V), q.dtype)
-        grid = (triton.cdiv(T_Q, cfg.block_q), H, B)
+        grid = (_cdiv(T_Q, cfg.block_q), H, B)
         self.kernel(self.plan.fwd.name, q.device)[grid](
             q, k, v, o, lse,
             *self._input_args(inputs),
@@ -149,7 +153,7 @@ class AttentionOp:
         (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs = self._common(q, k, v)
         delta = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
         pre = default_config("preprocess", D_V, q.dtype)
-        self.kernel("attn_bwd_preprocess", q.device)[(triton.cdiv(T_Q, pre.block_q), H, B)](
+        self.kernel("attn_bwd_preprocess", q.device)[(_cdiv(T_Q, pre.block_q), H, B)](
             o, do, delta, *o.stride(), *do.stride(), H, T_Q,
             D_V=D_V, BLOCK_Q=pre.block_q, BLOCK_DV=constexprs["BLOCK_DV"], num_warps=pre.num_warps,
         )  # fmt: skip
@@ -161,7 +165,7 @@ class AttentionOp:
         dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         input_args = self._input_args(inputs)
         cfg = default_config("dkdv", max(D_QK, D_V), q.dtype)
-        self.kernel(self.plan.dkdv.name, q.device)[(triton.cdiv(T_KV, cfg.block_kv), H_KV, B)](
+        self.kernel(self.plan.dkdv.name, q.device)[(_cdiv(T_KV, cfg.block_kv), H_KV, B)](
             q, k, v, do, lse, delta, dk, dv,
             *input_args,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
@@ -169,7 +173,7 @@ class AttentionOp:
             **constexprs, **self._launch(cfg),
         )  # fmt: skip
         cfg = default_config("dq", max(D_QK, D_V), q.dtype)
-        self.kernel(self.plan.dq.name, q.device)[(triton.cdiv(T_Q, cfg.block_q), H, B)](
+        self.kernel(self.plan.dq.name, q.device)[(_cdiv(T_Q, cfg.block_q), H, B)](
             q, k, v, do, lse, delta, dq,
             *input_args,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),

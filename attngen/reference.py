@@ -63,19 +63,7 @@ def reference(spec: Any, **params: int | float) -> Callable[..., Any]:
         v_full = v.repeat_interleave(group, dim=1) if group > 1 else v
         scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D_QK)
         s = torch.matmul(q, k_full.transpose(-1, -2)) * scale
-        env = {
-            "s": s,
-            "q": (torch.arange(T_Q, device=device) + position_offset(spec, T_Q, T_KV)).view(1, 1, T_Q, 1),
-            "k": torch.arange(T_KV, device=device).view(1, 1, 1, T_KV),
-            "b": torch.arange(B, device=device).view(B, 1, 1, 1),
-            "h": torch.arange(H, device=device).view(1, H, 1, 1),
-            "T_Q": T_Q,
-            "T_KV": T_KV,
-            **values,
-        }
-        names = [i.name for i in spec.inputs]
-        tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in zip(names, ordered)}
-        ev = TorchEvaluator(env, lambda name, idx: gather_input(tensors[name], idx), dtype, device)
+        ev = _evaluator(spec, q.dtype, q.device, dims, dict(zip([i.name for i in spec.inputs], ordered)), s=s)
         t = s if score is None else ev.flt(bind_params(score.sym, values)).to(dtype)
         t = t.expand(B, H, T_Q, T_KV)
         if mask is not None:
@@ -98,3 +86,41 @@ def reference(spec: Any, **params: int | float) -> Callable[..., Any]:
 
     return run
 
+
+
+def _evaluator(spec, dtype, device, dims, tensors, *, s=None, b=None, h=None) -> TorchEvaluator:
+    """A torch evaluator of the spec's expressions over the ``[B, H, T_Q, T_KV]`` grid (or one
+    ``b``, ``h`` slice of it)."""
+    T_Q, T_KV = dims["T_Q"], dims["T_KV"]
+    env = {
+        "q": (torch.arange(T_Q, device=device) + position_offset(spec, T_Q, T_KV)).view(1, 1, T_Q, 1),
+        "k": torch.arange(T_KV, device=device).view(1, 1, 1, T_KV),
+        "b": torch.arange(dims["B"], device=device).view(-1, 1, 1, 1) if b is None else b,
+        "h": torch.arange(dims["H"], device=device).view(1, -1, 1, 1) if h is None else h,
+        "T_Q": T_Q,
+        "T_KV": T_KV,
+        **spec.param_values,
+    }
+    if s is not None:
+        env["s"] = s
+    tensors = {n: t.to(dtype) if t.is_floating_point() else t for n, t in tensors.items()}
+    return TorchEvaluator(env, lambda name, idx: gather_input(tensors[name], idx), dtype, device)
+
+
+def mask_matrix(spec: Any, dims: dict[str, int], inputs: dict[str, torch.Tensor] | None = None, *, b: int = 0, h: int = 0, device="cpu") -> torch.Tensor:
+    """The spec's mask for one batch entry and query head, as a dense bool ``[T_Q, T_KV]``
+    (bounds included: every entry is a real query-key pair).
+
+    Args:
+        spec: anything :func:`attngen.load_spec` takes.
+        dims: at least ``B, H, T_Q, T_KV``.
+        inputs: the runtime inputs the mask reads.
+    """
+    spec = load_spec(spec)
+    T_Q, T_KV = dims["T_Q"], dims["T_KV"]
+    parsed = spec.parsed_mask()
+    if parsed is None:
+        return torch.ones(T_Q, T_KV, dtype=torch.bool, device=device)
+    ev = _evaluator(spec, torch.float64, device, dims, dict(inputs or {}), b=b, h=h)
+    visible = torch.as_tensor(ev(bind_params(parsed.sym, spec.param_values)), device=device)
+    return visible.expand(1, 1, T_Q, T_KV)[0, 0]

@@ -1,0 +1,156 @@
+"""Checking generated kernels against the reference: random inputs and the three-way rule.
+
+The rule (as in FlexAttention's tests): compute the float64 reference, the reference in the
+test dtype, and the kernel. The kernel's error against float64 may be at most
+``FACTOR`` times the same-dtype reference's error, plus a small floor relative to the size of
+the values (so float32, where both errors are tiny, is not judged on rounding noise).
+NaN never passes; infinities must sit where the float64 reference has them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .schema import AttentionSpec
+
+FACTOR = 4.0
+#: error floor per dtype, relative to max |reference value| (at least 1)
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """One compared tensor: the kernel's and the same-dtype reference's max abs error
+    against float64, the bound the kernel must meet, and the verdict."""
+
+    name: str
+    kernel_err: float
+    ref_err: float
+    bound: float
+
+    @property
+    def ok(self) -> bool:
+        return self.kernel_err <= self.bound
+
+
+def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Max abs difference; equal infinities count 0, NaN or a misplaced infinity count inf."""
+    x, ref = x.detach().double(), ref.detach().double()
+    if torch.isnan(x).any():
+        return math.inf
+    same = (x == ref) | (torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref)))
+    diff = torch.where(same, torch.zeros_like(x), (x - ref).abs())
+    diff = torch.nan_to_num(diff, nan=math.inf, posinf=math.inf)
+    return float(diff.max()) if diff.numel() else 0.0
+
+
+def magnitude(ref: torch.Tensor) -> float:
+    finite = ref[torch.isfinite(ref)]
+    return max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+
+
+def alibi_slopes(h: int) -> torch.Tensor:
+    """ALiBi's per-head slopes ``2^(-8 (i + 1) / H)`` (Press et al., 2022)."""
+    return torch.tensor([2.0 ** (-8.0 * (i + 1) / h) for i in range(h)])
+
+
+def make_inputs(
+    spec: AttentionSpec,
+    dims: dict[str, int],
+    *,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    generator: torch.Generator,
+    doc_len: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Random q, k, v (standard normal) and runtime inputs for a spec.
+
+    Runtime inputs: an input named ``slopes`` of shape ``[H]`` gets ALiBi slopes; other float
+    inputs uniform [0, 1); int inputs nondecreasing ids along their last dimension (packed
+    documents: runs of ``doc_len`` tokens if given, else random boundaries); bool inputs
+    Bernoulli(0.5).
+    """
+    B, H, H_KV, T_Q, T_KV, D_QK, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_QK", "D_V"))
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+    q, k, v = randn(B, H, T_Q, D_QK), randn(B, H_KV, T_KV, D_QK), randn(B, H_KV, T_KV, D_V)
+    params = spec.param_values
+    inputs = {}
+    for decl in spec.inputs:
+        shape = [dims.get(d, params.get(d, d)) if isinstance(d, str) else d for d in decl.shape]
+        if decl.kind == "float":
+            if decl.name == "slopes" and shape == [H]:
+                t = alibi_slopes(H)
+            else:
+                t = torch.rand(*shape, generator=generator)
+            t = t.to(getattr(torch, decl.dtype))
+        elif decl.kind == "int":
+            n = shape[-1]
+            if doc_len:
+                ids = (torch.arange(n) // doc_len).expand(*shape)
+            else:
+                ids = torch.randint(0, max(2, n // 8 + 1), tuple(shape), generator=generator).sort(dim=-1).values
+            t = ids.to(getattr(torch, decl.dtype)).contiguous()
+        else:
+            t = torch.rand(*shape, generator=generator) < 0.5
+        inputs[decl.name] = t.to(device)
+    return q, k, v, inputs
+
+
+def compare(
+    op: Callable[..., Any],
+    ref: Callable[..., Any],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    inputs: dict[str, torch.Tensor],
+    *,
+    backward: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[ErrorRow]:
+    """Compare ``op`` with ``ref`` on one input by the three-way rule.
+
+    Returns:
+        Rows for ``o``, ``lse`` and, with ``backward``, ``dq``, ``dk``, ``dv``.
+    """
+    dtype = q.dtype
+    floor = FLOOR[dtype]
+    leaves = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
+    o, lse = op(*leaves, return_lse=True, **inputs)
+    wide = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
+    o64, lse64 = ref(*wide, return_lse=True, **inputs)
+    narrow = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
+    o_lo, lse_lo = ref(*narrow, return_lse=True, **inputs)
+
+    def row(name, x, lo, ref64):
+        ref_err = max_error(lo, ref64)
+        if not math.isfinite(ref_err):
+            ref_err = 0.0
+        return ErrorRow(name, max_error(x, ref64), ref_err, FACTOR * ref_err + floor * magnitude(ref64))
+
+    rows = [row("o", o, o_lo, o64), row("lse", lse, lse_lo, lse64)]
+    if backward:
+        g = torch.Generator().manual_seed(1234) if generator is None else generator
+        do = torch.randn(o.shape, generator=g, dtype=torch.float32).to(device=o.device)
+        grads = torch.autograd.grad(o, leaves, do.to(dtype))
+        grads64 = torch.autograd.grad(o64, wide, do.double())
+        grads_lo = torch.autograd.grad(o_lo, narrow, do.to(dtype))
+        for name, x, lo, r64 in zip(("dq", "dk", "dv"), grads, grads_lo, grads64):
+            rows.append(row(name, x, lo, r64))
+    return rows
+
+
+def format_rows(rows: list[ErrorRow]) -> str:
+    """A plain-text error table."""
+    lines = [f"{'tensor':<6} {'kernel err':>11} {'ref err':>11} {'bound':>11}  verdict"]
+    for r in rows:
+        lines.append(
+            f"{r.name:<6} {r.kernel_err:>11.3e} {r.ref_err:>11.3e} {r.bound:>11.3e}  {'ok' if r.ok else 'FAIL'}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,148 @@
+"""``python -m attngen``: the command line.
+
+``run SPEC``   compile, run forward and backward on random inputs, print the error table
+               against the reference, and on a GPU time it against PyTorch's SDPA.
+``show SPEC``  print the normalised spec, the IR after every pass, and the rendered kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from . import config
+
+
+def _params(pairs: Sequence[str]) -> dict[str, int | float]:
+    out: dict[str, int | float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--param {pair!r}: write NAME=VALUE, e.g. --param window=1024")
+        try:
+            out[name] = int(value)
+        except ValueError:
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise SystemExit(f"--param {pair!r}: {value!r} is not a number") from None
+    return out
+
+
+def _shape(text: str) -> dict[str, int]:
+    try:
+        nums = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+    if len(nums) == 5:
+        b, h, h_kv, t, d = nums
+        nums = [b, h, h_kv, t, t, d]
+    if len(nums) != 6:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected B,H,H_KV,T,D or B,H,H_KV,T_Q,T_KV,D")
+    return dict(zip(("B", "H", "H_KV", "T_Q", "T_KV", "D_QK"), nums))
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m attngen", description="attngen: an attention compiler")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="compile a spec, check it against the reference, time it on a GPU")
+    run.add_argument("spec", help="a YAML file or the name of a zoo spec (specs/)")
+    run.add_argument("--shape", type=_shape, default=None, help="B,H,H_KV,T,D or B,H,H_KV,T_Q,T_KV,D")
+    run.add_argument("--dv", type=int, default=None, help="value head dim D_V (default: D)")
+    run.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    run.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
+    run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a spec param")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
+    run.add_argument("--no-time", action="store_true", help="skip timing on the GPU")
+
+    show = sub.add_parser("show", help="print the normalised spec, the IR and the rendered kernel path")
+    show.add_argument("spec")
+    show.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    show.add_argument("--source", action="store_true", help="also print the rendered kernel source")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .errors import AttngenError
+
+    try:
+        if args.command == "show":
+            return _show(args)
+        return _run(args)
+    except AttngenError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _show(args) -> int:
+    from .compiler import build
+    from .load import write_kernel
+
+    compiled = build(args.spec, **_params(args.param))
+    print("# spec (normalised)")
+    print(compiled.spec.to_yaml().rstrip())
+    print("\n# IR after the pass pipeline")
+    for key in ("exp2", "fold_scale", "acc_dtype", "saved"):
+        print(f"graph.{key} = {compiled.graph.graph.get(key)}")
+    for node, data in compiled.graph.nodes(data=True):
+        attrs = ", ".join(f"{k}={v}" for k, v in data.items() if k != "op")
+        succ = ", ".join(compiled.graph.successors(node))
+        print(f"  {node:<20} {data['op']:<11} {attrs}" + (f"  -> {succ}" if succ else ""))
+    path = write_kernel(compiled.spec.name, compiled.rendered)
+    print("\n# rendered kernels")
+    for name in (compiled.plan.fwd.name, "attn_bwd_preprocess", compiled.plan.dkdv.name, compiled.plan.dq.name):
+        print(f"  {name:<20} {path}")
+    if args.source:
+        print()
+        print(compiled.rendered.source)
+    return 0
+
+
+def _run(args) -> int:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" and not config.interpret_all():
+        config.enable_interpreter()
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is visible; use --device cpu", file=sys.stderr)
+        return 2
+
+    from . import compile as compile_spec
+    from .check import compare, format_rows, make_inputs
+    from .reference import reference
+
+    params = _params(args.param)
+    op = compile_spec(args.spec, **params)
+    spec = op.spec
+    dims = args.shape or ({"B": 2, "H": 4, "H_KV": 2, "T_Q": 100, "T_KV": 100, "D_QK": 64} if device == "cpu" else {"B": 2, "H": 8, "H_KV": 2, "T_Q": 1000, "T_KV": 1000, "D_QK": 128})
+    dims["D_V"] = args.dv or dims["D_QK"]
+    dtype = getattr(torch, DTYPES[args.dtype])
+    gen = torch.Generator().manual_seed(args.seed)
+    q, k, v, inputs = make_inputs(spec, dims, dtype=dtype, device=device, generator=gen, doc_len=args.doc_len)
+    print(f"spec {spec.name}: {spec.description}")
+    print(f"shape {dims}, {args.dtype}, {device}" + (" (Triton interpreter)" if config.interpret_all() else ""))
+    print(f"kernels: {op.kernel_file}")
+
+    pairs = dims["B"] * dims["H"] * dims["T_Q"] * dims["T_KV"]
+    limit = 2**28 if device == "cuda" else 2**24
+    ok = True
+    if pairs <= limit:
+        rows = compare(op, reference(spec), q, k, v, inputs, generator=gen)
+        print(format_rows(rows))
+        ok = all(r.ok for r in rows)
+    else:
+        print(f"(reference skipped: {pairs:,} score pairs is over the dense reference's limit of {limit:,})")
+    if device == "cuda" and not args.no_time:
+        from .timing import time_against_sdpa
+
+        print(time_against_sdpa(op, q, k, v, inputs))
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
