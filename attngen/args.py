@@ -30,6 +30,7 @@ def check_call(
     v: Any,
     inputs: Mapping[str, Any],
     *,
+    constant_reads: list[tuple[str, int, int]] = (),
     allow_float64: bool = False,
 ) -> tuple[dict[str, int], list[torch.Tensor]]:
     """Validate ``q, k, v`` and the runtime inputs against each other and the spec.
@@ -38,6 +39,8 @@ def check_call(
         spec: the validated spec.
         q: ``[B, H, T_Q, D_QK]``; k: ``[B, H_KV, T_KV, D_QK]``; v: ``[B, H_KV, T_KV, D_V]``.
         inputs: the runtime inputs passed by keyword.
+        constant_reads: ``spec.constant_reads()``, computed once by the caller (it parses the
+            spec's expressions, which has no place in a traced call).
         allow_float64: accept float64 (the reference does; the kernels do not).
 
     Returns:
@@ -121,4 +124,8 @@ def check_call(
                 f"parameters are issue #9); pass {name}.detach()"
             )
         ordered.append(t)
+    for name, dim, index in constant_reads:
+        size = inputs[name].shape[dim]
+        if not 0 <= index < size:
+            raise ShapeError(f"{name}: the spec reads index {index} of dimension {dim}, which has size {size}")
     return dims, ordered

@@ -49,6 +49,7 @@ def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def magnitude(ref: torch.Tensor) -> float:
+    ref = ref.detach()
     finite = ref[torch.isfinite(ref)]
     return max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
 
@@ -138,9 +139,11 @@ def compare(
     if backward:
         g = torch.Generator().manual_seed(1234) if generator is None else generator
         do = torch.randn(o.shape, generator=g, dtype=torch.float32).to(device=o.device)
-        grads = torch.autograd.grad(o, leaves, do.to(dtype))
-        grads64 = torch.autograd.grad(o64, wide, do.double())
-        grads_lo = torch.autograd.grad(o_lo, narrow, do.to(dtype))
+        # a gradient into the log-sum-exp as well, so both outputs' backward paths are checked
+        dlse = torch.randn(lse.shape, generator=g, dtype=torch.float32).to(device=o.device)
+        grads = torch.autograd.grad((o, lse), leaves, (do.to(dtype), dlse))
+        grads64 = torch.autograd.grad((o64, lse64), wide, (do.double(), dlse.double()))
+        grads_lo = torch.autograd.grad((o_lo, lse_lo), narrow, (do.to(dtype), dlse.to(lse_lo.dtype)))
         for name, x, lo, r64 in zip(("dq", "dk", "dv"), grads, grads_lo, grads64):
             rows.append(row(name, x, lo, r64))
     return rows

@@ -2,8 +2,10 @@
 
 ``ATTNGEN_CACHE_DIR``   where rendered kernels (and later tuning caches) are written.
 ``ATTNGEN_VERIFY_IR``   ``1`` runs the IR verifier after every compiler pass (tests switch it on).
-``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors); CPU
-                        tensors are always interpreted.
+``ATTNGEN_POISON``      ``1`` fills fresh outputs with NaN before the kernels write them, so an
+                        element a kernel forgets to write cannot pass a test.
+``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
+                        tensors need it: Triton reads it once, when it is first imported.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ def cache_dir() -> Path:
 def verify_ir() -> bool:
     """Whether to run the IR verifier after every pass."""
     return os.environ.get("ATTNGEN_VERIFY_IR", "0") == "1"
+
+
+def poison_outputs() -> bool:
+    """Whether to fill fresh outputs with NaN before kernels write them."""
+    return os.environ.get("ATTNGEN_POISON", "0") == "1"
 
 
 def interpret_all() -> bool:

@@ -22,7 +22,7 @@ import torch
 
 from . import config
 from .args import check_call, position_offset
-from .errors import ShapeError, UnsupportedError
+from .errors import UnsupportedError
 from .schema import AttentionSpec
 from .tiles import LaunchConfig, default_config, head_block
 
@@ -35,6 +35,13 @@ LOG2E = 1.0 / math.log(2.0)
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fresh output tensor; NaN-filled when ``ATTNGEN_POISON=1`` so unwritten elements show."""
+    if config.poison_outputs():
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 class AttentionOp:
@@ -68,11 +75,7 @@ class AttentionOp:
         self.kernel_file = kernel_file
         self.plan = plan
         self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}"
-        self._const_reads = [
-            (ld.input, dim, index)
-            for ld in (*plan.fwd.outer_loads, *plan.fwd.inner_loads)
-            for dim, index in ld.const_indices
-        ]
+        self._constant_reads = spec.constant_reads()
         _ensure_registered()
         _REGISTRY[self.op_id] = self
 
@@ -80,11 +83,7 @@ class AttentionOp:
         return f"AttentionOp({self.spec.name!r}, kernels={str(self.kernel_file)!r})"
 
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
-        _, ordered = check_call(self.spec, q, k, v, inputs)
-        for name, dim, index in self._const_reads:
-            size = inputs[name].shape[dim]
-            if not 0 <= index < size:
-                raise ShapeError(f"{name}: the spec reads index {index} of dimension {dim}, which has size {size}")
+        _, ordered = check_call(self.spec, q, k, v, inputs, constant_reads=self._constant_reads)
         o, lse = torch.ops.attngen.attention_fwd(q, k, v, ordered, self.op_id)
         return (o, lse) if return_lse else o
 
@@ -123,7 +122,7 @@ class AttentionOp:
             D_V=D_V,
             BLOCK_DQK=head_block(D_QK),
             BLOCK_DV=head_block(D_V),
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            DOT_PRECISION=dict(self.plan.dot_precision)[str(q.dtype).replace("torch.", "")],
             EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),
         )
         runtime = [H, T_Q, T_KV, position_offset(self.spec, T_Q, T_KV), scale, scale * LOG2E]
@@ -136,8 +135,8 @@ class AttentionOp:
     # -- the work ------------------------------------------------------------------------
     def forward_impl(self, q, k, v, inputs):
         (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs = self._common(q, k, v)
-        o = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device)
-        lse = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
+        o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
+        lse = _new_output((B, H, T_Q), torch.float32, q.device)
         cfg = default_config("fwd", max(D_QK, D_V), q.dtype)
         grid = (_cdiv(T_Q, cfg.block_q), H, B)
         self.kernel(self.plan.fwd.name, q.device)[grid](
@@ -151,7 +150,7 @@ class AttentionOp:
 
     def backward_impl(self, do, dlse, q, k, v, o, lse, inputs):
         (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs = self._common(q, k, v)
-        delta = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
+        delta = _new_output((B, H, T_Q), torch.float32, q.device)
         pre = default_config("preprocess", D_V, q.dtype)
         self.kernel("attn_bwd_preprocess", q.device)[(_cdiv(T_Q, pre.block_q), H, B)](
             o, do, delta, *o.stride(), *do.stride(), H, T_Q,
@@ -160,9 +159,9 @@ class AttentionOp:
         if dlse is not None:
             # d lse / d score = P, so an incoming lse gradient folds into delta: dS = P (dP - (delta - dlse))
             delta = delta - dlse.to(torch.float32)
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        dq = _new_output(q.shape, q.dtype, q.device)
+        dk = _new_output(k.shape, k.dtype, k.device)
+        dv = _new_output(v.shape, v.dtype, v.device)
         input_args = self._input_args(inputs)
         cfg = default_config("dkdv", max(D_QK, D_V), q.dtype)
         self.kernel(self.plan.dkdv.name, q.device)[(_cdiv(T_KV, cfg.block_kv), H_KV, B)](

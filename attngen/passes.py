@@ -14,7 +14,7 @@ import networkx as nx
 import sympy
 
 from . import config
-from .errors import IRVerifyError
+from .errors import IRVerifyError, UnsupportedError
 from .expr import SYMBOLS
 from .expr import bind_params as bind
 
@@ -64,6 +64,11 @@ def derive_backward(g: nx.DiGraph) -> nx.DiGraph:
     """
     if "score" in g:
         d = sympy.diff(g.nodes["score"]["expr"], SYMBOLS["s"])
+        if d.atoms(sympy.Derivative):
+            raise UnsupportedError(
+                f"score: cannot differentiate {g.nodes['score']['expr']} with respect to s "
+                "(floor of the score has no useful derivative); rewrite the score modification"
+            )
         if d != 1:
             g.add_node("dscore", op="derivative", expr=d, of="score")
             g.add_edge("score", "dscore")
@@ -115,8 +120,10 @@ def choose_numerics(g: nx.DiGraph) -> nx.DiGraph:
     score is computed in natural units and multiplied by ``log2(e)`` afterwards. float32 inputs
     use IEEE dots (not TF32), so float32 is as exact as the reference.
 
-    Establishes: graph attributes ``exp2``, ``fold_scale``, ``acc_dtype``.
+    Establishes: graph attributes ``exp2``, ``fold_scale``, ``acc_dtype`` and
+    ``dot_precision`` (per input dtype).
     """
+    g.graph["dot_precision"] = {"float32": "ieee", "float16": "tf32", "bfloat16": "tf32"}
     g.graph["exp2"] = True
     g.graph["fold_scale"] = "score" not in g
     g.graph["acc_dtype"] = "float32"

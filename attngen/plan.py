@@ -69,6 +69,7 @@ class ModulePlan:
     has_dscore: bool
     dscore_code: str
     fold_scale: bool
+    dot_precision: tuple[tuple[str, str], ...]
     fwd: KernelPlan
     dkdv: KernelPlan
     dq: KernelPlan
@@ -104,6 +105,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         has_dscore="dscore" in g,
         dscore_code=code("dscore"),
         fold_scale=g.graph["fold_scale"],
+        dot_precision=tuple(sorted(g.graph["dot_precision"].items())),
         # the forward and dQ kernels loop over key tiles; the dK/dV kernel over query tiles
         fwd=split("k", "attn_fwd"),
         dkdv=split("q", "attn_bwd_dkdv"),

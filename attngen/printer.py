@@ -114,6 +114,12 @@ class TritonPrinter:
             return code
         if isinstance(e, sympy.floor):
             return f"tl.floor({self.flt(e.args[0])}).to(tl.int32)"
+        if isinstance(e, sympy.sign):
+            x = self.p(e.args[0])
+            return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, -1.0, 0.0))"
+        if isinstance(e, sympy.Heaviside):
+            x, h0 = self.p(e.args[0]), self.flt(e.args[1]) if len(e.args) > 1 else "0.5"
+            return f"tl.where({x} > 0, 1.0, tl.where({x} < 0, 0.0, {h0}))"
         if isinstance(e, sympy.Mod):
             return self.mod(*e.args)
         if isinstance(e, FloorDiv):
@@ -216,6 +222,11 @@ class TorchEvaluator:
             return out
         if isinstance(e, sympy.floor):
             return torch.floor(self.flt(e.args[0])).to(torch.int64)
+        if isinstance(e, sympy.sign):
+            return torch.sign(self.flt(e.args[0]))
+        if isinstance(e, sympy.Heaviside):
+            h0 = self.flt(e.args[1]) if len(e.args) > 1 else self.t(0.5)
+            return torch.heaviside(self.flt(e.args[0]), h0)
         if isinstance(e, sympy.Mod):
             return torch.remainder(self.t(self(e.args[0])), self.t(self(e.args[1])))
         if isinstance(e, FloorDiv):

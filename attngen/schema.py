@@ -18,7 +18,7 @@ import yaml
 
 from . import resources
 from .errors import SpecError, UnsupportedError
-from .expr import RESERVED_NAMES, FUNCTIONS, InputSignature, Parsed, parse_expression
+from .expr import FUNCTIONS, RESERVED_NAMES, InputSignature, Parsed, bind_params, parse_expression
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 PARAM_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
@@ -171,6 +171,19 @@ class AttentionSpec:
         )
 
 
+    def constant_reads(self) -> list[tuple[str, int, int]]:
+        """``(input, dimension, index)`` of every runtime-input read at a constant index."""
+        import sympy
+
+        out = []
+        for parsed in (self.parsed_mask(), self.parsed_score()):
+            if parsed is None:
+                continue
+            for item in bind_params(parsed.sym, self.param_values).atoms(sympy.Indexed):
+                out += [(item.base.name, d, int(i)) for d, i in enumerate(item.indices) if i.is_Integer]
+        return out
+
+
 # ----------------------------------------------------------------------------------------
 # loading
 
@@ -302,7 +315,7 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
     int_params = {n for n, v in spec.params if isinstance(v, int)}
     for inp in spec.inputs:
         where = f"inputs.{inp.name}"
-        if not PARAM_RE.match(inp.name) or inp.name in RESERVED_NAMES or inp.name in FUNCTIONS:
+        if not PARAM_RE.match(inp.name) or inp.name in RESERVED_NAMES or inp.name in FUNCTIONS or inp.name in DIM_NAMES:
             raise SpecError(where, "input names are identifiers that are not reserved (q, k, b, h, s, ...)")
         if inp.name in seen:
             raise SpecError(where, f"{inp.name!r} is already a param; names must be unique")
@@ -326,6 +339,9 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
         parsed = spec.parsed_score()
         if parsed.kind == "bool":
             raise SpecError("score", f"{spec.score!r} is a condition; the score is a number such as 's + 1.0'")
+    for field_name, parsed in (("mask", spec.parsed_mask()), ("score", spec.parsed_score())):
+        if parsed is not None:
+            _check_divisors(field_name, parsed.sym, spec.param_values)
     if spec.normalizer in PLANNED_NORMALIZERS:
         raise UnsupportedError(
             f"normalizer: {spec.normalizer!r} is not implemented yet ({PLANNED_NORMALIZERS[spec.normalizer]}); "
@@ -345,6 +361,27 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
         raise SpecError("recompute", f"{spec.recompute!r} is not one of {', '.join(RECOMPUTE_POLICIES)}")
     _validate_tiles(spec.tiles)
     return spec
+
+
+def _check_divisors(field_name: str, expr, params: Mapping[str, int | float]) -> None:
+    """Reject ``//``, ``%`` or ``/`` by a param whose value is 0."""
+    import sympy
+
+    from .expr import FloorDiv
+
+    for node in sympy.preorder_traversal(expr):
+        divisor = None
+        if isinstance(node, (FloorDiv, sympy.Mod)):
+            divisor = node.args[1]
+        elif isinstance(node, sympy.Pow) and node.exp.is_negative:
+            divisor = node.base
+        if divisor is not None and divisor.free_symbols:
+            try:
+                value = bind_params(divisor, params)
+            except ZeroDivisionError:
+                value = sympy.Integer(0)
+            if value.is_zero:
+                raise SpecError(field_name, f"divides by {divisor} = 0 with params {dict(params)}; give it a nonzero value")
 
 
 def _validate_tiles(tiles: TileSpace) -> None:

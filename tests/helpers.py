@@ -1,0 +1,42 @@
+"""Shared test helpers: run a spec on random inputs and assert the three-way rule."""
+
+from __future__ import annotations
+
+import torch
+
+import attngen
+from attngen.check import compare, format_rows, make_inputs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: zoo params scaled down so that every pattern shows at the tiny shapes of CPU tests
+SMALL_PARAMS = {
+    "sliding_window": {"window": 13},
+    "prefix_lm": {"prefix": 11},
+    "gemma2_local": {"window": 13, "cap": 2.0},
+    "softcap": {"cap": 2.0},
+    "longformer": {"window": 5, "globals": 3},
+    "strided": {"stride": 6},
+    "dilated_window": {"window": 6, "dilation": 3},
+    "chunked": {"chunk": 16},
+    "streaming_sinks": {"sinks": 2, "window": 9},
+}
+
+
+def dims(B=1, H=2, H_KV=1, T_Q=40, T_KV=40, D_QK=16, D_V=None):
+    return {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V or D_QK}
+
+
+def check_spec(spec, shape, dtype=torch.float32, *, params=None, seed=0, layout=None, backward=True):
+    """Compile ``spec``, run it on random inputs of ``shape``, assert the three-way rule.
+
+    ``layout`` rewrites (q, k, v) before the call, e.g. to make them non-contiguous.
+    """
+    op = attngen.compile(spec, **(params or {}))
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, inputs = make_inputs(op.spec, shape, dtype=dtype, device=DEVICE, generator=gen)
+    if layout is not None:
+        q, k, v = layout(q, k, v)
+    rows = compare(op, attngen.reference(op.spec), q, k, v, inputs, backward=backward, generator=gen)
+    assert all(r.ok for r in rows), f"{op.spec.name} {shape} {dtype}\n{format_rows(rows)}"
+    return rows

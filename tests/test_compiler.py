@@ -1,0 +1,86 @@
+"""The pure stages: lowering, passes, plans and rendering (no kernel runs)."""
+
+from pathlib import Path
+
+import pytest
+import sympy
+
+import attngen
+from attngen import IRVerifyError, build
+from attngen.expr import SYMBOLS
+from attngen.lower import lower
+from attngen.passes import PIPELINE, run_pipeline, verify
+from attngen.schema import load_spec
+
+ZOO = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_pipeline_verifies_after_every_pass(name):
+    g = run_pipeline(lower(load_spec(name)), check=True)
+    assert g.graph["saved"] == ("q", "k", "v", "o", "lse")
+
+
+def test_pipeline_is_one_ordered_list_of_documented_passes():
+    names = [p.__name__ for p in PIPELINE]
+    assert names == [
+        "bind_params", "simplify_expressions", "derive_backward",
+        "collect_input_loads", "choose_numerics", "apply_recompute",
+    ]  # fmt: skip
+    for p in PIPELINE:
+        assert "Requires" in p.__doc__ or "Establishes" in p.__doc__
+
+
+def test_softcap_derivative_is_one_minus_tanh_squared():
+    g = build("softcap", cap=30.0).graph
+    s = SYMBOLS["s"]
+    d = g.nodes["dscore"]["expr"]
+    for value in (-150.0, -3.0, 0.0, 7.5, 150.0):
+        expected = 1 - sympy.tanh(value / 30.0) ** 2
+        assert abs(float(d.subs(s, value)) - float(expected)) < 1e-12
+
+
+def test_identity_score_and_true_mask_are_dropped():
+    g = build({"name": "x", "mask": "True", "score": "s + 0"}).graph
+    assert "mask" not in g and "score" not in g and g.graph["fold_scale"]
+
+
+def test_alibi_has_no_derivative_node_and_hoists_slopes():
+    compiled = build("alibi")
+    assert "dscore" not in compiled.graph  # d/ds (s - m (q - k)) == 1
+    (load,) = compiled.plan.fwd.outer_loads
+    assert load.input == "slopes" and load.deps == frozenset({"h"})
+    assert compiled.plan.dkdv.outer_loads == (load,)
+
+
+def test_document_loads_split_by_loop():
+    plan = build("document").plan
+    fwd_outer = {ld.deps for ld in plan.fwd.outer_loads}
+    fwd_inner = {ld.deps for ld in plan.fwd.inner_loads}
+    assert fwd_outer == {frozenset({"b", "q"})} and fwd_inner == {frozenset({"b", "k"})}
+    assert {ld.deps for ld in plan.dkdv.inner_loads} == {frozenset({"b", "q"})}
+
+
+def test_render_is_deterministic_and_hash_keyed():
+    a, b = build("gemma2_local"), build("gemma2_local")
+    assert a.rendered.source == b.rendered.source and a.rendered.digest == b.rendered.digest
+    c = build("gemma2_local", window=1024)
+    assert c.rendered.digest != a.rendered.digest
+    assert "1024" in c.rendered.source
+
+
+def test_verifier_catches_a_stray_symbol():
+    g = run_pipeline(lower(load_spec("causal")))
+    g.nodes["mask"]["expr"] = sympy.Symbol("mystery") > 0
+    with pytest.raises(IRVerifyError, match="mystery"):
+        verify(g, after="test")
+
+
+def test_kernel_file_is_written_atomically_under_the_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    from attngen.load import write_kernel
+
+    compiled = build("causal")
+    path = write_kernel("causal", compiled.rendered)
+    assert path.parent == tmp_path / "kernels" and path.read_text() == compiled.rendered.source
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left

@@ -1,0 +1,88 @@
+"""The operator: call-time errors, torch.library registration, torch.compile."""
+
+import pytest
+import torch
+
+import attngen
+from attngen import ShapeError, UnsupportedError
+from helpers import DEVICE
+
+
+def tensors(B=1, H=2, H_KV=1, T=9, D=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return (
+        torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype),
+        torch.randn(B, H_KV, T, D, generator=g).to(DEVICE, dtype),
+        torch.randn(B, H_KV, T, D, generator=g).to(DEVICE, dtype),
+    )
+
+
+def test_call_errors_name_the_argument():
+    doc = attngen.compile("document")
+    q, k, v = tensors()
+    with pytest.raises(ShapeError, match=r"doc: missing runtime input.*op\(q, k, v, doc=...\)"):
+        doc(q, k, v)
+    with pytest.raises(ShapeError, match=r"doc: expected shape \[B, T_KV\] = \[1, 9\], got \[1, 8\]"):
+        doc(q, k, v, doc=torch.zeros(1, 8, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ShapeError, match="doc: dtype float32 does not fit the declared int32"):
+        doc(q, k, v, doc=torch.zeros(1, 9, device=DEVICE))
+    with pytest.raises(ShapeError, match="slopes: unknown keyword argument; the spec's runtime inputs are: doc"):
+        doc(q, k, v, doc=torch.zeros(1, 9, dtype=torch.int32, device=DEVICE), slopes=torch.ones(2))
+    causal = attngen.compile("causal")
+    with pytest.raises(ShapeError, match="k: dtype float16 differs from q's float32"):
+        causal(q, k.half(), v)
+    with pytest.raises(ShapeError, match="q: dtype float64 is not supported"):
+        causal(q.double(), k.double(), v.double())
+    with pytest.raises(ShapeError, match="H_KV=3 must divide q's H=2"):
+        causal(q, *tensors(H_KV=3)[1:])
+    with pytest.raises(ShapeError, match=r"q: expected 4 dimensions"):
+        causal(q[0], k, v)
+    with pytest.raises(ShapeError, match="head dims from 1 to 256"):
+        causal(*tensors(D=300))
+
+
+def test_runtime_input_that_requires_grad_is_refused():
+    op = attngen.compile("alibi")
+    q, k, v = tensors()
+    slopes = torch.ones(2, device=DEVICE, requires_grad=True)
+    with pytest.raises(UnsupportedError, match="slopes: runtime inputs that require grad are not supported yet"):
+        op(q, k, v, slopes=slopes)
+
+
+def test_compiling_twice_reuses_the_kernel_file():
+    a = attngen.compile("causal")
+    b = attngen.compile("causal")
+    assert a.kernel_file == b.kernel_file and a.module is b.module
+
+
+def test_opcheck_passes():
+    op = attngen.compile("alibi")
+    q, k, v = (t.requires_grad_() for t in tensors(H=2, H_KV=1, T=12))
+    slopes = torch.tensor([0.5, 0.25], device=DEVICE)
+    torch.library.opcheck(torch.ops.attngen.attention_fwd.default, (q, k, v, [slopes], op.op_id))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    op = attngen.compile("softcap", cap=2.0)
+    q, k, v = (t.requires_grad_() for t in tensors(H=2, H_KV=1, T=12))
+
+    def layer(q, k, v):
+        return (op(q * 2.0, k, v) ** 2).sum()
+
+    compiled = torch.compile(layer, fullgraph=True)
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_eager = layer(q, k, v)
+    grads_eager = torch.autograd.grad(loss_eager, (q, k, v))
+    assert torch.allclose(loss, loss_eager)
+    for a, b in zip(grads, grads_eager):
+        assert torch.allclose(a, b)
+
+
+def test_constant_index_out_of_range_is_refused_by_op_and_reference():
+    spec = {"name": "w5", "inputs": {"w": {"dtype": "float32", "shape": [4]}}, "score": "s + w[5]"}
+    q, k, v = tensors()
+    w = torch.ones(4, device=DEVICE)
+    for fn in (attngen.compile(spec), attngen.reference(spec)):
+        with pytest.raises(ShapeError, match="w: the spec reads index 5 of dimension 0, which has size 4"):
+            fn(q, k, v, w=w)
