@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
     run.add_argument("--no-time", action="store_true", help="skip timing on the GPU")
 
+    zoo = sub.add_parser("zoo", help="check every zoo spec against the reference, forward and backward")
+    zoo.add_argument("--shape", type=_shape, default=None, help="B,H,H_KV,T,D (D is replaced by each --dims)")
+    zoo.add_argument("--dims", type=int, nargs="+", default=None, help="head dims to check (default: the shape's)")
+    zoo.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["bf16", "fp16", "fp32"])
+    zoo.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    zoo.add_argument("--jobs", type=int, default=4, help="worker processes")
+    zoo.add_argument("--spec", nargs="+", default=None, help="only these specs")
+    zoo.add_argument("--seed", type=int, default=0)
+
     show = sub.add_parser("show", help="print the normalised spec, the IR and the rendered kernel path")
     show.add_argument("spec")
     show.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
@@ -75,6 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "show":
             return _show(args)
+        if args.command == "zoo":
+            return _zoo(args)
         return _run(args)
     except AttngenError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -105,15 +116,79 @@ def _show(args) -> int:
     return 0
 
 
-def _run(args) -> int:
+def _pick_device(requested: str | None) -> str:
+    """The device to run on; switches the interpreter on for the CPU (before Triton loads)."""
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and not config.interpret_all():
         config.enable_interpreter()
     if device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is visible; use --device cpu", file=sys.stderr)
-        return 2
+        raise SystemExit("error: --device cuda but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def _zoo_task(name: str, dims: dict[str, int], dtype_name: str, device: str, seed: int):
+    """One zoo check (runs in a worker process); returns the error rows or the exception text."""
+    import torch
+
+    from . import compile as compile_spec
+    from .check import compare, make_inputs
+    from .reference import reference
+
+    try:
+        op = compile_spec(name)
+        gen = torch.Generator().manual_seed(seed)
+        dtype = getattr(torch, DTYPES[dtype_name])
+        q, k, v, inputs = make_inputs(op.spec, dims, dtype=dtype, device=device, generator=gen)
+        return compare(op, reference(op.spec), q, k, v, inputs, generator=gen), None
+    except Exception as exc:  # reported in the table, never hidden
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def _zoo(args) -> int:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from . import resources
+
+    device = _pick_device(args.device)
+    names = args.spec or sorted(p.stem for p in resources.zoo_dir().glob("*.yaml"))
+    base = args.shape or {"B": 2, "H": 8, "H_KV": 2, "T_Q": 1000, "T_KV": 1000, "D_QK": 128}
+    head_dims = args.dims or [base["D_QK"]]
+    tasks = []
+    for d in head_dims:
+        dims = {**base, "D_QK": d, "D_V": d}
+        for dtype_name in args.dtype:
+            for name in names:
+                tasks.append((name, dims, dtype_name))
+    print(f"checking {len(tasks)} cases on {device}: shape {base} with D in {head_dims}, dtypes {args.dtype}")
+    ctx = multiprocessing.get_context("spawn")
+    failures = 0
+    header = f"{'spec':<16} {'dtype':<5} {'D':>4}  " + "  ".join(f"{n:>18}" for n in ("o", "lse", "dq", "dk", "dv")) + "  verdict"
+    lines = [header]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_zoo_task, n, dims, dt, device, args.seed) for n, dims, dt in tasks]
+        for (name, dims, dtype_name), fut in zip(tasks, futures):
+            rows, error = fut.result()
+            if error is not None:
+                failures += 1
+                lines.append(f"{name:<16} {dtype_name:<5} {dims['D_QK']:>4}  ERROR {error[:120]}")
+                continue
+            ok = all(r.ok for r in rows)
+            failures += not ok
+            cells = "  ".join(f"{r.kernel_err:>8.1e}/{r.bound:<8.1e}"[:18].rjust(18) for r in rows)
+            lines.append(f"{name:<16} {dtype_name:<5} {dims['D_QK']:>4}  {cells}  {'ok' if ok else 'FAIL'}")
+    print("cells: kernel error / bound (max abs error against float64; bound = 4 x same-dtype reference error + floor)")
+    print("\n".join(lines))
+    print(f"{len(tasks) - failures} passed, {failures} failed")
+    return 0 if failures == 0 else 1
+
+
+def _run(args) -> int:
+    import torch
+
+    device = _pick_device(args.device)
 
     from . import compile as compile_spec
     from .check import compare, format_rows, make_inputs
