@@ -2,6 +2,8 @@
 
 ``ATTNGEN_CACHE_DIR``   where rendered kernels (and later tuning caches) are written.
 ``ATTNGEN_VERIFY_IR``   ``1`` runs the IR verifier after every compiler pass (tests switch it on).
+``ATTNGEN_NO_SKIP``     ``1`` switches tile skipping off: kernels visit every tile and mask every
+                        element (a debug switch; results must not change).
 ``ATTNGEN_POISON``      ``1`` fills fresh outputs with NaN before the kernels write them, so an
                         element a kernel forgets to write cannot pass a test.
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
@@ -39,6 +41,11 @@ def cache_dir() -> Path:
 def verify_ir() -> bool:
     """Whether to run the IR verifier after every pass."""
     return os.environ.get("ATTNGEN_VERIFY_IR", "0") == "1"
+
+
+def tile_skipping() -> bool:
+    """Whether kernels skip EMPTY tiles and run FULL tiles unmasked (``ATTNGEN_NO_SKIP``)."""
+    return os.environ.get("ATTNGEN_NO_SKIP", "0") != "1"
 
 
 def poison_outputs() -> bool:

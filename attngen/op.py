@@ -124,6 +124,7 @@ class AttentionOp:
             BLOCK_DV=head_block(D_V),
             DOT_PRECISION=dict(self.plan.dot_precision)[str(q.dtype).replace("torch.", "")],
             EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),
+            TILE_SKIP=config.tile_skipping(),
         )
         runtime = [H, T_Q, T_KV, position_offset(self.spec, T_Q, T_KV), scale, scale * LOG2E]
         return (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs

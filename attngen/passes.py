@@ -14,6 +14,7 @@ import networkx as nx
 import sympy
 
 from . import config
+from .classify import classify
 from .errors import IRVerifyError, UnsupportedError
 from .expr import SYMBOLS
 from .expr import bind_params as bind
@@ -112,6 +113,24 @@ def collect_input_loads(g: nx.DiGraph) -> nx.DiGraph:
     return g
 
 
+def classify_tiles(g: nx.DiGraph) -> nx.DiGraph:
+    """Classify (query tile, key tile) pairs in closed form (:mod:`attngen.classify`).
+
+    Requires: params bound, runtime-input reads replaced by load symbols.
+    Establishes: graph attributes ``tiles_k`` (key tiles per query tile, for the forward and
+    dQ kernels) and ``tiles_q`` (query tiles per key tile, for the dK/dV kernel).
+    """
+    mask = g.nodes["mask"]["expr"] if "mask" in g else None
+    scalar_loads = [
+        d["symbol"].name
+        for _, d in g.nodes(data=True)
+        if d.get("op") == "load_input" and not (d["deps"] & {"q", "k"})
+    ]
+    g.graph["tiles_k"] = classify(mask, "k", scalar_loads)
+    g.graph["tiles_q"] = classify(mask, "q", scalar_loads)
+    return g
+
+
 def choose_numerics(g: nx.DiGraph) -> nx.DiGraph:
     """Fix the numerics of the softmax.
 
@@ -149,6 +168,7 @@ PIPELINE: list[Callable[[nx.DiGraph], nx.DiGraph]] = [
     simplify_expressions,
     derive_backward,
     collect_input_loads,
+    classify_tiles,
     choose_numerics,
     apply_recompute,
 ]

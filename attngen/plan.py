@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
+from .classify import range_statements
 from .printer import TritonPrinter
 
 #: Kernel variable of each position symbol. ``pos_q`` is ``[BLOCK_Q, 1]``, ``pos_k`` is
@@ -55,6 +56,15 @@ class KernelPlan:
 
 
 @dataclass(frozen=True)
+class RangePlan:
+    """The scalar statements that compute a kernel's tile loop bounds, and how many
+    intervals (each a masked / unmasked / masked run of tiles) they produce."""
+
+    statements: tuple[str, ...]
+    count: int
+
+
+@dataclass(frozen=True)
 class ModulePlan:
     """Everything the attention template renders: one module with the forward kernel, the
     backward preprocess, the dK/dV kernel and the dQ kernel."""
@@ -73,6 +83,8 @@ class ModulePlan:
     fwd: KernelPlan
     dkdv: KernelPlan
     dq: KernelPlan
+    fwd_ranges: RangePlan
+    dkdv_ranges: RangePlan
 
 
 def make_plan(g: nx.DiGraph) -> ModulePlan:
@@ -110,7 +122,15 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         fwd=split("k", "attn_fwd"),
         dkdv=split("q", "attn_bwd_dkdv"),
         dq=split("k", "attn_bwd_dq"),
+        fwd_ranges=_ranges(g.graph["tiles_k"], pr),
+        dkdv_ranges=_ranges(g.graph["tiles_q"], pr),
     )
+
+
+def _ranges(ranges, pr: TritonPrinter) -> RangePlan:
+    names = dict(pr.names)
+    names.update({n: n for n in ("g_first", "g_last", "var_min", "var_max")})
+    return RangePlan(tuple(range_statements(ranges, TritonPrinter(names))), len(ranges.conjuncts))
 
 
 def _load_plan(node: dict, pr: TritonPrinter) -> LoadPlan:

@@ -1,0 +1,374 @@
+"""Tile classification in closed form: which key tiles a query tile must visit, and which of
+them need no per-element mask (and the transpose, for the dK/dV kernel).
+
+The mask (params bound) is put in disjunctive normal form. In each conjunct, every atom that is
+affine in the visited position ``var`` (``k`` for the forward and dQ kernels, ``q`` for the
+dK/dV kernel) with coefficient ±1 -- or affine in ``var // c`` -- becomes an inclusive bound
+``lo(given) <= var <= hi(given)`` that is monotone in the other position ``given``; atoms free of
+``var`` whose value is monotone in ``given`` become guards decided per tile; any other atom
+(periodic ``%`` tests, reads of runtime inputs along a position, ...) makes the conjunct
+*inexact*: its tiles are visited but always masked element-wise.
+
+For a tile of ``given`` positions ``[g_first, g_last]`` a conjunct visits
+``[max lo(g at its min), min hi(g at its max)]`` and is FULL on
+``[max lo(g at its max), min hi(g at its min)]`` when exact and every guard holds on the whole
+tile. Bounds are evaluated only at the two ends of the tile, which monotonicity makes exact,
+so classification is sound: a skipped tile has no visible pair and a FULL tile no masked one.
+The kernels evaluate these formulas themselves (see :func:`range_statements`); nothing is
+precomputed per sequence length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import sympy
+
+from .expr import SYMBOLS, FloorDiv
+
+MAX_CONJUNCTS = 4
+SCALAR_SYMBOLS = {"b", "h", "T_Q", "T_KV"}
+
+
+@dataclass(frozen=True)
+class Bound:
+    """An inclusive bound on ``var`` as a function of ``given``; ``sign`` is +1 if it is
+    nondecreasing in ``given``, -1 if nonincreasing, 0 if constant."""
+
+    expr: sympy.Expr
+    sign: int
+
+
+@dataclass(frozen=True)
+class Guard:
+    """A condition ``d(given) <rel> 0`` that does not involve ``var``."""
+
+    expr: sympy.Expr
+    rel: str
+    sign: int
+
+
+@dataclass(frozen=True)
+class Conjunct:
+    lows: tuple[Bound, ...]
+    highs: tuple[Bound, ...]
+    guards: tuple[Guard, ...]
+    exact: bool
+
+
+@dataclass(frozen=True)
+class TileRanges:
+    """The closed-form classification of a mask for a loop over ``var`` tiles."""
+
+    var: str
+    given: str
+    conjuncts: tuple[Conjunct, ...]
+
+    @property
+    def skips(self) -> bool:
+        """Whether any tile can be skipped or run unmasked at all."""
+        return any(c.lows or c.highs or c.guards or c.exact for c in self.conjuncts)
+
+
+def classify(mask: sympy.Basic | None, var: str, scalar_loads: Iterable[str] = ()) -> TileRanges:
+    """Classify ``mask`` for a loop over ``var`` (``"k"`` or ``"q"``).
+
+    Args:
+        mask: the boolean sympy mask with params bound and runtime-input reads replaced by
+            load symbols, or ``None`` for no mask.
+        var: the position the kernel loops over.
+        scalar_loads: names of load symbols that are scalars in the kernel (their indices
+            depend on neither position), which bounds may use.
+    """
+    given = "q" if var == "k" else "k"
+    if mask is None or mask is sympy.true:
+        return TileRanges(var, given, (Conjunct((), (), (), True),))
+    if mask is sympy.false:
+        return TileRanges(var, given, (Conjunct((), (), (Guard(sympy.Integer(1), "<", 0),), True),))
+    allowed = SCALAR_SYMBOLS | set(scalar_loads) | {given}
+    dnf = sympy.to_dnf(_expand_abs(mask))
+    terms = dnf.args if isinstance(dnf, sympy.Or) else (dnf,)
+    if len(terms) > MAX_CONJUNCTS:
+        return TileRanges(var, given, (Conjunct((), (), (), False),))
+    conjuncts = []
+    for term in terms:
+        atoms = term.args if isinstance(term, sympy.And) else (term,)
+        conjuncts.append(_conjunct(atoms, SYMBOLS[var], SYMBOLS[given], allowed))
+    return TileRanges(var, given, tuple(conjuncts))
+
+
+def _expand_abs(expr: sympy.Basic) -> sympy.Basic:
+    """Rewrite ``abs(x) <= c`` as ``-c <= x <= c`` (and the other comparisons likewise)."""
+
+    def rewrite(rel):
+        lhs, rhs, op = rel.lhs, rel.rhs, rel.rel_op
+        if isinstance(rhs, sympy.Abs) and not isinstance(lhs, sympy.Abs):
+            lhs, rhs, op = rhs, lhs, {"<": ">", "<=": ">=", ">": "<", ">=": "<="}.get(op, op)
+        if not isinstance(lhs, sympy.Abs) or op not in ("<", "<=", ">", ">="):
+            return rel
+        x = lhs.args[0]
+        if op in ("<", "<="):
+            fn = sympy.Lt if op == "<" else sympy.Le
+            return sympy.And(fn(x, rhs), fn(-rhs, x))
+        fn = sympy.Gt if op == ">" else sympy.Ge
+        return sympy.Or(fn(x, rhs), fn(-rhs, x))
+
+    return expr.replace(lambda e: isinstance(e, sympy.core.relational.Relational), rewrite)
+
+
+def monotone_sign(expr: sympy.Basic, g: sympy.Symbol) -> int | None:
+    """+1 / -1 if ``expr`` is nondecreasing / nonincreasing in ``g``, 0 if free of it, None if
+    neither can be shown."""
+    if g not in expr.free_symbols:
+        return 0
+    if expr == g:
+        return 1
+    if isinstance(expr, sympy.Add):
+        return _combine(monotone_sign(a, g) for a in expr.args)
+    if isinstance(expr, sympy.Mul):
+        coeff, rest = expr.as_coeff_Mul()
+        if not coeff.is_Number or g not in rest.free_symbols:
+            return None
+        inner = monotone_sign(rest, g)
+        return None if inner is None else int(inner * (1 if coeff > 0 else -1))
+    if isinstance(expr, FloorDiv) and expr.args[1].is_Integer and expr.args[1] > 0:
+        return monotone_sign(expr.args[0], g)
+    if isinstance(expr, (sympy.Min, sympy.Max)):
+        return _combine(monotone_sign(a, g) for a in expr.args)
+    return None
+
+
+def _combine(signs: Iterable[int | None]) -> int | None:
+    seen = set(signs)
+    if None in seen:
+        return None
+    seen.discard(0)
+    if len(seen) > 1:
+        return None
+    return seen.pop() if seen else 0
+
+
+def _conjunct(atoms, v: sympy.Symbol, g: sympy.Symbol, allowed: set[str]) -> Conjunct:
+    lows, highs, guards = [], [], []
+    exact = True
+
+    def usable(e: sympy.Basic) -> int | None:
+        if {s.name for s in e.free_symbols} - allowed:
+            return None
+        return monotone_sign(e, g)
+
+    for atom in atoms:
+        if not isinstance(atom, sympy.core.relational.Relational):
+            exact = False  # e.g. a boolean runtime input read directly
+            continue
+        d = sympy.expand(atom.lhs - atom.rhs)
+        op = atom.rel_op
+        if v not in d.free_symbols:
+            sign = usable(d)
+            if sign is None:
+                exact = False
+            else:
+                guards.append(Guard(d, op, sign))
+            continue
+        solved = _solve(d, op, v)
+        if solved is None:
+            exact = False
+            continue
+        lo, hi = solved
+        for bound, out in ((lo, lows), (hi, highs)):
+            if bound is None:
+                continue
+            sign = usable(bound)
+            if sign is None or not bound.is_integer:
+                exact = False
+            else:
+                out.append(Bound(bound, sign))
+    return Conjunct(tuple(lows), tuple(highs), tuple(guards), exact)
+
+
+def _solve(d: sympy.Expr, op: str, v: sympy.Symbol):
+    """Bounds ``(lo, hi)`` (either may be None) on ``v`` from ``d <op> 0``, or None."""
+    if op == "!=":
+        return None
+    floor_terms = [t for t in d.atoms(FloorDiv) if v in t.free_symbols]
+    if floor_terms:
+        if len(floor_terms) != 1:
+            return None
+        f = floor_terms[0]
+        c = f.args[1]
+        if f.args[0] != v or not (c.is_Integer and c > 0):
+            return None
+        a = d.coeff(f)
+        rest = sympy.expand(d - a * f)
+        if a not in (1, -1) or v in rest.free_symbols:
+            return None
+        m, op = (-rest, op) if a == 1 else (rest, _flip(op))
+        # f <op> m  ->  bounds on v
+        return {
+            "<": (None, c * m - 1),
+            "<=": (None, c * m + c - 1),
+            ">": (c * m + c, None),
+            ">=": (c * m, None),
+            "==": (c * m, c * m + c - 1),
+        }[op]
+    a = d.coeff(v)
+    rest = sympy.expand(d - a * v)
+    if a not in (1, -1) or v in rest.free_symbols:
+        return None
+    x, op = (-rest, op) if a == 1 else (rest, _flip(op))
+    return {"<": (None, x - 1), "<=": (None, x), ">": (x + 1, None), ">=": (x, None), "==": (x, x)}[op]
+
+
+def _flip(op: str) -> str:
+    return {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}[op]
+
+
+# ----------------------------------------------------------------------------------------
+# evaluation: one description, printed for the kernels and evaluated with torch for tools
+
+
+def _endpoint(bound: Bound, want_max: bool) -> str:
+    """Which end of the given tile makes the bound largest (``want_max``) or smallest."""
+    increasing = bound.sign >= 0
+    return "g_last" if increasing == want_max else "g_first"
+
+
+def interval_exprs(conj: Conjunct, g: sympy.Symbol):
+    """Sympy expressions (in symbols ``g_first``, ``g_last``, ``var_min``, ``var_max``) of one
+    conjunct's visited and full intervals and its guard decisions."""
+    gf, gl = sympy.Symbol("g_first", integer=True), sympy.Symbol("g_last", integer=True)
+    vmin, vmax = sympy.Symbol("var_min", integer=True), sympy.Symbol("var_max", integer=True)
+    at = {"g_first": gf, "g_last": gl}
+
+    def ev(e, end):
+        return e.xreplace({g: at[end]})
+
+    vis_lo = sympy.Max(vmin, *[ev(b.expr, _endpoint(b, False)) for b in conj.lows])
+    full_lo = sympy.Max(vmin, *[ev(b.expr, _endpoint(b, True)) for b in conj.lows])
+    vis_hi = sympy.Min(vmax, *[ev(b.expr, _endpoint(b, True)) for b in conj.highs])
+    full_hi = sympy.Min(vmax, *[ev(b.expr, _endpoint(b, False)) for b in conj.highs])
+    nevers, alwayses = [], []
+    for guard in conj.guards:
+        lo = ev(guard.expr, "g_first" if guard.sign >= 0 else "g_last")  # smallest value of d
+        hi = ev(guard.expr, "g_last" if guard.sign >= 0 else "g_first")  # largest value of d
+        always, never = {
+            "<": (sympy.Lt(hi, 0), sympy.Ge(lo, 0)),
+            "<=": (sympy.Le(hi, 0), sympy.Gt(lo, 0)),
+            ">": (sympy.Gt(lo, 0), sympy.Le(hi, 0)),
+            ">=": (sympy.Ge(lo, 0), sympy.Lt(hi, 0)),
+            "==": (sympy.And(sympy.Eq(lo, 0), sympy.Eq(hi, 0)), sympy.Or(sympy.Gt(lo, 0), sympy.Lt(hi, 0))),
+            "!=": (sympy.Or(sympy.Gt(lo, 0), sympy.Lt(hi, 0)), sympy.And(sympy.Eq(lo, 0), sympy.Eq(hi, 0))),
+        }[guard.rel]
+        alwayses.append(always)
+        nevers.append(never)
+    never = sympy.Or(*nevers) if nevers else sympy.false
+    always = sympy.And(*alwayses) if alwayses else sympy.true
+    return vis_lo, vis_hi, full_lo, full_hi, never, always
+
+
+FIELDS = ("t_lo", "t_hi", "ft_lo", "ft_hi")
+
+
+def range_statements(ranges: TileRanges, print_expr) -> list[str]:
+    """Triton statements that leave, per interval ``j`` (sorted, disjoint), the loop bounds
+    ``s_j, fs_j, fe_j, e_j``: tiles ``[s_j, fs_j)`` and ``[fe_j, e_j)`` are visited with the
+    mask, ``[fs_j, fe_j)`` without it.
+
+    The kernel must define scalars ``g_first``, ``g_last`` (the given tile's first and last
+    valid positions), ``given_full`` (the given tile has no invalid rows), ``var_min``,
+    ``var_max`` (position range of ``var``), ``VAR_OFF`` (position of index 0 of ``var``),
+    ``N_VAR`` (its length) and ``BV`` (its tile size). ``print_expr`` prints sympy to Triton.
+    """
+    g = SYMBOLS[ranges.given]
+    out = []
+    for j, conj in enumerate(ranges.conjuncts):
+        vis_lo, vis_hi, full_lo, full_hi, never, always = interval_exprs(conj, g)
+        out += [
+            f"vlo_{j} = {print_expr(vis_lo)} - VAR_OFF",
+            f"vhi_{j} = {print_expr(vis_hi)} - VAR_OFF",
+            f"flo_{j} = {print_expr(full_lo)} - VAR_OFF",
+            f"fhi_{j} = {print_expr(full_hi)} - VAR_OFF",
+        ]
+        if never is not sympy.false:
+            out.append(f"vhi_{j} = tl.where({print_expr(never)}, vlo_{j} - 1, vhi_{j})")
+        out += [
+            f"t_lo_{j} = tl.maximum(vlo_{j}, 0) // BV",
+            f"t_hi_{j} = tl.where(vhi_{j} >= tl.maximum(vlo_{j}, 0), tl.minimum(vhi_{j}, N_VAR - 1) // BV + 1, t_lo_{j})",
+            f"ft_lo_{j} = (tl.maximum(flo_{j}, 0) + BV - 1) // BV",
+            f"ft_hi_{j} = tl.maximum(tl.minimum(fhi_{j}, N_VAR - 1) + 1, 0) // BV",
+        ]
+        full_ok = "given_full" if conj.exact else None
+        if full_ok and always is not sympy.true:
+            full_ok = f"given_full & ({print_expr(always)})"
+        out.append(
+            f"ft_hi_{j} = tl.where({full_ok}, ft_hi_{j}, ft_lo_{j})" if full_ok else f"ft_hi_{j} = ft_lo_{j}"
+        )
+    n = len(ranges.conjuncts)
+    for i in range(n):  # sort the intervals by their first tile (a bubble network, unrolled)
+        for a in range(n - 1 - i):
+            b = a + 1
+            out.append(f"swap = t_lo_{b} < t_lo_{a}")
+            for f in FIELDS:
+                out += [
+                    f"tmp = tl.where(swap, {f}_{b}, {f}_{a})",
+                    f"{f}_{b} = tl.where(swap, {f}_{a}, {f}_{b})",
+                    f"{f}_{a} = tmp",
+                ]
+    out.append("covered = t_lo_0")
+    for j in range(n):  # visit each interval minus what earlier ones covered
+        out += [
+            f"s_{j} = tl.maximum(t_lo_{j}, covered)",
+            f"e_{j} = tl.maximum(t_hi_{j}, s_{j})",
+            f"fs_{j} = tl.minimum(tl.maximum(ft_lo_{j}, s_{j}), e_{j})",
+            f"fe_{j} = tl.maximum(tl.minimum(ft_hi_{j}, e_{j}), fs_{j})",
+            "covered = tl.maximum(covered, e_{j})".replace("{j}", str(j)),
+        ]
+    return out
+
+
+def evaluate_intervals(ranges: TileRanges, env: dict, *, n_var: int, block_var: int, var_off: int):
+    """The same computation as :func:`range_statements`, on torch tensors of given tiles.
+
+    Args:
+        env: torch values of ``g_first``, ``g_last``, ``given_full`` (one entry per given tile),
+            ``var_min``, ``var_max``, ``T_Q``, ``T_KV``, ``b``, ``h`` and any scalar loads.
+
+    Returns:
+        Per interval ``(s, fs, fe, e)`` int64 tensors over the given tiles.
+    """
+    import torch
+
+    from .printer import TorchEvaluator
+
+    ev = TorchEvaluator(env, indexed=None, dtype=torch.float64, device=env["g_first"].device)
+    g = SYMBOLS[ranges.given]
+    ivs = []
+    for conj in ranges.conjuncts:
+        vis_lo, vis_hi, full_lo, full_hi, never, always = interval_exprs(conj, g)
+        shape = env["g_first"].shape
+        vlo = ev.t(ev(vis_lo)).expand(shape) - var_off
+        vhi = ev.t(ev(vis_hi)).expand(shape) - var_off
+        flo = ev.t(ev(full_lo)).expand(shape) - var_off
+        fhi = ev.t(ev(full_hi)).expand(shape) - var_off
+        vhi = torch.where(ev.t(ev(never)).expand(shape), vlo - 1, vhi)
+        t_lo = vlo.clamp(min=0) // block_var
+        t_hi = torch.where(vhi >= vlo.clamp(min=0), vhi.clamp(max=n_var - 1) // block_var + 1, t_lo)
+        ft_lo = (flo.clamp(min=0) + block_var - 1) // block_var
+        ft_hi = (fhi.clamp(max=n_var - 1) + 1).clamp(min=0) // block_var
+        full_ok = env["given_full"] & ev.t(ev(always)).expand(shape) if conj.exact else torch.zeros_like(t_lo, dtype=torch.bool)
+        ft_hi = torch.where(full_ok, ft_hi, ft_lo)
+        ivs.append((t_lo, t_hi, ft_lo, ft_hi))
+    stacked = [torch.stack([iv[i] for iv in ivs]) for i in range(4)]  # [n_intervals, n_given]
+    order = torch.argsort(stacked[0], dim=0, stable=True)
+    t_lo, t_hi, ft_lo, ft_hi = (x.gather(0, order) for x in stacked)
+    covered = t_lo[0]
+    out = []
+    for j in range(len(ivs)):
+        s = torch.maximum(t_lo[j], covered)
+        e = torch.maximum(t_hi[j], s)
+        fs = torch.minimum(torch.maximum(ft_lo[j], s), e)
+        fe = torch.maximum(torch.minimum(ft_hi[j], e), fs)
+        covered = torch.maximum(covered, e)
+        out.append((s, fs, fe, e))
+    return out
