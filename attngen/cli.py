@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("spec")
     show.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     show.add_argument("--source", action="store_true", help="also print the rendered kernel source")
+    show.add_argument("--tiles", action="store_true", help="print the tile classification at --t-q, --t-kv")
+    show.add_argument("--t-q", type=int, default=4096)
+    show.add_argument("--t-kv", type=int, default=None, help="default: --t-q")
+    show.add_argument("--block-q", type=int, default=128)
+    show.add_argument("--block-kv", type=int, default=128)
+    show.add_argument("--png", default=None, help="with --tiles: write a picture of the tile map here")
     return parser
 
 
@@ -92,10 +98,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _show_tiles(args) -> int:
+    import time
+
+    from .tilemap import plot_tile_map, tile_counts, tile_map
+
+    params = _params(args.param)
+    t_kv = args.t_kv or args.t_q
+    start = time.perf_counter()
+    c = tile_counts(args.spec, args.t_q, t_kv, args.block_q, args.block_kv, params)
+    took = time.perf_counter() - start
+    total = c.q_tiles * c.kv_tiles
+    print(f"T_Q={args.t_q} T_KV={t_kv} block_q={args.block_q} block_kv={args.block_kv}: {c.q_tiles} x {c.kv_tiles} = {total} tiles")
+    for name, n in (("EMPTY", c.empty), ("PARTIAL", c.partial), ("FULL", c.full)):
+        print(f"  {name:<8} {n:>14,}  {n / total:8.4%}")
+    if c.density is not None:
+        print(f"  density  {c.density:.6f}  ({c.visible_pairs:,} of {c.total_pairs:,} pairs)")
+    else:
+        lo, hi = c.visible_bounds
+        print(f"  density  between {lo / c.total_pairs:.6f} and {hi / c.total_pairs:.6f} (a periodic or data-dependent mask has no closed-form count)")
+    print(f"  computed in {took:.2f} s")
+    if args.png:
+        if total > 4096 * 4096:
+            print(f"  (--png skipped: {total:,} tiles is too many to draw; use smaller lengths or larger tiles)")
+        else:
+            plot_tile_map(tile_map(args.spec, args.t_q, t_kv, args.block_q, args.block_kv, params), args.png,
+                          f"{args.spec} T_Q={args.t_q} T_KV={t_kv} tiles {args.block_q}x{args.block_kv}")
+            print(f"  wrote {args.png}")
+    return 0
+
+
 def _show(args) -> int:
     from .compiler import build
     from .load import write_kernel
 
+    if args.tiles:
+        return _show_tiles(args)
     compiled = build(args.spec, **_params(args.param))
     print("# spec (normalised)")
     print(compiled.spec.to_yaml().rstrip())

@@ -1,0 +1,148 @@
+"""The tile map of a spec at given lengths and tile sizes, from the same closed-form
+classification the kernels evaluate: counts of EMPTY / PARTIAL / FULL tiles, the mask's
+density, and a picture. Nothing here is O(T_Q * T_KV): work is per query tile (or per query
+row for the density).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .args import position_offset
+from .classify import evaluate_intervals
+from .compiler import build
+from .errors import UnsupportedError
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """Tile counts over the whole ``[T_Q, T_KV]`` grid (one batch entry and head)."""
+
+    q_tiles: int
+    kv_tiles: int
+    empty: int
+    partial: int
+    full: int
+    visible_bounds: tuple[int, int]  # lower and upper bound on the number of visible pairs
+    total_pairs: int
+
+    @property
+    def visible_pairs(self) -> int | None:
+        """The exact number of visible pairs, or None where no closed form gives it."""
+        lo, hi = self.visible_bounds
+        return lo if lo == hi else None
+
+    @property
+    def density(self) -> float | None:
+        return None if self.visible_pairs is None else self.visible_pairs / self.total_pairs
+
+
+def _graph(spec: Any, params: dict):
+    compiled = build(spec, **params)
+    return compiled.spec, compiled.graph
+
+
+def intervals(spec: Any, t_q: int, t_kv: int, block_q: int, block_kv: int, params: dict | None = None, *, var: str = "k"):
+    """Per given tile, the loop intervals ``(s, fs, fe, e)`` the kernel visits.
+
+    ``var="k"``: for each query tile, key-tile intervals (forward and dQ kernels);
+    ``var="q"``: for each key tile, query-tile intervals (dK/dV kernel).
+
+    Raises:
+        UnsupportedError: the classification reads runtime inputs (it then depends on data).
+    """
+    spec, g = _graph(spec, params or {})
+    ranges = g.graph["tiles_k" if var == "k" else "tiles_q"]
+    for conj in ranges.conjuncts:
+        names = {s.name for b in (*conj.lows, *conj.highs, *conj.guards) for s in b.expr.free_symbols}
+        if any(n.startswith("ld") for n in names):
+            raise UnsupportedError(f"the tile map of {spec.name!r} depends on runtime inputs; it has no closed form")
+    off = position_offset(spec, t_q, t_kv)
+    if var == "k":
+        n_given, b_given, g_off, n_var, b_var, var_off = t_q, block_q, off, t_kv, block_kv, 0
+    else:
+        n_given, b_given, g_off, n_var, b_var, var_off = t_kv, block_kv, 0, t_q, block_q, off
+    idx = torch.arange(0, n_given, b_given, dtype=torch.int64)
+    env = {
+        "g_first": idx + g_off,
+        "g_last": torch.clamp(idx + b_given, max=n_given) - 1 + g_off,
+        "given_full": idx + b_given <= n_given,
+        "var_min": var_off,
+        "var_max": var_off + n_var - 1,
+        "T_Q": t_q,
+        "T_KV": t_kv,
+        "b": 0,
+        "h": 0,
+    }
+    return evaluate_intervals(ranges, env, n_var=n_var, block_var=b_var, var_off=var_off)
+
+
+def tile_counts(spec: Any, t_q: int, t_kv: int, block_q: int = 128, block_kv: int = 128, params: dict | None = None) -> TileCounts:
+    """Counts of EMPTY, PARTIAL and FULL (query tile, key tile) pairs, and the mask's density.
+
+    The density is exact when every conjunct of the mask is an interval of keys (then the
+    per-row key intervals are counted); otherwise ``visible_pairs`` is None and
+    ``visible_bounds`` brackets it.
+    """
+    params = params or {}
+    ivs = intervals(spec, t_q, t_kv, block_q, block_kv, params)
+    q_tiles, kv_tiles = -(-t_q // block_q), -(-t_kv // block_kv)
+    visited = sum(int((e - s).sum()) for s, fs, fe, e in ivs)
+    full = sum(int((fe - fs).sum()) for s, fs, fe, e in ivs)
+    rows = intervals(spec, t_q, t_kv, 1, 1, params)
+    upper = sum(int((e - s).sum()) for s, fs, fe, e in rows)
+    lower = sum(int((fe - fs).sum()) for s, fs, fe, e in rows)
+    return TileCounts(
+        q_tiles=q_tiles,
+        kv_tiles=kv_tiles,
+        empty=q_tiles * kv_tiles - visited,
+        partial=visited - full,
+        full=full,
+        visible_bounds=(lower, upper),
+        total_pairs=t_q * t_kv,
+    )
+
+
+def tile_map(spec: Any, t_q: int, t_kv: int, block_q: int, block_kv: int, params: dict | None = None) -> torch.Tensor:
+    """The ``[q_tiles, kv_tiles]`` map of EMPTY (0), PARTIAL (1) and FULL (2) tiles, as the
+    forward kernel classifies them (dense: for small grids and pictures)."""
+    ivs = intervals(spec, t_q, t_kv, block_q, block_kv, params)
+    q_tiles, kv_tiles = -(-t_q // block_q), -(-t_kv // block_kv)
+    cols = torch.arange(kv_tiles).view(1, -1)
+    out = torch.full((q_tiles, kv_tiles), EMPTY, dtype=torch.uint8)
+    for s, fs, fe, e in ivs:
+        inside = (cols >= s.view(-1, 1)) & (cols < e.view(-1, 1))
+        full = (cols >= fs.view(-1, 1)) & (cols < fe.view(-1, 1))
+        out[inside] = PARTIAL
+        out[full] = FULL
+    return out
+
+
+def plot_tile_map(tmap: torch.Tensor, path: str, title: str) -> None:
+    """Write a PNG picture of a tile map (matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+
+    fig, ax = plt.subplots(figsize=(6, 6 * tmap.shape[0] / max(1, tmap.shape[1]) + 0.8))
+    ax.imshow(tmap.numpy(), cmap=ListedColormap(["#f4f4f4", "#f2a33a", "#2d6db4"]), vmin=0, vmax=2, interpolation="nearest")
+    ax.set_xlabel("key tile")
+    ax.set_ylabel("query tile")
+    ax.set_title(title, fontsize=9)
+    from matplotlib.patches import Patch
+
+    ax.legend(
+        handles=[Patch(color=c, label=lab) for c, lab in (("#f4f4f4", "EMPTY"), ("#f2a33a", "PARTIAL"), ("#2d6db4", "FULL"))],
+        loc="upper right",
+        fontsize=8,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,129 @@
+"""Tile classification: soundness against brute force, kernels with and without skipping,
+and the closed-form counts of `show --tiles`."""
+
+import os
+import subprocess
+import sys
+import time
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import attngen
+from attngen.check import make_inputs
+from attngen.reference import mask_matrix
+from attngen.tilemap import EMPTY, FULL, tile_counts, tile_map
+from helpers import DEVICE, dims
+from test_fuzz import masks
+
+
+def brute_force(spec, t_q, t_kv, bq, bkv):
+    """Per tile: any visible pair, and all pairs visible (bounds included)."""
+    m = mask_matrix(spec, dims(T_Q=t_q, T_KV=t_kv))
+    nq, nk = -(-t_q // bq), -(-t_kv // bkv)
+    padded = torch.zeros(nq * bq, nk * bkv, dtype=torch.bool)
+    valid = torch.zeros_like(padded)
+    padded[:t_q, :t_kv] = m
+    valid[:t_q, :t_kv] = True
+    tiles = padded.view(nq, bq, nk, bkv)
+    any_visible = tiles.any(dim=(1, 3))
+    all_visible = (tiles | ~valid.view(nq, bq, nk, bkv)).all(dim=(1, 3)) & valid.view(nq, bq, nk, bkv).all(dim=(1, 3))
+    return any_visible, all_visible
+
+
+def assert_sound(spec, t_q, t_kv, bq, bkv):
+    tmap = tile_map(spec, t_q, t_kv, bq, bkv)
+    any_visible, all_visible = brute_force(spec, t_q, t_kv, bq, bkv)
+    assert not (any_visible & (tmap == EMPTY)).any(), "a tile called EMPTY has a visible pair"
+    assert not (~all_visible & (tmap == FULL)).any(), "a tile called FULL has a masked pair"
+    # the dK/dV kernel's transposed classification, checked the same way
+    from attngen.tilemap import intervals
+
+    cols = torch.arange(-(-t_q // bq)).view(1, -1)
+    visited_t = torch.zeros(-(-t_kv // bkv), -(-t_q // bq), dtype=torch.bool)
+    for s, fs, fe, e in intervals(spec, t_q, t_kv, bq, bkv, var="q"):
+        visited_t |= (cols >= s.view(-1, 1)) & (cols < e.view(-1, 1))
+        full = (cols >= fs.view(-1, 1)) & (cols < fe.view(-1, 1))
+        assert not (full & ~all_visible.T).any(), "a tile called FULL (dK/dV) has a masked pair"
+    assert not (any_visible.T & ~visited_t).any(), "a skipped tile (dK/dV) has a visible pair"
+
+
+@given(
+    mask=masks(),
+    t_q=st.integers(1, 90),
+    t_kv=st.integers(1, 90),
+    bq=st.sampled_from([1, 2, 4, 16]),
+    bkv=st.sampled_from([1, 4, 8, 16]),
+    align=st.sampled_from(["bottom_right", "top_left"]),
+)
+def test_classification_is_sound(mask, t_q, t_kv, bq, bkv, align):
+    assert_sound({"name": "fuzz", "mask": mask, "align": align}, t_q, t_kv, bq, bkv)
+
+
+def test_zoo_classification_is_sound():
+    for name in ("causal", "sliding_window", "prefix_lm", "longformer", "strided", "dilated_window", "chunked", "streaming_sinks"):
+        spec = attngen.compile(name).spec
+        small = {"sliding_window": {"window": 13}, "prefix_lm": {"prefix": 11}, "longformer": {"window": 5, "globals": 3},
+                 "strided": {"stride": 6}, "dilated_window": {"window": 6, "dilation": 3}, "chunked": {"chunk": 16},
+                 "streaming_sinks": {"sinks": 2, "window": 9}}.get(name, {})  # fmt: skip
+        from attngen.schema import with_params
+
+        assert_sound(with_params(spec, small), 70, 90, 16, 8)
+
+
+@given(
+    mask=masks(),
+    t_q=st.integers(1, 40),
+    t_kv=st.integers(1, 40),
+    seed=st.integers(0, 1000),
+)
+def test_skipping_does_not_change_results(mask, t_q, t_kv, seed):
+    op = attngen.compile({"name": "skip", "mask": mask, "score": "2.0 * tanh(s / 2.0)"})
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, _ = make_inputs(op.spec, dims(H=2, H_KV=1, T_Q=t_q, T_KV=t_kv), dtype=torch.float32, device=DEVICE, generator=gen)
+    do = torch.randn(1, 2, t_q, 16, generator=gen).to(DEVICE)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, lse = op(*leaves, return_lse=True)
+        return (o, lse, *torch.autograd.grad(o, leaves, do))
+
+    with_skip = run()
+    os.environ["ATTNGEN_NO_SKIP"] = "1"
+    try:
+        without = run()
+    finally:
+        del os.environ["ATTNGEN_NO_SKIP"]
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), with_skip, without):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=False), name
+
+
+def test_counts_at_a_million_tokens_match_the_closed_form_fast():
+    n, w, b = 1_048_576, 4096, 128
+    start = time.perf_counter()
+    c = tile_counts("sliding_window", n, n, b, b)
+    assert time.perf_counter() - start < 10
+    tiles = n // b
+    first = w // b  # query tiles whose window starts at key 0
+    assert c.partial == 2 * tiles - first
+    assert c.full == sum(range(first)) + (tiles - first) * (w // b - 1)
+    assert c.empty == tiles * tiles - c.partial - c.full
+    assert c.visible_pairs == n * w - w * (w - 1) // 2
+
+
+def test_show_tiles_cli(tmp_path):
+    png = tmp_path / "map.png"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run(
+        [sys.executable, "-m", "attngen", "show", "sliding_window", "--tiles", "--t-q", "1048576"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "16,352" in res.stdout and "253,456" in res.stdout and "0.003899" in res.stdout
+    res = subprocess.run(
+        [sys.executable, "-m", "attngen", "show", "longformer", "--tiles", "--t-q", "2048", "--png", str(png)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert png.stat().st_size > 1000
