@@ -70,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--spec", nargs="+", default=None, help="only these specs")
     zoo.add_argument("--seed", type=int, default=0)
 
+    bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
+    bench.add_argument("--suite", choices=("anchors", "sparse", "long"), default="anchors")
+    bench.add_argument("--out", default=None, help="write SUITE.json and SUITE.md here (e.g. docs/benchmarks)")
+    bench.add_argument("--variants", nargs="+", default=None)
+    bench.add_argument("--dims", type=int, nargs="+", default=None)
+    bench.add_argument("--seqs", type=int, nargs="+", default=None)
+
     show = sub.add_parser("show", help="print the normalised spec, the IR and the rendered kernel path")
     show.add_argument("spec")
     show.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
@@ -92,6 +99,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _show(args)
         if args.command == "zoo":
             return _zoo(args)
+        if args.command == "bench":
+            return _bench(args)
         return _run(args)
     except AttngenError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -221,6 +230,23 @@ def _zoo(args) -> int:
     print("\n".join(lines))
     print(f"{len(tasks) - failures} passed, {failures} failed")
     return 0 if failures == 0 else 1
+
+
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from . import bench
+
+    _pick_device("cuda")
+    if args.suite == "long":
+        print(bench.long_window())
+        return 0
+    result = bench.run_suite(
+        args.suite, out=Path(args.out) if args.out else None, variants=args.variants, dims=args.dims, seqs=args.seqs,
+        command="python -m attngen " + " ".join(sys.argv[1:]),
+    )
+    print(bench.markdown(result))
+    return 0
 
 
 def _run(args) -> int:

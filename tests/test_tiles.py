@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -127,3 +128,18 @@ def test_show_tiles_cli(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert png.stat().st_size > 1000
+
+
+def test_left_window_without_right_limit_scaled_down():
+    # the H200 case below at a tenth of the size: keys far to the right stay visible
+    from helpers import check_spec
+
+    check_spec({"name": "left333", "params": {"w": 33}, "mask": "q - k < w"}, dims(B=1, H=4, H_KV=2, T_Q=30, T_KV=410, D_QK=16), torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_left_window_without_right_limit_on_gpu():
+    from helpers import check_spec
+
+    check_spec({"name": "left333", "params": {"w": 333}, "mask": "q - k < w"}, dims(B=1, H=8, H_KV=2, T_Q=300, T_KV=4096, D_QK=128), torch.float16)

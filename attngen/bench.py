@@ -1,0 +1,314 @@
+"""``python -m attngen bench``: attngen against FlexAttention and SDPA in one process.
+
+Every attngen result is compared with a baseline's output before it is timed; a mismatch is
+reported as wrong and not timed. Times are ``triton.testing.do_bench`` medians (ms); TFLOP/s
+count only the pairs the mask keeps (forward ``4·B·H·T²·D·density``, forward+backward 3.5×).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .check import alibi_slopes
+from .timing import bench
+
+TOKENS = 16384
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmark row family: the attngen spec and FlexAttention's equivalent."""
+
+    name: str
+    spec: str
+    params: Callable[[int], dict] = lambda t: {}
+    mask_mod: Callable[..., Any] | None = None  # flex mask_mod factory(inputs) -> mod
+    score_mod: Callable[..., Any] | None = None  # flex score_mod factory(inputs) -> mod
+    sdpa: dict | None = None  # how SDPA expresses it, if it can
+    inputs: Callable[[int, int, int, str], dict] = lambda b, h, t, dev: {}
+    extra: dict = field(default_factory=dict)
+
+
+def _causal(_):
+    return lambda b, h, q, k: q >= k
+
+
+def _doc_inputs(b, h, t, device, doc_len=1000):
+    ids = (torch.arange(t, device=device) // doc_len).to(torch.int32)
+    return {"doc": ids.expand(b, t).contiguous()}
+
+
+VARIANTS = {
+    "dense": Variant("dense", "dense", sdpa={}),
+    "causal": Variant("causal", "causal", mask_mod=_causal, sdpa={"is_causal": True}),
+    "sliding_window": Variant(
+        "sliding_window", "sliding_window", params=lambda t: {"window": 1024},
+        mask_mod=lambda _: (lambda b, h, q, k: (q >= k) & (q - k < 1024)),
+    ),
+    "prefix_lm": Variant(
+        "prefix_lm", "prefix_lm", params=lambda t: {"prefix": t // 4},
+        mask_mod=lambda ins: (lambda b, h, q, k: (k < ins["_prefix"]) | (q >= k)),
+    ),
+    "document": Variant(
+        "document", "document", inputs=_doc_inputs,
+        mask_mod=lambda ins: (lambda b, h, q, k: (ins["doc"][b, q] == ins["doc"][b, k]) & (q >= k)),
+    ),
+    "alibi": Variant(
+        "alibi", "alibi", inputs=lambda b, h, t, dev: {"slopes": alibi_slopes(h).to(dev)},
+        mask_mod=_causal,
+        score_mod=lambda ins: (lambda s, b, h, q, k: s - ins["slopes"][h] * (q - k)),
+    ),
+    "softcap": Variant(
+        "softcap", "softcap", params=lambda t: {"cap": 30.0}, mask_mod=_causal,
+        score_mod=lambda ins: (lambda s, b, h, q, k: 30.0 * torch.tanh(s / 30.0)),
+    ),
+}  # fmt: skip
+
+SUITES = {
+    "anchors": (list(VARIANTS), (64, 128), (4096, 16384)),
+    "sparse": (["causal", "sliding_window", "document", "prefix_lm"], (128,), (16384,)),
+}
+
+
+def _density(variant: Variant, t: int, inputs: dict) -> float:
+    from .reference import mask_matrix
+    from .schema import load_spec, with_params
+
+    spec = with_params(load_spec(variant.spec), variant.params(t))
+    if variant.name == "document":
+        ids = inputs["doc"][0].long()
+        counts = torch.bincount(ids).double()
+        return float((counts * (counts + 1) / 2).sum() / (t * t))
+    if spec.mask is None:
+        return 1.0
+    from .tilemap import tile_counts
+
+    c = tile_counts(spec, t, t, 128, 128)
+    if c.density is not None:
+        return c.density
+    return float(mask_matrix(spec, {"B": 1, "H": 1, "T_Q": t, "T_KV": t}).float().mean())
+
+
+def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variants=None, dims=None, seqs=None,
+              systems=("attngen", "flex", "sdpa-flash", "sdpa-cudnn"), command: str = "") -> dict:
+    """Run a suite; return ``{"meta": ..., "rows": [...]}`` and write JSON and Markdown under
+    ``out`` if given."""
+    import triton
+
+    import attngen
+
+    names, suite_dims, suite_seqs = SUITES[suite]
+    names = variants or names
+    device = "cuda"
+    torch._dynamo.config.cache_size_limit = 1024
+    if hasattr(torch._dynamo.config, "recompile_limit"):
+        torch._dynamo.config.recompile_limit = 1024
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+    for d in dims or suite_dims:
+        for t in seqs or suite_seqs:
+            b, h = max(1, TOKENS // t), 2048 // d
+            for name in names:
+                var = VARIANTS[name]
+                gen = torch.Generator(device=device).manual_seed(0)
+                q, k, v = (torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+                do = torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, generator=gen)
+                inputs = var.inputs(b, h, t, device)
+                density = _density(var, t, inputs)
+                flops = 4.0 * b * h * t * t * d * density
+                start = time.perf_counter()
+                op = attngen.compile(var.spec, **var.params(t))
+                cold_compile = time.perf_counter() - start
+                fns: dict[str, Callable] = {}
+                leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+                fns["attngen"] = lambda: op(*leaves, **inputs)
+                if "flex" in systems:
+                    mod_inputs = {**inputs, "_prefix": var.params(t).get("prefix")}
+                    block_mask = None
+                    if var.mask_mod is not None:
+                        block_mask = create_block_mask(var.mask_mod(mod_inputs), b, None, t, t, device=device, _compile=True)
+                    score_mod = var.score_mod(mod_inputs) if var.score_mod else None
+                    fns["flex"] = lambda bm=block_mask, sm=score_mod: flex(*leaves, score_mod=sm, block_mask=bm)
+                if var.sdpa is not None:
+                    for sys_name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+                        if sys_name in systems:
+                            def run(backend=backend, kw=var.sdpa):
+                                with sdpa_kernel([backend]):
+                                    return sdpa(*leaves, **kw)
+                            fns[sys_name] = run
+                outputs = {}
+                for sys_name, fn in fns.items():
+                    try:
+                        with torch.no_grad():
+                            outputs[sys_name] = fn().float()
+                    except Exception as exc:  # a baseline that cannot run this case
+                        rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode="fwd", ms=None, tflops=None,
+                                         status=f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
+                        continue
+                baseline = next((outputs[s] for s in ("flex", "sdpa-cudnn", "sdpa-flash") if s in outputs), None)
+                for sys_name, fn in fns.items():
+                    if sys_name not in outputs:
+                        continue
+                    status = "ok"
+                    if sys_name == "attngen" and baseline is not None:
+                        err = (outputs["attngen"] - baseline).abs().max().item()
+                        if not math.isfinite(err) or err > 5e-2:
+                            status = f"WRONG: max |attngen - baseline| = {err:.3g}"
+                    for mode in modes:
+                        if status != "ok":
+                            rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode=mode, ms=None, tflops=None, status=status))
+                            continue
+                        if mode == "fwd":
+                            ms = bench(fn)
+                            work = flops
+                        else:
+                            ms = bench(lambda: fn().backward(do), grads=leaves)
+                            work = 3.5 * flops
+                        rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode=mode, ms=round(ms, 4),
+                                         tflops=round(work / ms / 1e9, 1), status="ok", density=round(density, 5)))
+                start = time.perf_counter()
+                attngen.compile(var.spec, **var.params(t))
+                warm_compile = time.perf_counter() - start
+                rows.append(dict(system="attngen", variant=name, D=d, T=t, mode="compile", ms=None, tflops=None,
+                                 status="ok", cold_compile_s=round(cold_compile, 3), warm_compile_ms=round(warm_compile * 1e3, 2)))
+                print(_line(rows, name, d, t), flush=True)
+    meta = {
+        "card": torch.cuda.get_device_name(),
+        "driver": _driver(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "attngen": attngen.__version__,
+        "python": platform.python_version(),
+        "command": command or " ".join(sys.argv),
+        "dtype": "bfloat16",
+        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+    }
+    result = {"meta": meta, "rows": rows}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{suite}.json").write_text(json.dumps(result, indent=1))
+        (out / f"{suite}.md").write_text(markdown(result))
+    return result
+
+
+def _driver() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _line(rows, name, d, t) -> str:
+    cells = []
+    for r in rows:
+        if r["variant"] == name and r["D"] == d and r["T"] == t and r["mode"] in ("fwd", "fwd+bwd"):
+            cells.append(f"{r['system']} {r['mode']} " + (f"{r['tflops']}" if r["tflops"] else r["status"][:40]))
+    return f"{name} D={d} T={t}: " + "; ".join(cells)
+
+
+def markdown(result: dict) -> str:
+    """The rows as a Markdown table: forward / forward+backward TFLOP/s per system and the
+    attngen/FlexAttention ratio."""
+    rows = result["rows"]
+    meta = result["meta"]
+    keys = sorted({(r["variant"], r["D"], r["T"]) for r in rows}, key=lambda x: (x[1], x[2], x[0]))
+    systems = [s for s in ("attngen", "flex", "sdpa-flash", "sdpa-cudnn") if any(r["system"] == s for r in rows)]
+
+    def cell(system, variant, d, t, mode):
+        for r in rows:
+            if (r["system"], r["variant"], r["D"], r["T"], r["mode"]) == (system, variant, d, t, mode):
+                return r
+        return None
+
+    lines = [
+        f"Card: {meta['card']} (driver {meta['driver']}); torch {meta['torch']}, Triton {meta['triton']}, attngen {meta['attngen']}; {meta['dtype']}.",
+        f"Command: `{meta['command']}`. Timing: {meta['timing']}.",
+        "Cells: forward / forward+backward TFLOP/s counting only kept pairs; ratio = attngen / FlexAttention.",
+        "",
+        "| variant | D | T | density | " + " | ".join(systems) + " | ratio vs Flex | attngen cold / warm compile |",
+        "|---|---|---|---|" + "---|" * len(systems) + "---|---|",
+    ]
+    for variant, d, t in keys:
+        vals = []
+        density = next((r.get("density") for r in rows if r["variant"] == variant and r["D"] == d and r["T"] == t and r.get("density")), None)
+        for s in systems:
+            f, fb = cell(s, variant, d, t, "fwd"), cell(s, variant, d, t, "fwd+bwd")
+            if f is None and fb is None:
+                vals.append("—")
+            elif (f and f["tflops"] is None) or (fb and fb["tflops"] is None):
+                vals.append((f or fb)["status"][:60])
+            else:
+                vals.append(f"{f['tflops'] if f else '—'} / {fb['tflops'] if fb else '—'}")
+        ratio = "—"
+        af, ab = cell("attngen", variant, d, t, "fwd"), cell("attngen", variant, d, t, "fwd+bwd")
+        ff, fb_ = cell("flex", variant, d, t, "fwd"), cell("flex", variant, d, t, "fwd+bwd")
+        if af and ff and af["ms"] and ff["ms"] and ab and fb_ and ab["ms"] and fb_["ms"]:
+            ratio = f"{ff['ms'] / af['ms']:.2f} / {fb_['ms'] / ab['ms']:.2f}"
+        comp = cell("attngen", variant, d, t, "compile")
+        comp_s = f"{comp['cold_compile_s']} s / {comp['warm_compile_ms']} ms" if comp else "—"
+        lines.append(f"| {variant} | {d} | {t} | {density if density is not None else '—'} | " + " | ".join(vals) + f" | {ratio} | {comp_s} |")
+    return "\n".join(lines) + "\n"
+
+
+def long_window(t: int = 1_048_576, window: int = 4096, h: int = 8, d: int = 128, samples: int = 64) -> str:
+    """Causal sliding window at ``t`` tokens (B=1): time, peak memory against the tensors the
+    call must hold, and sampled rows checked against a row-wise float64 reference."""
+    import attngen
+
+    device = "cuda"
+    op = attngen.compile("sliding_window", window=window)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, h, t, d, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3))
+    do = torch.randn(1, h, t, d, device=device, dtype=torch.bfloat16, generator=gen)
+    o, lse = op(q, k, v, return_lse=True)
+    rows = torch.randint(0, t, (samples,), generator=torch.Generator().manual_seed(1)).tolist() + [0, t - 1]
+    worst = 0.0
+    for r in rows:
+        lo = max(0, r - window + 1)
+        s = (q[0, :, r].double() @ k[0, :, lo : r + 1].double().transpose(-1, -2)) / math.sqrt(d)
+        ref = torch.softmax(s, -1) @ v[0, :, lo : r + 1].double()
+        worst = max(worst, (o[0, :, r].double() - ref).abs().max().item())
+    torch.autograd.grad(o, (q, k, v), do)
+    del o, lse
+    torch.cuda.synchronize()
+    fwd = bench(lambda: op(q, k, v))
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+
+    def step():
+        out = op(q, k, v)
+        return torch.autograd.grad(out, (q, k, v), do)
+
+    fwd_bwd = bench(step)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    elem = q.numel() * q.element_size()
+    # beyond q, k, v, do (already allocated): o, dq, dk, dv and lse
+    must_hold = 4 * elem + h * t * 4
+    held_total = base + peak
+    budget = 8 * elem + h * t * 4
+    flops = 4.0 * h * d * (t * window - window * (window - 1) / 2)
+    return (
+        f"sliding_window {window} at T={t}, B=1, H={h}, D={d}, bf16\n"
+        f"  sampled rows max |o - ref64| = {worst:.3e} over {len(rows)} rows\n"
+        f"  forward {fwd:.2f} ms ({flops / fwd / 1e9:.0f} TFLOP/s), forward+backward {fwd_bwd:.2f} ms ({3.5 * flops / fwd_bwd / 1e9:.0f} TFLOP/s)\n"
+        f"  peak memory of a forward+backward step {held_total / 2**30:.2f} GiB (allocations beyond q, k, v, do: {peak / 2**30:.2f} GiB; "
+        f"outputs alone need {must_hold / 2**30:.2f} GiB); q, k, v, o, their gradients and lse: {budget / 2**30:.2f} GiB; "
+        f"ratio {held_total / budget:.3f}"
+    )
