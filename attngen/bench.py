@@ -281,9 +281,9 @@ def long_window(t: int = 1_048_576, window: int = 4096, h: int = 8, d: int = 128
     worst = 0.0
     for r in rows:
         lo = max(0, r - window + 1)
-        s = (q[0, :, r].double() @ k[0, :, lo : r + 1].double().transpose(-1, -2)) / math.sqrt(d)
-        ref = torch.softmax(s, -1) @ v[0, :, lo : r + 1].double()
-        worst = max(worst, (o[0, :, r].double() - ref).abs().max().item())
+        s = (q[0, :, r, None].double() @ k[0, :, lo : r + 1].double().transpose(-1, -2)) / math.sqrt(d)
+        ref = torch.softmax(s, -1) @ v[0, :, lo : r + 1].double()  # [H, 1, D]
+        worst = max(worst, (o[0, :, r].double() - ref[:, 0]).abs().max().item())
     torch.autograd.grad(o, (q, k, v), do)
     del o, lse
     torch.cuda.synchronize()
