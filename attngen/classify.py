@@ -271,9 +271,10 @@ FIELDS = ("t_lo", "t_hi", "ft_lo", "ft_hi")
 
 
 def range_statements(ranges: TileRanges, print_expr) -> list[str]:
-    """Triton statements that leave, per interval ``j`` (sorted, disjoint), the loop bounds
+    """Triton statements that leave, per interval ``j`` (sorted, disjoint), the tile bounds
     ``s_j, fs_j, fe_j, e_j``: tiles ``[s_j, fs_j)`` and ``[fe_j, e_j)`` are visited with the
-    mask, ``[fs_j, fe_j)`` without it.
+    mask, ``[fs_j, fe_j)`` without it. :func:`segment_statements` then lays the masked and the
+    unmasked segments end to end, so each kernel runs exactly one masked and one unmasked loop.
 
     The kernel must define scalars ``g_first``, ``g_last`` (the given tile's first and last
     valid positions), ``given_full`` (the given tile has no invalid rows), ``var_min``,
@@ -324,6 +325,31 @@ def range_statements(ranges: TileRanges, print_expr) -> list[str]:
             f"fe_{j} = tl.maximum(tl.minimum(ft_hi_{j}, e_{j}), fs_{j})",
             "covered = tl.maximum(covered, e_{j})".replace("{j}", str(j)),
         ]
+    return out
+
+
+def masked_segments(count: int) -> list[tuple[str, str]]:
+    """The (start, end) variable names of the masked segments, in visiting order."""
+    out = []
+    for j in range(count):
+        out += [(f"s_{j}", f"fs_{j}"), (f"fe_{j}", f"e_{j}")]
+    return out
+
+
+def full_segments(count: int) -> list[tuple[str, str]]:
+    """The (start, end) variable names of the unmasked (FULL) segments."""
+    return [(f"fs_{j}", f"fe_{j}") for j in range(count)]
+
+
+def segment_statements(count: int) -> list[str]:
+    """Statements defining ``n_masked`` and ``n_full`` and the cumulative offsets ``mc_i`` /
+    ``fc_i`` at which each segment starts in the concatenated loop index."""
+    out = []
+    for prefix, segs, total in (("mc", masked_segments(count), "n_masked"), ("fc", full_segments(count), "n_full")):
+        out.append(f"{prefix}_0 = zero")
+        for i, (a, b) in enumerate(segs):
+            out.append(f"{prefix}_{i + 1} = {prefix}_{i} + ({b} - {a})")
+        out.append(f"{total} = {prefix}_{len(segs)}")
     return out
 
 

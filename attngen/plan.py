@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .classify import range_statements
+from .classify import full_segments, masked_segments, range_statements, segment_statements
 from .printer import TritonPrinter
 
 #: Kernel variable of each position symbol. ``pos_q`` is ``[BLOCK_Q, 1]``, ``pos_k`` is
@@ -62,6 +62,9 @@ class RangePlan:
 
     statements: tuple[str, ...]
     count: int
+    segment_statements: tuple[str, ...]
+    masked: tuple[tuple[str, str], ...]
+    full: tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,14 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
 def _ranges(ranges, pr: TritonPrinter) -> RangePlan:
     names = dict(pr.names)
     names.update({n: n for n in ("g_first", "g_last", "var_min", "var_max")})
-    return RangePlan(tuple(range_statements(ranges, TritonPrinter(names))), len(ranges.conjuncts))
+    n = len(ranges.conjuncts)
+    return RangePlan(
+        statements=tuple(range_statements(ranges, TritonPrinter(names))),
+        count=n,
+        segment_statements=tuple(segment_statements(n)),
+        masked=tuple(masked_segments(n)),
+        full=tuple(full_segments(n)),
+    )
 
 
 def _load_plan(node: dict, pr: TritonPrinter) -> LoadPlan:
