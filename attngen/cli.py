@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--spec", nargs="+", default=None, help="only these specs")
     zoo.add_argument("--seed", type=int, default=0)
 
+    fuzz = sub.add_parser("fuzz", help="fuzz generated kernels against the reference with hypothesis")
+    fuzz.add_argument("spec", nargs="?", default=None, help="fuzz shapes, dtypes and layouts of this spec")
+    fuzz.add_argument("--random", action="store_true", help="also draw random masks and score modifications")
+    fuzz.add_argument("--examples", type=int, default=100)
+    fuzz.add_argument("--seed", type=int, default=0)
+    fuzz.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    fuzz.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=None, help="default: bf16 fp16 on a GPU, fp32 on the CPU")
+    fuzz.add_argument("--max-t", type=int, default=None, help="longest T_Q / T_KV drawn (default 300 on a GPU, 64 on the CPU)")
+    fuzz.add_argument("--replay", default=None, help="run one reproduction file written by a failing fuzz run")
+
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
     bench.add_argument("--suite", choices=("anchors", "sparse", "long"), default="anchors")
     bench.add_argument("--out", default=None, help="write SUITE.json and SUITE.md here (e.g. docs/benchmarks)")
@@ -101,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _zoo(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "fuzz":
+            return _fuzz(args)
         return _run(args)
     except AttngenError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -230,6 +242,83 @@ def _zoo(args) -> int:
     print("\n".join(lines))
     print(f"{len(tasks) - failures} passed, {failures} failed")
     return 0 if failures == 0 else 1
+
+
+def _fuzz(args) -> int:
+    import hashlib
+    import json
+    import time
+
+    import yaml
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    device = _pick_device(args.device)
+    from .check import format_rows
+    from .load import write_atomic
+    from .strategies import Case, cases, run_case
+
+    if args.replay:
+        data = yaml.safe_load(open(args.replay).read())
+        case = Case(**data)
+        rows = run_case(case, device)
+        print(format_rows(rows))
+        ok = all(r.ok for r in rows)
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
+    if not args.spec and not args.random:
+        raise SystemExit("error: name a SPEC to fuzz its shapes, or pass --random to draw specs too")
+    spec = None
+    if args.spec:
+        from .schema import load_spec
+
+        spec = load_spec(args.spec).to_dict()
+    dtypes = [DTYPES[d] for d in (args.dtype or (["bf16", "fp16"] if device == "cuda" else ["fp32"]))]
+    max_t = args.max_t or (300 if device == "cuda" else 64)
+    failures: list[tuple[Case, str]] = []
+    start = time.perf_counter()
+    progress = Progress(TextColumn("fuzz"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+    task = progress.add_task("", total=args.examples)
+
+    @settings(
+        max_examples=args.examples,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate, Phase.shrink],
+    )
+    @hypothesis_seed(args.seed)
+    @given(cases(dtypes=tuple(dtypes), max_t=max_t, spec=spec))
+    def check(case):
+        try:
+            rows = run_case(case, device)
+            problem = None if all(r.ok for r in rows) else format_rows(rows)
+        except Exception as exc:  # a kernel or compiler error is a finding too
+            problem = f"{type(exc).__name__}: {exc}"
+        if not failures:
+            progress.advance(task)
+        if problem is not None:
+            failures.append((case, problem))
+            progress.update(task, description=f"failure found, shrinking ({len(failures)} tries)")
+            raise AssertionError(problem)
+
+    with progress:
+        try:
+            check()
+        except AssertionError:
+            pass
+    took = time.perf_counter() - start
+    if not failures:
+        print(f"{args.examples} examples passed in {took:.0f} s (seed {args.seed}, {device}, {', '.join(dtypes)}, T up to {max_t})")
+        return 0
+    case, problem = failures[-1]  # hypothesis replays the minimal failing example last
+    text = yaml.safe_dump(case.to_dict(), sort_keys=False)
+    path = config.cache_dir() / "fuzz" / f"repro-{hashlib.sha256(json.dumps(case.to_dict(), sort_keys=True).encode()).hexdigest()[:12]}.yaml"
+    write_atomic(path, text)
+    print(f"FAIL after {took:.0f} s; minimal failing case:\n{text}{problem}")
+    print(f"reproduction: {path}\nreplay with: python -m attngen fuzz --replay {path} --device {device}")
+    return 1
 
 
 def _bench(args) -> int:

@@ -4,37 +4,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from attngen.strategies import masks, scores
 from helpers import check_spec, dims
 
-OPS = ["<", "<=", ">", ">=", "==", "!="]
-
-
-@st.composite
-def atoms(draw):
-    kind = draw(st.sampled_from(["diff", "q", "k", "mod", "div"]))
-    op = draw(st.sampled_from(OPS))
-    c = draw(st.integers(-6, 30))
-    if kind == "diff":
-        return f"q - k {op} {c}"
-    if kind in ("q", "k"):
-        return f"{kind} {op} {c}"
-    m = draw(st.integers(1, 7))
-    if kind == "mod":
-        return f"(q - k) % {m} {op} {draw(st.integers(0, m - 1))}"
-    return f"q // {m} {op} k // {m}"
-
-
-@st.composite
-def masks(draw, depth=2):
-    if depth == 0 or draw(st.booleans()):
-        return draw(atoms())
-    joiner = draw(st.sampled_from(["and", "or"]))
-    left, right = draw(masks(depth=depth - 1)), draw(masks(depth=depth - 1))
-    neg = "not " if draw(st.booleans()) else ""
-    return f"{neg}({left}) {joiner} ({right})"
-
-
-SCORES = st.sampled_from([None, "s * 1.5", "3.0 * tanh(s / 3.0)", "s - 0.25 * abs(q - k)", "s + sigmoid(s)", "max(s, -1.0)"])
+SCORES = scores()
 
 
 @given(
@@ -53,3 +26,23 @@ def test_random_specs_match_reference(mask, score, t_q, t_kv, group, d, align, s
         spec["score"] = score
     h, h_kv = group
     check_spec(spec, dims(B=1, H=h, H_KV=h_kv, T_Q=t_q, T_KV=t_kv, D_QK=d[0], D_V=d[1]), torch.float32, seed=seed)
+
+
+def test_fuzz_cli_passes_and_reports_a_failure_with_a_replayable_reproduction(tmp_path, monkeypatch, capsys):
+    import attngen.check
+    from attngen.cli import main
+
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    assert main(["fuzz", "causal", "--examples", "3", "--seed", "1", "--max-t", "20"]) == 0
+    assert "3 examples passed" in capsys.readouterr().out
+    # a tolerance no kernel can meet: the run must fail, shrink and leave a reproduction
+    monkeypatch.setattr(attngen.check, "FACTOR", 0.0)
+    monkeypatch.setattr(attngen.check, "FLOOR", {k: 0.0 for k in attngen.check.FLOOR})
+    assert main(["fuzz", "--random", "--examples", "2", "--seed", "2", "--max-t", "6"]) == 1
+    out = capsys.readouterr().out
+    repro = next(tmp_path.glob("fuzz/repro-*.yaml"))
+    assert f"--replay {repro}" in out
+    assert main(["fuzz", "--replay", str(repro)]) == 1
+    monkeypatch.undo()
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    assert main(["fuzz", "--replay", str(repro)]) == 0  # with the real tolerance it passes

@@ -16,7 +16,7 @@ from attngen.check import make_inputs
 from attngen.reference import mask_matrix
 from attngen.tilemap import EMPTY, FULL, tile_counts, tile_map
 from helpers import DEVICE, dims
-from test_fuzz import masks
+from attngen.strategies import masks
 
 
 def brute_force(spec, t_q, t_kv, bq, bkv):

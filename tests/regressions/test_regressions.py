@@ -1,0 +1,169 @@
+"""Regression cases: failures users have reported against attention libraries.
+
+Each test says what went wrong elsewhere. Tests marked ``gpu`` need the H200 (or any CUDA
+GPU with the memory they name) and are skipped on the CPU.
+"""
+
+import math
+
+import pytest
+import torch
+
+import attngen
+from attngen.check import compare, format_rows
+from helpers import DEVICE, check_spec, dims
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_one_compile_many_lengths_in_any_order():
+    # Stale per-length state (a block mask or a cached grid built for the first length) gave
+    # wrong results when a compiled variant was called at a new, shorter length.
+    op = attngen.compile("sliding_window", window=9)
+    ref = attngen.reference("sliding_window", window=9)
+    gen = torch.Generator().manual_seed(0)
+    for t_q, t_kv in ((70, 70), (20, 20), (33, 90), (1, 5), (64, 64), (17, 3)):
+        q = torch.randn(1, 2, t_q, 16, generator=gen).to(DEVICE)
+        k = torch.randn(1, 1, t_kv, 16, generator=gen).to(DEVICE)
+        v = torch.randn(1, 1, t_kv, 16, generator=gen).to(DEVICE)
+        rows = compare(op, ref, q, k, v, {}, generator=gen)
+        assert all(r.ok for r in rows), f"T_Q={t_q} T_KV={t_kv}\\n{format_rows(rows)}"
+
+
+def test_softcap_gradient_at_large_logits():
+    # The tanh soft-cap's backward must be (1 - tanh²(s/cap)) times the incoming gradient;
+    # implementations that dropped the factor (or saturated wrongly) were off at |s| >> cap.
+    cap = 2.0
+    op = attngen.compile("softcap", cap=cap)
+    gen = torch.Generator().manual_seed(1)
+    d = 16
+    q = torch.randn(1, 2, 24, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 2, 24, d, generator=gen, dtype=torch.float64)
+    # scale so that scaled scores reach about ±5·cap
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
+    factor = math.sqrt(5 * cap / s.abs().max().item())
+    q, k = (q * factor).float(), (k * factor).float()
+    v = torch.randn(1, 2, 24, d, generator=gen)
+    s = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(d)
+    assert s.abs().max() > 4 * cap
+    rows = compare(op, attngen.reference("softcap", cap=cap), q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), {}, generator=gen)
+    assert all(r.ok for r in rows), format_rows(rows)
+
+
+def test_non_causal_gradients_are_not_silently_causal():
+    # A backward that assumed a causal mask returned plausible-looking but wrong gradients
+    # for bidirectional attention.
+    rows = check_spec("dense", dims(H=2, H_KV=1, T_Q=30, T_KV=45))
+    assert rows
+    op_dense, op_causal = attngen.compile("dense"), attngen.compile("causal")
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 1, 20, 8, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    g_dense = torch.autograd.grad(op_dense(q, k, v).sum(), k)[0]
+    g_causal = torch.autograd.grad(op_causal(q, k, v).sum(), k)[0]
+    assert (g_dense - g_causal).abs().max() > 1e-3
+
+
+def test_zero_inputs_give_exact_zero_output_small():
+    # Q = K = V = 0 must give exactly 0 (uniform weights times zero values), never NaN.
+    op = attngen.compile("causal")
+    z = torch.zeros(1, 1, 333, 256, device=DEVICE)
+    o, lse = op(z, z, z, return_lse=True)
+    assert torch.equal(o, torch.zeros_like(o))
+    assert torch.allclose(lse[0, 0], torch.log(torch.arange(1, 334, dtype=torch.float32, device=DEVICE)))
+
+
+def test_masked_and_skipped_keys_are_never_read():
+    # Garbage (inf/nan) in keys and values that a query must not see leaked into outputs and
+    # gradients through 0 * inf in other libraries; tiles that are skipped must not even be
+    # loaded. Here every key and value outside the window of the last 16 queries is poisoned.
+    op = attngen.compile("sliding_window", window=8)
+    gen = torch.Generator().manual_seed(3)
+    t = 200
+    q = torch.randn(1, 1, 16, 32, generator=gen).to(DEVICE)
+    k = torch.randn(1, 1, t, 32, generator=gen).to(DEVICE)
+    v = torch.randn(1, 1, t, 32, generator=gen).to(DEVICE)
+    do = torch.randn(1, 1, 16, 32, generator=gen).to(DEVICE)
+
+    def run(k, v):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = op(*leaves)
+        return (o, *torch.autograd.grad(o, leaves, do))
+
+    clean = run(k, v)
+    first_visible = t - 16 - 8 + 1  # bottom-right: query 0 sits at position t - 16
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, : first_visible - 64] = float("nan")  # whole key tiles the kernels skip
+    v_bad[:, :, : first_visible - 64] = float("inf")
+    k_bad[:, :, first_visible - 1] = float("inf")  # a masked key inside a visited tile
+    dirty = run(k_bad, v_bad)
+    for name, a, b in zip(("o", "dq"), clean[:2], dirty[:2]):
+        assert torch.equal(a, b), name
+    # gradients of keys nobody sees are exactly zero
+    assert torch.all(dirty[2][:, :, :first_visible] == 0) and torch.all(dirty[3][:, :, :first_visible] == 0)
+
+
+def test_backward_skips_the_tiles_the_forward_skips():
+    # A backward that visited every key tile made a local-window model's step many times
+    # slower than its forward. Count visited tile pairs of both classifications.
+    from attngen.tilemap import intervals
+
+    for var in ("k", "q"):
+        ivs = intervals("sliding_window", 32768, 32768, 128, 128, {"window": 256}, var=var)
+        visited = sum(int((e - s).sum()) for s, fs, fe, e in ivs)
+        assert visited <= 256 * 3 + 3  # about three key tiles per query tile (and vice versa)
+
+
+@pytest.mark.gpu
+@gpu
+def test_window_backward_costs_at_most_three_and_a_half_forwards():
+    # On the H200: forward+backward of a 256-token local window at T = 32768 must take at
+    # most 3.5 times the forward (the backward skips what the forward skips).
+    from attngen.timing import bench
+
+    op = attngen.compile("sliding_window", window=256)
+    q, k, v = (torch.randn(1, 16, 32768, 128, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    do = torch.randn_like(q)
+    fwd = bench(lambda: op(q, k, v))
+    both = bench(lambda: torch.autograd.grad(op(q, k, v), (q, k, v), do))
+    assert both <= 3.5 * fwd, (fwd, both)
+
+
+@pytest.mark.gpu
+@gpu
+def test_zero_inputs_at_33k_tokens_head_dim_256():
+    op = attngen.compile("causal")
+    z = torch.zeros(1, 1, 33_000, 256, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(op(z, z, z), torch.zeros_like(z))
+
+
+@pytest.mark.gpu
+@gpu
+def test_long_causal_rows_past_two_to_the_31_over_t():
+    # T = 70,000: T*T passes 2^31, so int32 offsets of the score matrix or lse overflow.
+    t, d = 70_000, 64
+    op = attngen.compile("causal")
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    q, k, v = (torch.randn(1, 1, t, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    o = op(q, k, v)
+    rows = [0, 1, 30_678, 30_679, 45_000, 69_999]  # 2^31 / 70,000 ≈ 30,678
+    for r in rows:
+        s = (q[0, 0, r].double() @ k[0, 0, : r + 1].double().T) / math.sqrt(d)
+        ref = torch.softmax(s, -1) @ v[0, 0, : r + 1].double()
+        assert (o[0, 0, r].double() - ref).abs().max() < 2e-2, r
+
+
+@pytest.mark.gpu
+@gpu
+def test_bthd_views_with_more_than_two_to_the_31_elements():
+    # [B, T, H, D] buffers viewed as [B, H, T, D] with over 2^31 elements: offsets must be int64.
+    b, t, h, d = 1, 2**21 + 64, 8, 128  # 2^31 + 65,536 elements
+    op = attngen.compile("sliding_window", window=128)
+    buf = torch.randn(b, t, h, d, device="cuda", dtype=torch.bfloat16)
+    q = buf.transpose(1, 2)
+    assert q.numel() > 2**31 and not q.is_contiguous()
+    o = op(q, q, q)
+    for r in (0, t // 2, t - 1):
+        lo = max(0, r - 127)
+        s = (q[0, :, r, None].double() @ q[0, :, lo : r + 1].double().transpose(-1, -2)) / math.sqrt(d)
+        ref = (torch.softmax(s, -1) @ q[0, :, lo : r + 1].double())[:, 0]
+        assert (o[0, :, r].double() - ref).abs().max() < 2e-2, r
