@@ -250,6 +250,11 @@ def _fuzz(args) -> int:
     import time
 
     import yaml
+
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        raise SystemExit("error: attngen fuzz needs hypothesis: pip install 'attngen[fuzz]'") from None
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import seed as hypothesis_seed
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
