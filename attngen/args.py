@@ -91,7 +91,7 @@ def check_call(
     declared = {i.name: i for i in spec.inputs}
     unknown = [name for name in inputs if name not in declared]
     if unknown:
-        listed = ", ".join(declared) or "none"
+        listed = ", ".join(declared) or "(none)"
         raise ShapeError(f"{unknown[0]}: unknown keyword argument; the spec's runtime inputs are: {listed}")
     ordered = []
     params = spec.param_values
@@ -117,7 +117,10 @@ def check_call(
             "bool": t.dtype == torch.bool,
         }[decl.kind]
         if not kind_ok:
-            raise ShapeError(f"{name}: dtype {_dtype_name(t.dtype)} does not fit the declared {decl.dtype}; cast it")
+            raise ShapeError(
+                f"{name}: dtype {_dtype_name(t.dtype)} does not fit the declared {decl.dtype}; "
+                f"cast with {name}.to(torch.{decl.dtype})"
+            )
         if t.requires_grad:
             raise UnsupportedError(
                 f"{name}: runtime inputs that require grad are not supported yet (learnable score "

@@ -280,7 +280,8 @@ class _Converter:
             if isinstance(op, ast.FloorDiv):
                 return Parsed(FloorDiv(a.sym, b.sym), "int")
             return Parsed(sympy.Mod(a.sym, b.sym), "int")
-        raise self.fail(node, f"operator {type(op).__name__} is not allowed; use + - * / // %")
+        hint = "; write x * x for a square" if isinstance(op, ast.Pow) else ""
+        raise self.fail(node, f"operator {type(op).__name__} is not allowed; use + - * / // %{hint}")
 
     def visit_BoolOp(self, node: ast.BoolOp) -> Parsed:
         parts = [self.boolean(v).sym for v in node.values]

@@ -310,7 +310,10 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
         if name in RESERVED_NAMES or name in FUNCTIONS or name in DIM_NAMES:
             raise SpecError(where, f"{name!r} is a reserved name; pick another")
         if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
-            raise SpecError(where, f"expected a finite number, got {value!r}")
+            hint = ""
+            if isinstance(value, str):
+                hint = " (YAML reads 1e-3 as text: write 1.0e-3)"
+            raise SpecError(where, f"expected a finite number, got {value!r}{hint}")
         seen.add(name)
     int_params = {n for n, v in spec.params if isinstance(v, int)}
     for inp in spec.inputs:
@@ -412,7 +415,7 @@ def with_params(spec: AttentionSpec, overrides: Mapping[str, Any]) -> AttentionS
     values = spec.param_values
     for name, value in overrides.items():
         if name not in values:
-            known = ", ".join(values) or "none"
+            known = ", ".join(values) or "(none)"
             raise SpecError(f"params.{name}", f"unknown param; the spec's params are: {known}")
         if not _is_number(value):
             raise SpecError(f"params.{name}", f"expected a number, got {value!r}")
