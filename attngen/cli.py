@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--max-t", type=int, default=None, help="longest T_Q / T_KV drawn (default 300 on a GPU, 64 on the CPU)")
     fuzz.add_argument("--replay", default=None, help="run one reproduction file written by a failing fuzz run")
 
+    tune = sub.add_parser("tune", help="tune a spec's kernels for this GPU and cache the winners")
+    tune.add_argument("spec")
+    tune.add_argument("--gpu-shapes", type=_shape, nargs="+", required=True, metavar="B,H,H_KV,T,D")
+    tune.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    tune.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
     bench.add_argument("--suite", choices=("anchors", "sparse", "long"), default="anchors")
     bench.add_argument("--out", default=None, help="write SUITE.json and SUITE.md here (e.g. docs/benchmarks)")
@@ -117,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         if args.command == "fuzz":
             return _fuzz(args)
+        if args.command == "tune":
+            return _tune(args)
         return _run(args)
     except (AttngenError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -328,6 +336,33 @@ def _fuzz(args) -> int:
     print(f"FAIL after {took:.0f} s; minimal failing case:\n{text}{problem}")
     print(f"reproduction: {path}\nreplay with: python -m attngen fuzz --replay {path} --device {device}")
     return 1
+
+
+def _tune(args) -> int:
+    import time
+
+    import torch
+
+    _pick_device("cuda")
+    from . import compile as compile_spec
+    from .tune import tune
+
+    op = compile_spec(args.spec, **_params(args.param))
+    dtype = getattr(torch, DTYPES[args.dtype])
+    for dims in args.gpu_shapes:
+        dims["D_V"] = dims["D_QK"]
+        start = time.perf_counter()
+        results = tune(op, dims, dtype, "cuda")
+        print(f"{op.spec.name} {dims} {args.dtype}: {time.perf_counter() - start:.1f} s")
+        for r in results:
+            if r.cached:
+                print(f"  {r.kernel:<5} cache hit: {r.best}")
+                continue
+            print(f"  {r.kernel:<5} best {r.best} {r.best_ms:.3f} ms; default {r.default} {r.default_ms:.3f} ms; "
+                  f"speed-up {r.speedup:.2f}x; {len(r.failures)} failed, {len(r.pruned)} pruned")
+            for cfg, why in r.failures:
+                print(f"        failed {cfg}: {why}")
+    return 0
 
 
 def _bench(args) -> int:

@@ -40,12 +40,15 @@ def build(spec: Any, **params: int | float) -> Compiled:
     return Compiled(spec, graph, plan, render(plan))
 
 
-def compile(spec: Any, **params: int | float) -> AttentionOp:  # noqa: A001 - the product's verb
+def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> AttentionOp:  # noqa: A001 - the product's verb
     """Compile an attention spec into a differentiable operator.
 
     Args:
         spec: a YAML path, a zoo spec name (``"causal"``), a dict or an
             :class:`~attngen.AttentionSpec`.
+        autotune: tune a call's shape bucket on the GPU the first time it has no cached
+            config (otherwise calls use cached or default configs and never pause to tune;
+            see :mod:`attngen.tune`).
         **params: overrides of the spec's compile-time params, e.g. ``window=1024``.
 
     Returns:
@@ -59,4 +62,4 @@ def compile(spec: Any, **params: int | float) -> AttentionOp:  # noqa: A001 - th
     """
     compiled = build(spec, **params)
     module, path = load_module(compiled.spec.name, compiled.rendered)
-    return AttentionOp(compiled.spec, module, Path(path), compiled.plan)
+    return AttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest, autotune=autotune)

@@ -69,11 +69,16 @@ class AttentionOp:
     Triton's interpreter. Gradients flow to q, k and v (FlashAttention-2 backward).
     """
 
-    def __init__(self, spec: AttentionSpec, module: ModuleType, kernel_file: Path, plan: Any) -> None:
+    def __init__(
+        self, spec: AttentionSpec, module: ModuleType, kernel_file: Path, plan: Any, source_digest: str, autotune: bool = False
+    ) -> None:
         self.spec = spec
         self.module = module
         self.kernel_file = kernel_file
         self.plan = plan
+        self.source_digest = source_digest
+        self.autotune = autotune
+        self._configs: dict[tuple[str, str], LaunchConfig | None] = {}
         self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}"
         self._constant_reads = spec.constant_reads()
         _ensure_registered()
@@ -100,6 +105,36 @@ class AttentionOp:
                 "imported: start Python with TRITON_INTERPRET=1, or move q, k and v to a CUDA device"
             )
         return getattr(self.module, name)
+
+    # -- launch configs ------------------------------------------------------------------
+    @staticmethod
+    def _bucket_id(bucket: dict) -> str:
+        return ",".join(f"{k}={bucket[k]}" for k in sorted(bucket))
+
+    def set_config(self, kernel: str, bucket: dict, cfg: LaunchConfig) -> None:
+        """Use ``cfg`` for ``kernel`` on calls in ``bucket`` (see :func:`attngen.tune.shape_bucket`)."""
+        self._configs[(kernel, self._bucket_id(bucket))] = cfg
+
+    def clear_config(self, kernel: str, bucket: dict) -> None:
+        self._configs.pop((kernel, self._bucket_id(bucket)), None)
+
+    def config_for(self, kernel: str, dims: dict[str, int], dtype: torch.dtype, device: torch.device) -> LaunchConfig:
+        """The launch config of ``kernel`` for a call: a tuned one if this process set or the
+        on-disk cache holds one for the call's shape bucket, else the default (tuning first
+        when the op was compiled with ``autotune=True``)."""
+        default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype)
+        if kernel == "preprocess":
+            return default
+        from .tune import DeviceInfo, TuneCache, cache_key, shape_bucket, tune
+
+        bucket = shape_bucket(dims, dtype)
+        slot = (kernel, self._bucket_id(bucket))
+        if slot not in self._configs and device.type == "cuda":
+            key = cache_key(self.plan.spec_digest, self.source_digest, DeviceInfo.of(device), kernel, bucket)
+            self._configs[slot] = TuneCache().get(key)
+            if self._configs[slot] is None and self.autotune:
+                tune(self, dims, dtype, device, progress=False)
+        return self._configs.get(slot) or default
 
     def scale_for(self, d_qk: int) -> float:
         return self.spec.scale if self.spec.scale is not None else 1.0 / math.sqrt(d_qk)
@@ -138,7 +173,8 @@ class AttentionOp:
         (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs = self._common(q, k, v)
         o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
         lse = _new_output((B, H, T_Q), torch.float32, q.device)
-        cfg = default_config("fwd", max(D_QK, D_V), q.dtype)
+        dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V}
+        cfg = self.config_for("fwd", dims, q.dtype, q.device)
         grid = (_cdiv(T_Q, cfg.block_q), H, B)
         self.kernel(self.plan.fwd.name, q.device)[grid](
             q, k, v, o, lse,
@@ -164,7 +200,8 @@ class AttentionOp:
         dk = _new_output(k.shape, k.dtype, k.device)
         dv = _new_output(v.shape, v.dtype, v.device)
         input_args = self._input_args(inputs)
-        cfg = default_config("dkdv", max(D_QK, D_V), q.dtype)
+        dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V}
+        cfg = self.config_for("dkdv", dims, q.dtype, q.device)
         self.kernel(self.plan.dkdv.name, q.device)[(_cdiv(T_KV, cfg.block_kv), H_KV, B)](
             q, k, v, do, lse, delta, dk, dv,
             *input_args,
@@ -172,7 +209,7 @@ class AttentionOp:
             *runtime,
             **constexprs, **self._launch(cfg),
         )  # fmt: skip
-        cfg = default_config("dq", max(D_QK, D_V), q.dtype)
+        cfg = self.config_for("dq", dims, q.dtype, q.device)
         self.kernel(self.plan.dq.name, q.device)[(_cdiv(T_Q, cfg.block_q), H, B)](
             q, k, v, do, lse, delta, dq,
             *input_args,

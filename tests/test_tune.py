@@ -1,0 +1,143 @@
+"""Autotuning and its cache, on the CPU with the timing function injected."""
+
+import json
+import multiprocessing
+import warnings
+
+import pytest
+import torch
+
+import attngen
+from attngen import TuneError
+from attngen.schema import TileSpace
+from attngen.tiles import LaunchConfig, default_config
+from attngen.tune import DeviceInfo, TuneCache, cache_key, candidates, estimate, shape_bucket, tune
+from helpers import DEVICE, dims
+
+H200 = DeviceInfo("NVIDIA H200", "9.0", 227 * 1024, 132)
+
+
+def test_pruning_drops_configs_over_the_shared_memory_and_register_budget():
+    tiles = TileSpace(block_q=(64, 128, 256), block_kv=(64, 256), num_warps=(4, 8), num_stages=(2, 4))
+    kept, pruned = candidates("fwd", tiles, 128, 128, torch.bfloat16, H200)
+    assert kept and pruned
+    for cfg in kept:
+        smem, acc = estimate("fwd", cfg, 128, 128, torch.bfloat16)
+        assert smem <= H200.shared_memory and acc <= 128
+    reasons = " ".join(why for _, why in pruned)
+    assert "shared memory" in reasons and "accumulators" in reasons
+    # a smaller device keeps fewer
+    small = DeviceInfo("small", "8.0", 100 * 1024, 1)
+    assert len(candidates("fwd", tiles, 128, 128, torch.bfloat16, small)[0]) < len(kept)
+    # head dim matters: float32 at D = 256 needs more shared memory than bf16 at D = 64
+    assert estimate("dkdv", LaunchConfig(64, 64, 4, 2), 256, 256, torch.float32)[0] > estimate(
+        "dkdv", LaunchConfig(64, 64, 4, 2), 64, 64, torch.bfloat16
+    )[0]
+
+
+def test_cache_keys_separate_what_must_be_separate():
+    b1 = shape_bucket(dims(T_Q=3000, T_KV=3000, D_QK=128), torch.bfloat16)
+    b2 = shape_bucket(dims(T_Q=4096, T_KV=2000, D_QK=128), torch.bfloat16)
+    assert b1 == b2 and b1["T"] == 4096  # same power-of-two bucket
+    base = cache_key("spec", "src", H200, "fwd", b1)
+    assert base == cache_key("spec", "src", H200, "fwd", b2)
+    assert base != cache_key("spec2", "src", H200, "fwd", b1)
+    assert base != cache_key("spec", "src2", H200, "fwd", b1)
+    assert base != cache_key("spec", "src", DeviceInfo("NVIDIA H100", "9.0", 227 * 1024, 132), "fwd", b1)
+    assert base != cache_key("spec", "src", H200, "dq", b1)
+    assert base != cache_key("spec", "src", H200, "fwd", shape_bucket(dims(T_Q=5000, T_KV=5000, D_QK=128), torch.bfloat16))
+    assert base != cache_key("spec", "src", H200, "fwd", shape_bucket(dims(T_Q=3000, T_KV=3000, D_QK=128), torch.float16))
+    assert base != cache_key("spec", "src", H200, "fwd", shape_bucket(dims(H=8, H_KV=2, T_Q=3000, T_KV=3000, D_QK=128), torch.bfloat16))
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    cache = TuneCache(tmp_path)
+    cache.put("k", LaunchConfig(64, 64, 4, 2))
+    before = cache.path("k").read_text()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.replace", crash)
+    with pytest.raises(OSError):
+        cache.put("k", LaunchConfig(128, 32, 8, 3))
+    assert cache.path("k").read_text() == before  # the old entry is intact
+    assert [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []  # no debris
+
+
+def _writer(root, i):
+    cache = TuneCache(root)
+    for j in range(40):
+        cache.put("shared", LaunchConfig(64, 32 if (i + j) % 2 else 64, 4, 2), {"writer": i, "round": j})
+
+
+def test_concurrent_writers_leave_a_valid_entry(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(str(tmp_path), i)) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    data = json.loads(TuneCache(tmp_path).path("shared").read_text())
+    assert data["config"]["block_kv"] in (32, 64) and data["round"] == 39
+
+
+def test_corrupt_or_foreign_file_is_ignored_with_a_warning_and_rewritten(tmp_path):
+    cache = TuneCache(tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    cache.path("k").write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable tuning cache file"):
+        assert cache.get("k") is None
+    cache.path("k").write_text(json.dumps({"format": "something-else", "config": {}}))
+    with pytest.warns(UserWarning):
+        assert cache.get("k") is None
+    cache.put("k", LaunchConfig(64, 64, 4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.get("k") == LaunchConfig(64, 64, 4, 2)
+
+
+def test_tune_picks_the_fastest_reports_failures_and_a_hit_never_retunes(tmp_path):
+    spec = {"name": "tunable", "mask": "k <= q", "tiles": {"block_q": [16, 32], "block_kv": [16, 32], "num_warps": [4], "num_stages": [1]}}
+    op = attngen.compile(spec)
+    cache = TuneCache(tmp_path)
+    calls = []
+
+    def timer(fn):
+        cfg = op._configs[next(iter(k for k in op._configs))] if op._configs else None
+        calls.append(cfg)
+        fn()
+        if cfg is not None and cfg.block_q == 32 and cfg.block_kv == 16:
+            raise RuntimeError("out of resources")  # this one "fails to compile"
+        return 1.0 if cfg == LaunchConfig(16, 32, 4, 1) else 2.0
+
+    shape = dims(H=2, H_KV=1, T_Q=40, T_KV=40, D_QK=16)
+    results = tune(op, shape, torch.float32, DEVICE, timer=timer, cache=cache, kernels=("fwd",), progress=False)
+    (r,) = results
+    assert r.best == LaunchConfig(16, 32, 4, 1) and r.best_ms == 1.0 and not r.cached
+    assert [c for c, _ in r.failures] == [LaunchConfig(32, 16, 4, 1)]
+    # the chosen config is used by later calls, and gives the right answer
+    from helpers import check_spec
+
+    check_spec(op.spec, shape)
+    n = len(calls)
+    again = tune(op, shape, torch.float32, DEVICE, timer=timer, cache=cache, kernels=("fwd",), progress=False)
+    assert again[0].cached and again[0].best == r.best and len(calls) == n  # a hit never retunes
+
+
+def test_all_configs_failing_raises_tune_error(tmp_path):
+    spec = {"name": "untunable", "tiles": {"block_q": [16], "block_kv": [16], "num_warps": [4], "num_stages": [1]}}
+    op = attngen.compile(spec)
+
+    def broken(fn):
+        raise RuntimeError("no kernel image")
+
+    with pytest.raises(TuneError, match="every config of untunable:fwd failed.*no kernel image"):
+        tune(op, dims(T_Q=8, T_KV=8, D_QK=16), torch.float32, DEVICE, timer=broken, cache=TuneCache(tmp_path), kernels=("fwd",), progress=False)
+
+
+def test_default_config_is_used_without_a_cache_entry():
+    op = attngen.compile("causal")
+    d = dims(T_Q=10, T_KV=10, D_QK=16)
+    assert op.config_for("fwd", d, torch.float32, torch.device("cpu")) == default_config("fwd", 16, torch.float32)
