@@ -141,3 +141,19 @@ def test_default_config_is_used_without_a_cache_entry():
     op = attngen.compile("causal")
     d = dims(T_Q=10, T_KV=10, D_QK=16)
     assert op.config_for("fwd", d, torch.float32, torch.device("cpu")) == default_config("fwd", 16, torch.float32)
+
+
+def test_gpu_calls_read_the_cache_and_fall_back_to_the_default(tmp_path, monkeypatch):
+    # the CUDA branch of config_for, with the device query replaced (no GPU here)
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(DeviceInfo, "of", classmethod(lambda cls, device: H200))
+    d = dims(T_Q=3000, T_KV=3000, D_QK=128)
+    cuda = torch.device("cuda")
+    op = attngen.compile("causal")
+    assert op.config_for("fwd", d, torch.bfloat16, cuda) == default_config("fwd", 128, torch.bfloat16)
+    tuned = LaunchConfig(64, 128, 8, 3)
+    key = cache_key(op.plan.spec_digest, op.source_digest, H200, "fwd", shape_bucket(d, torch.bfloat16))
+    TuneCache().put(key, tuned)
+    fresh = attngen.compile("causal")
+    assert fresh.config_for("fwd", d, torch.bfloat16, cuda) == tuned
+    assert fresh.config_for("dq", d, torch.bfloat16, cuda) == default_config("dq", 128, torch.bfloat16)
