@@ -12,7 +12,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,7 +35,6 @@ class Variant:
     score_mod: Callable[..., Any] | None = None  # flex score_mod factory(inputs) -> mod
     sdpa: dict | None = None  # how SDPA expresses it, if it can
     inputs: Callable[[int, int, int, str], dict] = lambda b, h, t, dev: {}
-    extra: dict = field(default_factory=dict)
 
 
 def _causal(_):

@@ -162,7 +162,8 @@ class AttentionOp:
             TILE_SKIP=config.tile_skipping(),
         )
         runtime = [H, T_Q, T_KV, position_offset(self.spec, T_Q, T_KV), scale, scale * LOG2E]
-        return (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs
+        dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V}
+        return dims, runtime, constexprs
 
     @staticmethod
     def _launch(cfg: LaunchConfig) -> dict[str, int]:
@@ -170,10 +171,10 @@ class AttentionOp:
 
     # -- the work ------------------------------------------------------------------------
     def forward_impl(self, q, k, v, inputs):
-        (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs = self._common(q, k, v)
+        dims, runtime, constexprs = self._common(q, k, v)
+        B, H, T_Q, D_V = dims["B"], dims["H"], dims["T_Q"], dims["D_V"]
         o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
         lse = _new_output((B, H, T_Q), torch.float32, q.device)
-        dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V}
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
         grid = (_cdiv(T_Q, cfg.block_q), H, B)
         self.kernel(self.plan.fwd.name, q.device)[grid](
@@ -186,7 +187,8 @@ class AttentionOp:
         return o, lse
 
     def backward_impl(self, do, dlse, q, k, v, o, lse, inputs):
-        (B, H, H_KV, T_Q, T_KV, D_QK, D_V), runtime, constexprs = self._common(q, k, v)
+        dims, runtime, constexprs = self._common(q, k, v)
+        B, H, H_KV, T_Q, T_KV, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_V"))
         delta = _new_output((B, H, T_Q), torch.float32, q.device)
         pre = default_config("preprocess", D_V, q.dtype)
         self.kernel("attn_bwd_preprocess", q.device)[(_cdiv(T_Q, pre.block_q), H, B)](
@@ -200,7 +202,6 @@ class AttentionOp:
         dk = _new_output(k.shape, k.dtype, k.device)
         dv = _new_output(v.shape, v.dtype, v.device)
         input_args = self._input_args(inputs)
-        dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V}
         cfg = self.config_for("dkdv", dims, q.dtype, q.device)
         self.kernel(self.plan.dkdv.name, q.device)[(_cdiv(T_KV, cfg.block_kv), H_KV, B)](
             q, k, v, do, lse, delta, dk, dv,

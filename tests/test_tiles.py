@@ -15,7 +15,7 @@ import attngen
 from attngen.check import make_inputs
 from attngen.reference import mask_matrix
 from attngen.tilemap import EMPTY, FULL, tile_counts, tile_map
-from helpers import DEVICE, dims
+from helpers import DEVICE, SMALL_PARAMS, dims
 from attngen.strategies import masks
 
 
@@ -64,13 +64,9 @@ def test_classification_is_sound(mask, t_q, t_kv, bq, bkv, align):
 
 def test_zoo_classification_is_sound():
     for name in ("causal", "sliding_window", "prefix_lm", "longformer", "strided", "dilated_window", "chunked", "streaming_sinks"):
-        spec = attngen.compile(name).spec
-        small = {"sliding_window": {"window": 13}, "prefix_lm": {"prefix": 11}, "longformer": {"window": 5, "globals": 3},
-                 "strided": {"stride": 6}, "dilated_window": {"window": 6, "dilation": 3}, "chunked": {"chunk": 16},
-                 "streaming_sinks": {"sinks": 2, "window": 9}}.get(name, {})  # fmt: skip
-        from attngen.schema import with_params
+        from attngen.schema import load_spec, with_params
 
-        assert_sound(with_params(spec, small), 70, 90, 16, 8)
+        assert_sound(with_params(load_spec(name), SMALL_PARAMS.get(name, {})), 70, 90, 16, 8)
 
 
 @given(
