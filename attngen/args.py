@@ -12,6 +12,7 @@ from .schema import AttentionSpec
 #: dtypes the generated kernels take for q, k and v.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+UNSIGNED = tuple(getattr(torch, n) for n in ("uint8", "uint16", "uint32", "uint64") if hasattr(torch, n))
 
 
 def position_offset(spec: AttentionSpec, t_q: int, t_kv: int) -> int:
@@ -116,6 +117,8 @@ def check_call(
             "int": not t.is_floating_point() and not t.is_complex() and t.dtype != torch.bool,
             "bool": t.dtype == torch.bool,
         }[decl.kind]
+        if kind_ok and decl.kind == "int" and t.dtype in UNSIGNED:
+            raise ShapeError(f"{name}: unsigned dtype {_dtype_name(t.dtype)} is not supported; cast with {name}.to(torch.int32)")
         if not kind_ok:
             raise ShapeError(
                 f"{name}: dtype {_dtype_name(t.dtype)} does not fit the declared {decl.dtype}; "

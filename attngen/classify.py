@@ -28,6 +28,8 @@ import sympy
 from .expr import SYMBOLS, FloorDiv
 
 MAX_CONJUNCTS = 4
+#: above this many comparisons the DNF (exponential in them) is not attempted
+MAX_ATOMS = 10
 SCALAR_SYMBOLS = {"b", "h", "T_Q", "T_KV"}
 
 
@@ -87,7 +89,10 @@ def classify(mask: sympy.Basic | None, var: str, scalar_loads: Iterable[str] = (
     if mask is sympy.false:
         return TileRanges(var, given, (Conjunct((), (), (Guard(sympy.Integer(1), "<", 0),), True),))
     allowed = SCALAR_SYMBOLS | set(scalar_loads) | {given}
-    dnf = sympy.to_dnf(_expand_abs(mask))
+    expanded = _expand_abs(mask)
+    if len(expanded.atoms(sympy.core.relational.Relational)) > MAX_ATOMS:
+        return TileRanges(var, given, (Conjunct((), (), (), False),))
+    dnf = sympy.to_dnf(expanded)
     terms = dnf.args if isinstance(dnf, sympy.Or) else (dnf,)
     if len(terms) > MAX_CONJUNCTS:
         return TileRanges(var, given, (Conjunct((), (), (), False),))
@@ -128,8 +133,8 @@ def monotone_sign(expr: sympy.Basic, g: sympy.Symbol) -> int | None:
         return _combine(monotone_sign(a, g) for a in expr.args)
     if isinstance(expr, sympy.Mul):
         coeff, rest = expr.as_coeff_Mul()
-        if not coeff.is_Number or g not in rest.free_symbols:
-            return None
+        if not coeff.is_Number or g not in rest.free_symbols or rest == expr:
+            return None  # a product of the position with another symbol: sign unknown
         inner = monotone_sign(rest, g)
         return None if inner is None else int(inner * (1 if coeff > 0 else -1))
     if isinstance(expr, FloorDiv) and expr.args[1].is_Integer and expr.args[1] > 0:

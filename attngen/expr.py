@@ -54,6 +54,7 @@ FUNCTIONS: dict[str, tuple[int, int]] = {
 }
 
 MAX_EXPRESSION_CHARS = 4000
+MAX_DEPTH = 40
 
 
 class FloorDiv(sympy.Function):
@@ -168,7 +169,22 @@ def parse_expression(
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
         raise SpecError(field, f"syntax error in {text!r}: {exc.msg} (column {exc.offset})") from None
+    except (RecursionError, MemoryError):
+        raise SpecError(field, f"expression nests too deeply; at most {MAX_DEPTH} levels") from None
+    depth = _depth(tree.body)
+    if depth > MAX_DEPTH:
+        raise SpecError(field, f"expression nests {depth} levels deep; at most {MAX_DEPTH}")
     return _Converter(text, field, params, inputs, allow_score).convert(tree.body)
+
+
+def _depth(node: ast.AST) -> int:
+    """Nesting depth of an expression tree (iterative, so deep input cannot overflow)."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        n, d = stack.pop()
+        deepest = max(deepest, d)
+        stack.extend((c, d + 1) for c in ast.iter_child_nodes(n) if not isinstance(c, (ast.expr_context, ast.operator, ast.boolop, ast.cmpop, ast.unaryop)))
+    return deepest
 
 
 class _Converter:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from .classify import full_segments, masked_segments, range_statements, segment_statements
+from .expr import SYMBOLS
 from .printer import TritonPrinter
 
 #: Kernel variable of each position symbol. ``pos_q`` is ``[BLOCK_Q, 1]``, ``pos_k`` is
@@ -109,6 +110,11 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     def code(node: str) -> str:
         return pr(g.nodes[node]["expr"]) if node in g else ""
 
+    score_code = code("score")
+    if "score" in g and SYMBOLS["s"] not in g.nodes["score"]["expr"].free_symbols:
+        # a score free of s (a bias alone) must still be a full tile: broadcast it
+        score_code = f"tl.full(s.shape, 0.0, tl.float32) + ({score_code})"
+
     return ModulePlan(
         spec_name=spec.name,
         spec_digest=spec.digest(),
@@ -116,7 +122,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         has_mask="mask" in g,
         mask_code=code("mask"),
         has_score="score" in g,
-        score_code=code("score"),
+        score_code=score_code,
         has_dscore="dscore" in g,
         dscore_code=code("dscore"),
         fold_scale=g.graph["fold_scale"],

@@ -87,12 +87,13 @@ class TritonPrinter:
                 return f"tl.sqrt({self.flt(base)})"
             if exp == sympy.Rational(-1, 2):
                 return f"(1.0 / tl.sqrt({self.flt(base)}))"
-            if exp.is_Integer and 0 < int(exp) <= 8:
-                b = self.p(base)
-                return "(" + " * ".join([b] * int(exp)) + ")"
-            if exp.is_Integer and -8 <= int(exp) < 0:
-                b = self.flt(base)
-                return "(1.0 / (" + " * ".join([b] * -int(exp)) + "))"
+            if exp.is_Integer and 0 < abs(int(exp)) <= 64:
+                n = abs(int(exp))
+                b = self.p(base) if n == int(exp) else self.flt(base)
+                prod = "(" + " * ".join([b] * n) + ")"
+                return prod if int(exp) > 0 else f"(1.0 / {prod})"
+            if exp.is_Integer:
+                raise CodegenError(f"power {exp} of {base} is too large to print; rewrite the expression")
             return f"tl.exp({self.flt(exp)} * tl.log({self.flt(base)}))"
         if isinstance(e, sympy.exp):
             return f"tl.exp({self.flt(e.args[0])})"

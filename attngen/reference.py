@@ -65,11 +65,19 @@ def reference(spec: Any, **params: int | float) -> Callable[..., Any]:
         scale = spec.scale if spec.scale is not None else 1.0 / math.sqrt(D_QK)
         s = torch.matmul(q, k_full.transpose(-1, -2)) * scale
         ev = _evaluator(spec, q.dtype, q.device, dims, dict(zip([i.name for i in spec.inputs], ordered)), s=s)
-        t = s if score is None else ev.flt(bind_params(score.sym, values)).to(dtype)
-        t = t.expand(B, H, T_Q, T_KV)
+        visible = None
         if mask is not None:
-            visible = ev(bind_params(mask.sym, values))
-            visible = torch.as_tensor(visible, device=device).expand(B, H, T_Q, T_KV)
+            visible = torch.as_tensor(ev(bind_params(mask.sym, values)), device=device).expand(B, H, T_Q, T_KV)
+        if score is None:
+            t = s
+        else:
+            if visible is not None:
+                # masked pairs enter the score detached, so a non-finite derivative there
+                # cannot turn their zero gradient into NaN (0 * inf)
+                ev.env["s"] = torch.where(visible, s, s.detach())
+            t = ev.flt(bind_params(score.sym, values)).to(dtype)
+        t = t.expand(B, H, T_Q, T_KV)
+        if visible is not None:
             t = torch.where(visible, t, torch.tensor(float("-inf"), dtype=dtype, device=device))
         m = t.amax(dim=-1, keepdim=True)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=dtype, device=device))

@@ -20,7 +20,9 @@ from . import resources
 from .errors import SpecError, UnsupportedError
 from .expr import FUNCTIONS, RESERVED_NAMES, InputSignature, Parsed, bind_params, parse_expression
 
-NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+#: compile-time integers must stay well inside the kernels' int32 position arithmetic
+MAX_INT_PARAM = 2**30
 PARAM_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 #: Element types a runtime input may have, with the expression kind they read as.
@@ -256,7 +258,13 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
         shape = decl["shape"]
         if not isinstance(shape, (list, tuple)):
             raise SpecError(f"{where}.shape", f"expected a list like [B, T_KV], got {shape!r}")
-        inputs.append(InputSpec(str(name), decl.get("dtype", "float32"), tuple(shape)))
+        dtype = decl.get("dtype", "float32")
+        if not isinstance(dtype, str):
+            raise SpecError(f"{where}.dtype", f"expected a dtype name such as int32, got {dtype!r}")
+        for dim in shape:
+            if not isinstance(dim, (str, int)):
+                raise SpecError(f"{where}.shape", f"dimension {dim!r} must be a name like T_KV or an integer")
+        inputs.append(InputSpec(str(name), dtype, tuple(shape)))
     tiles_data = data.get("tiles") or {}
     if not isinstance(tiles_data, Mapping):
         raise SpecError("tiles", f"expected a mapping like {{block_q: [64, 128]}}, got {tiles_data!r}")
@@ -267,19 +275,22 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
             raise SpecError(f"tiles.{key}", f"unknown key; known keys: {', '.join(sorted(tile_fields))}")
         values = value if isinstance(value, (list, tuple)) else [value]
         tiles[key] = tuple(values)
-    scale = data.get("scale")
+    def get(key: str, default):
+        value = data.get(key)
+        return default if value is None else value
+
     return AttentionSpec(
         name=data["name"],
-        description=data.get("description") or "",
+        description=get("description", ""),
         params=tuple(params.items()),
         inputs=tuple(inputs),
         mask=data.get("mask"),
         score=data.get("score"),
-        normalizer=data.get("normalizer") or "softmax",
-        scale=scale,
-        align=data.get("align") or "bottom_right",
+        normalizer=get("normalizer", "softmax"),
+        scale=data.get("scale"),
+        align=get("align", "bottom_right"),
         tiles=TileSpace(**tiles),
-        recompute=data.get("recompute") or "lse",
+        recompute=get("recompute", "lse"),
     )
 
 
@@ -299,7 +310,7 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
         UnsupportedError: a normaliser or recompute policy that is planned but not built.
     """
     if not isinstance(spec.name, str) or not NAME_RE.match(spec.name):
-        raise SpecError("name", f"{spec.name!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores)")
+        raise SpecError("name", f"{spec.name!r} must match [a-z][a-z0-9_]* (lower case, digits, underscores; at most 64 characters)")
     if not isinstance(spec.description, str):
         raise SpecError("description", f"expected text, got {spec.description!r}")
     seen: set[str] = set()
@@ -309,6 +320,8 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
             raise SpecError(where, "param names are identifiers like 'window'")
         if name in RESERVED_NAMES or name in FUNCTIONS or name in DIM_NAMES:
             raise SpecError(where, f"{name!r} is a reserved name; pick another")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= MAX_INT_PARAM:
+            raise SpecError(where, f"{value} is too large: integer params must lie within ±2^30 (positions are 32-bit in the kernels)")
         if not _is_number(value) or (isinstance(value, float) and not math.isfinite(value)):
             hint = ""
             if isinstance(value, str):
@@ -345,6 +358,7 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
     for field_name, parsed in (("mask", spec.parsed_mask()), ("score", spec.parsed_score())):
         if parsed is not None:
             _check_divisors(field_name, parsed.sym, spec.param_values)
+            _check_finite(field_name, parsed.sym, spec.param_values)
     if spec.normalizer in PLANNED_NORMALIZERS:
         raise UnsupportedError(
             f"normalizer: {spec.normalizer!r} is not implemented yet ({PLANNED_NORMALIZERS[spec.normalizer]}); "
@@ -385,6 +399,21 @@ def _check_divisors(field_name: str, expr, params: Mapping[str, int | float]) ->
                 value = sympy.Integer(0)
             if value.is_zero:
                 raise SpecError(field_name, f"divides by {divisor} = 0 with params {dict(params)}; give it a nonzero value")
+
+
+def _check_finite(field_name: str, expr, params: Mapping[str, int | float]) -> None:
+    """Reject expressions whose constants fold to infinity, NaN or complex numbers
+    (``exp(1000.0)``, ``sqrt(-1.0)``, ``log(0.0)``) or to integers past 32 bits."""
+    import sympy
+
+    bound = bind_params(expr, params)
+    if bound.has(sympy.zoo, sympy.oo, -sympy.oo, sympy.nan, sympy.I):
+        raise SpecError(field_name, "a constant part folds to infinity, NaN or a complex number; change the expression or params")
+    for number in bound.atoms(sympy.Number):
+        if number.is_Float and not math.isfinite(float(number)):
+            raise SpecError(field_name, f"the constant {number} overflows float32 arithmetic; change the expression or params")
+        if number.is_Integer and abs(int(number)) >= 2**31:
+            raise SpecError(field_name, f"the constant {number} does not fit the kernels' 32-bit integer arithmetic")
 
 
 def _validate_tiles(tiles: TileSpace) -> None:
