@@ -128,11 +128,14 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
                 inputs = var.inputs(b, h, t, device)
                 density = _density(var, t, inputs)
                 flops = 4.0 * b * h * t * t * d * density
+                leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+                # cold: render and load, then the first forward+backward (Triton compiles lazily)
                 start = time.perf_counter()
                 op = attngen.compile(var.spec, **var.params(t))
+                op(*leaves, **inputs).backward(do)
+                torch.cuda.synchronize()
                 cold_compile = time.perf_counter() - start
                 fns: dict[str, Callable] = {}
-                leaves = [x.clone().requires_grad_() for x in (q, k, v)]
                 fns["attngen"] = lambda: op(*leaves, **inputs)
                 if "flex" in systems:
                     mod_inputs = {**inputs, "_prefix": var.params(t).get("prefix")}
@@ -197,10 +200,52 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
     }
     result = {"meta": meta, "rows": rows}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{suite}.json").write_text(json.dumps(result, indent=1))
-        (out / f"{suite}.md").write_text(markdown(result))
+        write_outputs(result, out, suite)
     return result
+
+
+def write_outputs(result: dict, out: Path, name: str) -> list[Path]:
+    """Write ``NAME.json``, ``NAME.md`` and one ``NAME-d<D>.png`` plot per head dim."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    paths[0].write_text(json.dumps(result, indent=1))
+    paths[1].write_text(markdown(result))
+    for d in sorted({r["D"] for r in result["rows"]}):
+        paths.append(plot(result, d, out / f"{name}-d{d}.png"))
+    return paths
+
+
+def plot(result: dict, d: int, path: Path) -> Path:
+    """Bar chart of forward and forward+backward TFLOP/s per variant and system at head dim
+    ``d`` (one panel per mode), with the card and versions in the title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["D"] == d and r["mode"] in ("fwd", "fwd+bwd") and r.get("tflops")]
+    systems = [s for s in ("attngen", "flex", "sdpa-flash", "sdpa-cudnn", "fla") if any(r["system"] == s for r in rows)]
+    groups = sorted({(r["variant"], r["T"]) for r in rows}, key=lambda x: (x[1], x[0]))
+    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.1 * len(groups) * 2), 4.5), sharey=True)
+    width = 0.8 / max(1, len(systems))
+    for ax, mode in zip(axes, ("fwd", "fwd+bwd")):
+        for i, system in enumerate(systems):
+            values = []
+            for variant, t in groups:
+                hit = [r["tflops"] for r in rows if (r["system"], r["variant"], r["T"], r["mode"]) == (system, variant, t, mode)]
+                values.append(hit[0] if hit else 0.0)
+            ax.bar([x + i * width for x in range(len(groups))], values, width, label=system)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(groups))])
+        ax.set_xticklabels([f"{v}\nT={t}" for v, t in groups], fontsize=7)
+        ax.set_title(f"{mode}, D={d}", fontsize=9)
+        ax.set_ylabel("TFLOP/s (kept pairs)")
+    axes[0].legend(fontsize=8)
+    meta = result["meta"]
+    fig.suptitle(f"{meta['card']}, torch {meta['torch']}, Triton {meta['triton']}, {meta['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _driver() -> str:

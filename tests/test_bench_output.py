@@ -1,0 +1,34 @@
+"""The benchmark harness's outputs (JSON, Markdown, plots) from a result, without a GPU."""
+
+import json
+
+from attngen.bench import markdown, write_outputs
+
+RESULT = {
+    "meta": {"card": "NVIDIA H200", "driver": "580", "torch": "2.11.0", "triton": "3.6.0", "attngen": "0.1.0",
+             "python": "3.12", "command": "python -m attngen bench --suite sparse", "dtype": "bfloat16", "timing": "median"},
+    "rows": [
+        {"system": "attngen", "variant": "causal", "D": 128, "T": 4096, "mode": "fwd", "ms": 1.0, "tflops": 400.0, "status": "ok", "density": 0.5},
+        {"system": "attngen", "variant": "causal", "D": 128, "T": 4096, "mode": "fwd+bwd", "ms": 3.0, "tflops": 350.0, "status": "ok", "density": 0.5},
+        {"system": "flex", "variant": "causal", "D": 128, "T": 4096, "mode": "fwd", "ms": 1.2, "tflops": 333.3, "status": "ok", "density": 0.5},
+        {"system": "flex", "variant": "causal", "D": 128, "T": 4096, "mode": "fwd+bwd", "ms": 3.3, "tflops": 318.2, "status": "ok", "density": 0.5},
+        {"system": "attngen", "variant": "causal", "D": 128, "T": 4096, "mode": "compile", "ms": None, "tflops": None, "status": "ok",
+         "cold_compile_s": 2.5, "warm_compile_ms": 20.0},
+        {"system": "attngen", "variant": "softcap", "D": 64, "T": 4096, "mode": "fwd", "ms": None, "tflops": None, "status": "WRONG: max |attngen - baseline| = 1"},
+    ],
+}  # fmt: skip
+
+
+def test_markdown_has_the_card_the_command_and_per_row_ratios():
+    text = markdown(RESULT)
+    assert "NVIDIA H200" in text and "python -m attngen bench --suite sparse" in text
+    assert "| causal | 128 | 4096 | 0.5 | 400.0 / 350.0 | 333.3 / 318.2 | 1.20 / 1.10 | 2.5 s / 20.0 ms |" in text
+    assert "WRONG" in text  # a wrong result is reported, never timed
+
+
+def test_write_outputs_makes_json_markdown_and_a_plot_per_head_dim(tmp_path):
+    paths = write_outputs(RESULT, tmp_path, "suite")
+    names = sorted(p.name for p in paths)
+    assert names == ["suite-d128.png", "suite-d64.png", "suite.json", "suite.md"]
+    assert json.loads((tmp_path / "suite.json").read_text()) == RESULT
+    assert (tmp_path / "suite-d128.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
