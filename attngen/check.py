@@ -122,12 +122,19 @@ def compare(
     """
     dtype = q.dtype
     floor = FLOOR[dtype]
+    has_lse = getattr(getattr(op, "spec", None), "normalizer", "softmax") == "softmax"
+
+    def call(fn, args):
+        if has_lse:
+            return fn(*args, return_lse=True, **inputs)
+        return fn(*args, **inputs), None
+
     leaves = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
-    o, lse = op(*leaves, return_lse=True, **inputs)
+    o, lse = call(op, leaves)
     wide = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
-    o64, lse64 = ref(*wide, return_lse=True, **inputs)
+    o64, lse64 = call(ref, wide)
     narrow = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
-    o_lo, lse_lo = ref(*narrow, return_lse=True, **inputs)
+    o_lo, lse_lo = call(ref, narrow)
 
     def row(name, x, lo, ref64):
         ref_err = max_error(lo, ref64)
@@ -135,12 +142,12 @@ def compare(
             ref_err = 0.0
         return ErrorRow(name, max_error(x, ref64), ref_err, FACTOR * ref_err + floor * magnitude(ref64))
 
-    rows = [row("o", o, o_lo, o64), row("lse", lse, lse_lo, lse64)]
+    rows = [row("o", o, o_lo, o64)] + ([row("lse", lse, lse_lo, lse64)] if has_lse else [])
     if backward:
         g = torch.Generator().manual_seed(1234) if generator is None else generator
         do = torch.randn(o.shape, generator=g, dtype=torch.float32).to(device=o.device)
         # a gradient into the log-sum-exp as well, so both outputs' backward paths are checked
-        dlse = torch.randn(lse.shape, generator=g, dtype=torch.float32).to(device=o.device)
+        dlse = torch.randn(o.shape[:-1], generator=g, dtype=torch.float32).to(device=o.device)
         def grad(outputs, inputs, seeds):
             # allow_unused: a score free of s makes o independent of q and k
             pairs = [(out, seed) for out, seed in zip(outputs, seeds) if out.requires_grad]
@@ -149,9 +156,11 @@ def compare(
             got = torch.autograd.grad([p[0] for p in pairs], inputs, [p[1] for p in pairs], allow_unused=True)
             return [torch.zeros_like(x) if g is None else g for g, x in zip(got, inputs)]
 
-        grads = grad((o, lse), leaves, (do.to(dtype), dlse))
-        grads64 = grad((o64, lse64), wide, (do.double(), dlse.double()))
-        grads_lo = grad((o_lo, lse_lo), narrow, (do.to(dtype), dlse.to(lse_lo.dtype)))
+        outs = [(o, o64, o_lo)] + ([(lse, lse64, lse_lo)] if has_lse else [])
+        seeds = [(do.to(dtype), do.double(), do.to(dtype))] + ([(dlse, dlse.double(), dlse)] if has_lse else [])
+        grads = grad([x[0] for x in outs], leaves, [x[0] for x in seeds])
+        grads64 = grad([x[1] for x in outs], wide, [x[1] for x in seeds])
+        grads_lo = grad([x[2] for x in outs], narrow, [x[2] for x in seeds])
         for name, x, lo, r64 in zip(("dq", "dk", "dv"), grads, grads_lo, grads64):
             rows.append(row(name, x, lo, r64))
     return rows

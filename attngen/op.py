@@ -60,6 +60,7 @@ class AttentionOp:
     Returns:
         ``o [B, H, T_Q, D_V]`` in q's dtype; with ``return_lse`` also ``lse [B, H, T_Q]``
         float32, natural log, ``-inf`` for a row that sees no key (whose output is 0).
+        Sigmoid attention has no log-sum-exp (``return_lse`` raises ``UnsupportedError``).
 
     Raises:
         ShapeError: mismatched shapes or dtypes, or a missing or misshaped runtime input.
@@ -89,6 +90,8 @@ class AttentionOp:
 
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
         _, ordered = check_call(self.spec, q, k, v, inputs, constant_reads=self._constant_reads)
+        if return_lse and self.plan.sigmoid:
+            raise UnsupportedError("return_lse: sigmoid attention has no log-sum-exp; call without return_lse")
         o, lse = torch.ops.attngen.attention_fwd(q, k, v, ordered, self.op_id)
         return (o, lse) if return_lse else o
 
@@ -162,6 +165,8 @@ class AttentionOp:
             TILE_SKIP=config.tile_skipping(),
         )
         runtime = [H, T_Q, T_KV, position_offset(self.spec, T_Q, T_KV), scale, scale * LOG2E]
+        if self.plan.sigmoid:
+            runtime.append(self.spec.bias if self.spec.bias is not None else -math.log(T_KV))
         dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V}
         return dims, runtime, constexprs
 
@@ -190,14 +195,15 @@ class AttentionOp:
         dims, runtime, constexprs = self._common(q, k, v)
         B, H, H_KV, T_Q, T_KV, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_V"))
         delta = _new_output((B, H, T_Q), torch.float32, q.device)
-        pre = default_config("preprocess", D_V, q.dtype)
-        self.kernel("attn_bwd_preprocess", q.device)[(_cdiv(T_Q, pre.block_q), H, B)](
-            o, do, delta, *o.stride(), *do.stride(), H, T_Q,
-            D_V=D_V, BLOCK_Q=pre.block_q, BLOCK_DV=constexprs["BLOCK_DV"], num_warps=pre.num_warps,
-        )  # fmt: skip
-        if dlse is not None:
-            # d lse / d score = P, so an incoming lse gradient folds into delta: dS = P (dP - (delta - dlse))
-            delta = delta - dlse.to(torch.float32)
+        if not self.plan.sigmoid:  # sigmoid attention's backward needs no delta
+            pre = default_config("preprocess", D_V, q.dtype)
+            self.kernel("attn_bwd_preprocess", q.device)[(_cdiv(T_Q, pre.block_q), H, B)](
+                o, do, delta, *o.stride(), *do.stride(), H, T_Q,
+                D_V=D_V, BLOCK_Q=pre.block_q, BLOCK_DV=constexprs["BLOCK_DV"], num_warps=pre.num_warps,
+            )  # fmt: skip
+            if dlse is not None:
+                # d lse / d score = P, so an incoming lse gradient folds into delta: dS = P (dP - (delta - dlse))
+                delta = delta - dlse.to(torch.float32)
         dq = _new_output(q.shape, q.dtype, q.device)
         dk = _new_output(k.shape, k.dtype, k.device)
         dv = _new_output(v.shape, v.dtype, v.device)

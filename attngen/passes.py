@@ -136,15 +136,17 @@ def choose_numerics(g: nx.DiGraph) -> nx.DiGraph:
 
     Softmax runs in base 2 (``exp2``) with accumulators in float32. With no score
     modification the scale and ``log2(e)`` fold into one multiply of ``q·k``; otherwise the
-    score is computed in natural units and multiplied by ``log2(e)`` afterwards. float32 inputs
+    score is computed in natural units and multiplied by ``log2(e)`` afterwards. The sigmoid
+    normaliser works in natural units (``sigmoid(score + bias)``), nothing folded. float32 inputs
     use IEEE dots (not TF32), so float32 is as exact as the reference.
 
     Establishes: graph attributes ``exp2``, ``fold_scale``, ``acc_dtype`` and
     ``dot_precision`` (per input dtype).
     """
     g.graph["dot_precision"] = {"float32": "ieee", "float16": "tf32", "bfloat16": "tf32"}
-    g.graph["exp2"] = True
-    g.graph["fold_scale"] = "score" not in g
+    softmax = g.graph["normalizer"] == "softmax"
+    g.graph["exp2"] = softmax
+    g.graph["fold_scale"] = softmax and "score" not in g
     g.graph["acc_dtype"] = "float32"
     return g
 

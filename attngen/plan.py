@@ -83,6 +83,7 @@ class ModulePlan:
     has_dscore: bool
     dscore_code: str
     fold_scale: bool
+    sigmoid: bool
     dot_precision: tuple[tuple[str, str], ...]
     fwd: KernelPlan
     dkdv: KernelPlan
@@ -110,7 +111,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     def code(node: str) -> str:
         return pr(g.nodes[node]["expr"]) if node in g else ""
 
-    score_code = code("score")
+    score_code = code("score") or "s"
     if "score" in g and SYMBOLS["s"] not in g.nodes["score"]["expr"].free_symbols:
         # a score free of s (a bias alone) must still be a full tile: broadcast it
         score_code = f"tl.full(s.shape, 0.0, tl.float32) + ({score_code})"
@@ -126,6 +127,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         has_dscore="dscore" in g,
         dscore_code=code("dscore"),
         fold_scale=g.graph["fold_scale"],
+        sigmoid=g.graph["normalizer"] == "sigmoid",
         dot_precision=tuple(sorted(g.graph["dot_precision"].items())),
         # the forward and dQ kernels loop over key tiles; the dK/dV kernel over query tiles
         fwd=split("k", "attn_fwd"),

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import torch
 
 from .args import check_call, position_offset
+from .errors import UnsupportedError
 from .expr import bind_params
 from .printer import TorchEvaluator
 from .schema import load_spec, with_params
@@ -79,6 +80,13 @@ def reference(spec: Any, **params: int | float) -> Callable[..., Any]:
         t = t.expand(B, H, T_Q, T_KV)
         if visible is not None:
             t = torch.where(visible, t, torch.tensor(float("-inf"), dtype=dtype, device=device))
+        if spec.normalizer == "sigmoid":
+            bias = spec.bias if spec.bias is not None else -math.log(T_KV)
+            p = torch.sigmoid(t + bias)  # -inf at masked pairs gives exactly 0
+            o = torch.matmul(p, v_full)
+            if return_lse:
+                raise UnsupportedError("return_lse: sigmoid attention has no log-sum-exp; call without return_lse")
+            return o
         m = t.amax(dim=-1, keepdim=True)
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros((), dtype=dtype, device=device))
         p = torch.exp(t - m_safe)

@@ -38,8 +38,8 @@ INPUT_DTYPES = {
 #: Names a runtime input's shape may use, resolved from q, k and v at call time.
 DIM_NAMES = ("B", "H", "H_KV", "T_Q", "T_KV", "D_QK", "D_V")
 
-NORMALIZERS = ("softmax",)
-PLANNED_NORMALIZERS = {"sigmoid": "issue #6", "linear": "issue #6"}
+NORMALIZERS = ("softmax", "sigmoid")
+PLANNED_NORMALIZERS = {"linear": "issue #6"}
 RECOMPUTE_POLICIES = ("lse",)
 PLANNED_RECOMPUTE = {"store_p": "issue #7", "full": "issue #7"}
 ALIGNS = ("bottom_right", "top_left")
@@ -55,6 +55,7 @@ SPEC_KEYS = (
     "mask",
     "score",
     "normalizer",
+    "bias",
     "scale",
     "align",
     "tiles",
@@ -104,7 +105,11 @@ class AttentionSpec:
         inputs: runtime tensors that expressions index.
         mask: boolean expression of which keys a query sees; ``None`` means every key.
         score: expression of the scaled score ``s``; ``None`` means ``s``.
-        normalizer: ``softmax``.
+        normalizer: ``softmax`` or ``sigmoid`` (``o = sum_k sigmoid(score + bias) v_k``,
+            Ramapuram et al., 2024, "Theory, Analysis, and Best Practices for Sigmoid
+            Self-Attention").
+        bias: sigmoid only: added to the score before the sigmoid; ``None`` means
+            ``-log(T_KV)``, the paper's recommendation.
         scale: multiplier of ``q·k``; ``None`` means ``1/sqrt(D_QK)``.
         align: ``bottom_right`` (query row ``i`` at position ``i + T_KV - T_Q``) or
             ``top_left`` (at ``i``).
@@ -119,6 +124,7 @@ class AttentionSpec:
     mask: str | None = None
     score: str | None = None
     normalizer: str = "softmax"
+    bias: float | None = None
     scale: float | None = None
     align: str = "bottom_right"
     tiles: TileSpace = field(default_factory=TileSpace)
@@ -142,6 +148,7 @@ class AttentionSpec:
             "mask": self.mask,
             "score": self.score,
             "normalizer": self.normalizer,
+            "bias": self.bias,
             "scale": self.scale,
             "align": self.align,
             "tiles": {f.name: list(getattr(self.tiles, f.name)) for f in fields(TileSpace)},
@@ -155,6 +162,8 @@ class AttentionSpec:
         """A hash of everything that changes the generated kernels (not the description)."""
         data = self.to_dict()
         data.pop("description")
+        if data["bias"] is None:  # keys added later hash as before while unset
+            data.pop("bias")
         text = json.dumps(data, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -287,6 +296,7 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
         mask=data.get("mask"),
         score=data.get("score"),
         normalizer=get("normalizer", "softmax"),
+        bias=data.get("bias"),
         scale=data.get("scale"),
         align=get("align", "bottom_right"),
         tiles=TileSpace(**tiles),
@@ -366,6 +376,11 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
         )
     if spec.normalizer not in NORMALIZERS:
         raise SpecError("normalizer", f"{spec.normalizer!r} is not one of {', '.join(NORMALIZERS)}")
+    if spec.bias is not None:
+        if spec.normalizer != "sigmoid":
+            raise SpecError("bias", "only the sigmoid normalizer takes a bias; put a softmax bias in 'score'")
+        if not _is_number(spec.bias) or not math.isfinite(spec.bias):
+            raise SpecError("bias", f"expected null (-log(T_KV)) or a finite number, got {spec.bias!r}")
     if spec.scale is not None and (not _is_number(spec.scale) or not math.isfinite(spec.scale) or spec.scale <= 0):
         raise SpecError("scale", f"expected null (1/sqrt(D_QK)) or a positive number, got {spec.scale!r}")
     if spec.align not in ALIGNS:

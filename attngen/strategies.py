@@ -67,11 +67,14 @@ def scores():
 
 @st.composite
 def specs(draw) -> dict:
-    """A spec dict: mask, optional score modification, alignment."""
+    """A spec dict: mask, optional score modification, alignment, normaliser (softmax, or
+    sigmoid a quarter of the time)."""
     spec = {"name": "fuzz", "mask": draw(masks()), "align": draw(st.sampled_from(["bottom_right", "top_left"]))}
     score = draw(scores())
     if score is not None:
         spec["score"] = score
+    if draw(st.integers(0, 3)) == 0:
+        spec["normalizer"] = "sigmoid"
     return spec
 
 
