@@ -19,6 +19,7 @@ from .errors import (
     TuneError,
     UnsupportedError,
 )
+from .merge import merge_states
 from .op import AttentionOp
 from .reference import reference
 from .schema import AttentionSpec, InputSpec, TileSpace, load_spec
@@ -40,5 +41,6 @@ __all__ = [
     "build",
     "compile",
     "load_spec",
+    "merge_states",
     "reference",
 ]

@@ -253,12 +253,21 @@ def _bwd_fake(do, dlse, q, k, v, o, lse, inputs, op_id):
 def _setup_context(ctx, inputs, output):
     q, k, v, ins, op_id = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, *ins)
     ctx.op_id = op_id
+    # the recompute policy decides what the backward gets back: O and lse, or only inputs
+    ctx.keeps_output = "o" in _REGISTRY[op_id].plan.saved
+    if ctx.keeps_output:
+        ctx.save_for_backward(q, k, v, o, lse, *ins)
+    else:
+        ctx.save_for_backward(q, k, v, *ins)
 
 
 def _backward(ctx, do, dlse):
-    q, k, v, o, lse, *ins = ctx.saved_tensors
+    if ctx.keeps_output:
+        q, k, v, o, lse, *ins = ctx.saved_tensors
+    else:  # recompute: full -- rerun the forward for O and the log-sum-exp
+        q, k, v, *ins = ctx.saved_tensors
+        o, lse = torch.ops.attngen.attention_fwd(q, k, v, ins, ctx.op_id)
     dq, dk, dv = torch.ops.attngen.attention_bwd(do, dlse, q, k, v, o, lse, ins, ctx.op_id)
     return dq, dk, dv, [None] * len(ins), None
 

@@ -155,13 +155,16 @@ def apply_recompute(g: nx.DiGraph) -> nx.DiGraph:
     """Apply the recompute policy of the backward pass.
 
     ``lse`` (FlashAttention-2): the forward saves O and the log-sum-exp; the backward
-    recomputes P tile by tile from them.
+    recomputes P tile by tile from them. ``full`` (gradient checkpointing of the attention
+    itself): the forward saves only its inputs, and the backward first reruns the forward to
+    get O and the log-sum-exp back -- the least activation memory, one more forward of time.
 
     Establishes: graph attribute ``saved`` (the tensors the forward keeps for the backward).
     """
-    if g.graph["recompute"] != "lse":  # validation admits only 'lse' so far
+    saved = {"lse": ("q", "k", "v", "o", "lse"), "full": ("q", "k", "v")}
+    if g.graph["recompute"] not in saved:
         raise IRVerifyError(f"recompute policy {g.graph['recompute']!r} has no pass")
-    g.graph["saved"] = ("q", "k", "v", "o", "lse")
+    g.graph["saved"] = saved[g.graph["recompute"]]
     return g
 
 

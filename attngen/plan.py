@@ -84,6 +84,7 @@ class ModulePlan:
     dscore_code: str
     fold_scale: bool
     sigmoid: bool
+    saved: tuple[str, ...]
     dot_precision: tuple[tuple[str, str], ...]
     fwd: KernelPlan
     dkdv: KernelPlan
@@ -128,6 +129,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         dscore_code=code("dscore"),
         fold_scale=g.graph["fold_scale"],
         sigmoid=g.graph["normalizer"] == "sigmoid",
+        saved=g.graph["saved"],
         dot_precision=tuple(sorted(g.graph["dot_precision"].items())),
         # the forward and dQ kernels loop over key tiles; the dK/dV kernel over query tiles
         fwd=split("k", "attn_fwd"),

@@ -40,8 +40,8 @@ DIM_NAMES = ("B", "H", "H_KV", "T_Q", "T_KV", "D_QK", "D_V")
 
 NORMALIZERS = ("softmax", "sigmoid")
 PLANNED_NORMALIZERS = {"linear": "issue #6"}
-RECOMPUTE_POLICIES = ("lse",)
-PLANNED_RECOMPUTE = {"store_p": "issue #7", "full": "issue #7"}
+RECOMPUTE_POLICIES = ("lse", "full")
+PLANNED_RECOMPUTE = {"store_p": "issue #7"}
 ALIGNS = ("bottom_right", "top_left")
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -114,7 +114,8 @@ class AttentionSpec:
         align: ``bottom_right`` (query row ``i`` at position ``i + T_KV - T_Q``) or
             ``top_left`` (at ``i``).
         tiles: the tile configurations to search.
-        recompute: backward-pass policy: ``lse`` (store O and log-sum-exp, recompute P).
+        recompute: backward-pass policy: ``lse`` (store O and log-sum-exp, recompute P) or
+            ``full`` (store only the inputs; the backward reruns the forward first).
     """
 
     name: str

@@ -1,0 +1,91 @@
+"""Recompute policies, exact merging of partial results, chunked prefill."""
+
+import math
+
+import pytest
+import torch
+
+import attngen
+from helpers import DEVICE
+
+
+def _grads(op, q, k, v, inputs, do):
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = op(*leaves, **inputs)
+    return (o, *torch.autograd.grad(o, leaves, do))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "rc_window", "mask": "k <= q and q - k < 9", "score": "4.0 * tanh(s / 4.0)"},
+        {"name": "rc_alibi", "inputs": {"slopes": {"dtype": "float32", "shape": ["H"]}}, "mask": "k <= q", "score": "s - slopes[h] * (q - k)"},
+        {"name": "rc_sigmoid", "normalizer": "sigmoid", "mask": "k <= q"},
+    ],
+)  # fmt: skip
+def test_full_recompute_gives_the_same_gradients_as_lse(spec):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 30, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(1, 2, 41, 16, generator=gen).to(DEVICE) for _ in range(2))
+    do = torch.randn(1, 4, 30, 16, generator=gen).to(DEVICE)
+    inputs = {"slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)} if "inputs" in spec else {}
+    by_lse = _grads(attngen.compile(spec), q, k, v, inputs, do)
+    by_full = _grads(attngen.compile({**spec, "recompute": "full"}), q, k, v, inputs, do)
+    for a, b in zip(by_lse, by_full):
+        assert torch.equal(a, b)  # the rerun forward is deterministic: bit for bit
+
+
+def test_full_recompute_saves_only_the_inputs():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+
+    def saved_bytes(spec):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            attngen.compile(spec)(q, k, v)
+        return sum(sizes)
+
+    lse_bytes = saved_bytes({"name": "mem", "mask": "k <= q"})
+    full_bytes = saved_bytes({"name": "mem", "mask": "k <= q", "recompute": "full"})
+    inputs = 3 * q.numel() * q.element_size()
+    assert full_bytes == inputs and lse_bytes == inputs + q.numel() * 4 + 2 * 20 * 4
+
+
+def test_merging_halves_equals_the_whole_with_rows_that_see_no_key():
+    # bottom-right causal with 8 queries and 4 keys: query rows 0-3 sit before every key
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 2, 8, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(1, 2, 4, 16, generator=gen).to(DEVICE) for _ in range(2))
+    whole, lse = attngen.compile("causal")(q, k, v, return_lse=True)
+    assert torch.all(whole[:, :, :4] == 0) and torch.all(lse[:, :, :4] == -math.inf)
+    # the same keys, split by position: positions stay absolute, so the mask stays right
+    first = attngen.compile({"name": "first", "params": {"split": 2}, "mask": "k <= q and k < split"})
+    second = attngen.compile({"name": "second", "params": {"split": 2}, "mask": "k <= q and k >= split"})
+    o1, l1 = first(q, k, v, return_lse=True)
+    o2, l2 = second(q, k, v, return_lse=True)
+    assert torch.all(l2[:, :, 4:6] == -math.inf)  # rows 4 and 5 see only the first half
+    merged, merged_lse = attngen.merge_states(o1, l1, o2, l2)
+    assert torch.allclose(merged, whole, atol=1e-6) and torch.all(merged[:, :, :4] == 0)
+    assert torch.equal(torch.isinf(merged_lse), torch.isinf(lse))
+    assert torch.allclose(merged_lse[:, :, 4:], lse[:, :, 4:], atol=1e-6)
+
+
+def test_merge_states_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="merge_states"):
+        attngen.merge_states(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3), torch.zeros(1, 2, 3, 5), torch.zeros(1, 2, 3))
+
+
+def test_chunked_prefill_equals_one_pass():
+    # a 1000-token prompt in chunks of 128 against the growing cache (bottom-right positions)
+    op = attngen.compile("causal")
+    gen = torch.Generator().manual_seed(3)
+    t, d = 1000, 16
+    q, k, v = (torch.randn(1, 2, t, d, generator=gen).to(DEVICE) for _ in range(3))
+    whole = op(q, k, v)
+    chunks = [op(q[:, :, s : s + 128], k[:, :, : s + 128], v[:, :, : s + 128]) for s in range(0, t, 128)]
+    assert torch.allclose(torch.cat(chunks, dim=2), whole, atol=1e-6)
