@@ -129,7 +129,8 @@ def compare(
             return fn(*args, return_lse=True, **inputs)
         return fn(*args, **inputs), None
 
-    leaves = [t.detach().clone().requires_grad_(backward) for t in (q, k, v)]
+    # detach() keeps the caller's strides (clone() would make stride-0 inputs contiguous)
+    leaves = [t.detach().requires_grad_(backward) for t in (q, k, v)]
     o, lse = call(op, leaves)
     wide = [t.detach().double().requires_grad_(backward) for t in (q, k, v)]
     o64, lse64 = call(ref, wide)

@@ -30,7 +30,7 @@ def sdpa_mask(spec, dims, inputs, device) -> tuple[dict[str, Any] | None, float]
     """
     mask = mask_matrix(spec, dims, inputs, device=device)
     density = float(mask.float().mean())
-    if spec.score is not None:
+    if spec.score is not None or spec.normalizer != "softmax":
         return None, density
     if bool(mask.all()):
         return {}, density

@@ -31,6 +31,7 @@ import torch
 
 from . import config
 from .errors import TuneError
+from .schema import BLOCK_SIZES, WARPS
 from .tiles import LaunchConfig, default_config, head_block
 
 KERNELS = ("fwd", "dq", "dkdv")
@@ -112,9 +113,16 @@ class TuneCache:
             return None
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != FORMAT or data.get("key") != key:
+            if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("key") != key:
                 raise ValueError("not an attngen tuning entry for this key")
-            return LaunchConfig(**data["config"])
+            cfg = LaunchConfig(**data["config"])
+            legal = (
+                cfg.block_q in BLOCK_SIZES and cfg.block_kv in BLOCK_SIZES
+                and cfg.num_warps in WARPS and isinstance(cfg.num_stages, int) and 1 <= cfg.num_stages <= 8
+            )  # fmt: skip
+            if not legal:
+                raise ValueError(f"config {cfg} is not a legal tile config")
+            return cfg
         except (OSError, ValueError, TypeError, KeyError) as exc:
             warnings.warn(f"ignoring unreadable tuning cache file {path}: {exc}; it will be rewritten", stacklevel=2)
             return None
@@ -256,7 +264,10 @@ def tune(
             for cfg in iterator:
                 op.set_config(kernel, bucket, cfg)
                 try:
-                    times[cfg] = float(timer(runs[kernel]))
+                    ms = float(timer(runs[kernel]))
+                    if not math.isfinite(ms) or ms <= 0:
+                        raise RuntimeError(f"the timer returned {ms} ms")
+                    times[cfg] = ms
                 except Exception as exc:  # a config that fails to compile or launch
                     times[cfg] = math.inf
                     failures.append((cfg, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))

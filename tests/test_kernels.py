@@ -83,3 +83,24 @@ def test_lse_gradient_flows():
     grads64 = torch.autograd.grad(loss64, (q64, k64, v64))
     for a, b in zip(grads, grads64):
         assert (a.double() - b).abs().max() < 1e-5
+
+
+def test_stride_zero_inputs_reach_the_kernel():
+    # the three-way check must hand the kernels the caller's layout, not a contiguous copy
+    import attngen
+    from attngen.check import compare
+
+    op = attngen.compile("causal")
+    seen = []
+
+    def spy(q, k, v, **kw):
+        seen.append(k.stride())
+        return op(q, k, v, **kw)
+
+    spy.spec = op.spec
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, 12, 8, generator=g)
+    k = torch.randn(1, 1, 12, 8, generator=g).expand(2, 1, 12, 8)
+    v = torch.randn(1, 1, 12, 8, generator=g).expand(2, 1, 12, 8)
+    rows = compare(spy, attngen.reference("causal"), q, k, v, {})
+    assert all(r.ok for r in rows) and seen[0][0] == 0

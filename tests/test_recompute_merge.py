@@ -89,3 +89,18 @@ def test_chunked_prefill_equals_one_pass():
     whole = op(q, k, v)
     chunks = [op(q[:, :, s : s + 128], k[:, :, : s + 128], v[:, :, : s + 128]) for s in range(0, t, 128)]
     assert torch.allclose(torch.cat(chunks, dim=2), whole, atol=1e-6)
+
+
+def test_merge_states_ignores_the_output_of_an_empty_side_and_keeps_float64():
+    o1 = torch.randn(1, 1, 3, 4, dtype=torch.float64)
+    lse1 = torch.tensor([[[0.5, -math.inf, 1.0]]], dtype=torch.float64)
+    o2 = torch.full((1, 1, 3, 4), float("nan"), dtype=torch.float64)  # garbage where lse2 is -inf
+    lse2 = torch.full((1, 1, 3), -math.inf, dtype=torch.float64)
+    o, lse = attngen.merge_states(o1, lse1, o2, lse2)
+    assert torch.equal(o[0, 0, 0], o1[0, 0, 0]) and torch.all(o[0, 0, 1] == 0)
+    assert lse.dtype == torch.float64 and torch.equal(lse, lse1)
+    a, b = (torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    la, lb = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda *x: attngen.merge_states(*x), (a, la, b, lb))
+    with pytest.raises(ValueError, match="cast one of them"):
+        attngen.merge_states(o1.half(), lse1, o1, lse1)

@@ -157,3 +157,26 @@ def test_gpu_calls_read_the_cache_and_fall_back_to_the_default(tmp_path, monkeyp
     fresh = attngen.compile("causal")
     assert fresh.config_for("fwd", d, torch.bfloat16, cuda) == tuned
     assert fresh.config_for("dq", d, torch.bfloat16, cuda) == default_config("dq", 128, torch.bfloat16)
+
+
+def test_json_that_is_not_an_entry_and_illegal_configs_are_ignored(tmp_path):
+    cache = TuneCache(tmp_path)
+    for text in ("[]", "null", '"x"'):
+        cache.path("k").write_text(text)
+        with pytest.warns(UserWarning):
+            assert cache.get("k") is None
+    cache.put("k", LaunchConfig(64, 64, 4, 2))
+    data = json.loads(cache.path("k").read_text())
+    data["config"] = {"block_q": "big", "block_kv": -3, "num_warps": 0, "num_stages": None}
+    cache.path("k").write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="not a legal tile config"):
+        assert cache.get("k") is None
+
+
+def test_a_nan_time_counts_as_a_failure_not_a_winner(tmp_path):
+    spec = {"name": "nantime", "tiles": {"block_q": [16, 32], "block_kv": [16], "num_warps": [4], "num_stages": [1]}}
+    op = attngen.compile(spec)
+    times = iter([float("nan"), 2.0, 3.0])
+    results = tune(op, dims(T_Q=8, T_KV=8, D_QK=16), torch.float32, DEVICE, timer=lambda fn: next(times),
+                   cache=TuneCache(tmp_path), kernels=("fwd",), progress=False)  # fmt: skip
+    assert results[0].best_ms == 2.0 and "nan" in results[0].failures[0][1]
