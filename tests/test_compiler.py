@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import sympy
 
-import attngen
 from attngen import IRVerifyError, build
 from attngen.expr import SYMBOLS
 from attngen.lower import lower
