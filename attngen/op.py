@@ -4,6 +4,8 @@ Two ops are registered (once, on the first compile, never at import):
 
 * ``attngen::attention_fwd(q, k, v, inputs, op_id) -> (o, lse)``
 * ``attngen::attention_bwd(do, dlse, q, k, v, o, lse, inputs, op_id) -> (dq, dk, dv)``
+* ``attngen::attention_bwd_recompute(do, dlse, q, k, v, inputs, op_id) -> (dq, dk, dv)``
+  (``recompute: full``: reruns the forward inside the op)
 
 ``op_id`` names an :class:`AttentionOp` in this process's registry. Both ops have fake (meta)
 implementations, so ``torch.compile(fullgraph=True)`` traces through them, and the forward
@@ -250,6 +252,17 @@ def _bwd_fake(do, dlse, q, k, v, o, lse, inputs, op_id):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _bwd_recompute(do, dlse, q, k, v, inputs, op_id):
+    # one opaque op, so no graph compiler can merge this forward with the original one
+    op = _REGISTRY[op_id]
+    o, lse = op.forward_impl(q, k, v, inputs)
+    return op.backward_impl(do, dlse, q, k, v, o, lse, inputs)
+
+
+def _bwd_recompute_fake(do, dlse, q, k, v, inputs, op_id):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, ins, op_id = inputs
     o, lse = output
@@ -265,10 +278,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, dlse):
     if ctx.keeps_output:
         q, k, v, o, lse, *ins = ctx.saved_tensors
-    else:  # recompute: full -- rerun the forward for O and the log-sum-exp
+        dq, dk, dv = torch.ops.attngen.attention_bwd(do, dlse, q, k, v, o, lse, ins, ctx.op_id)
+    else:  # recompute: full -- the backward op reruns the forward for O and the log-sum-exp
         q, k, v, *ins = ctx.saved_tensors
-        o, lse = torch.ops.attngen.attention_fwd(q, k, v, ins, ctx.op_id)
-    dq, dk, dv = torch.ops.attngen.attention_bwd(do, dlse, q, k, v, o, lse, ins, ctx.op_id)
+        dq, dk, dv = torch.ops.attngen.attention_bwd_recompute(do, dlse, q, k, v, ins, ctx.op_id)
     return dq, dk, dv, [None] * len(ins), None
 
 
@@ -294,5 +307,12 @@ def _ensure_registered() -> None:
             ),
         )
         bwd.register_fake(_bwd_fake)
+        recompute = torch.library.custom_op(
+            "attngen::attention_bwd_recompute",
+            _bwd_recompute,
+            mutates_args=(),
+            schema="(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor[] inputs, str op_id) -> (Tensor, Tensor, Tensor)",
+        )
+        recompute.register_fake(_bwd_recompute_fake)
         fwd.register_autograd(_backward, setup_context=_setup_context)
         _REGISTERED = True

@@ -104,3 +104,25 @@ def test_merge_states_ignores_the_output_of_an_empty_side_and_keeps_float64():
     assert torch.autograd.gradcheck(lambda *x: attngen.merge_states(*x), (a, la, b, lb))
     with pytest.raises(ValueError, match="cast one of them"):
         attngen.merge_states(o1.half(), lse1, o1, lse1)
+
+
+def test_full_recompute_saves_only_inputs_under_torch_compile():
+    # inductor's partitioner merged a backward rerun of attention_fwd with the forward's call
+    # and saved O and lse after all; the rerun now lives inside one backward op
+    op = attngen.compile({"name": "rc_compile", "mask": "k <= q", "recompute": "full"})
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    eager = torch.autograd.grad(op(q, k, v).sum(), (q, k, v))
+    sizes = []
+
+    def pack(t):
+        sizes.append(tuple(t.shape))
+        return t
+
+    compiled = torch.compile(lambda q, k, v: op(q, k, v).sum(), fullgraph=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    assert (1, 2, 20) not in sizes  # no lse saved
+    for a, b in zip(grads, eager):
+        assert torch.allclose(a, b)
