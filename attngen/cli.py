@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dims", type=int, nargs="+", default=None)
     bench.add_argument("--seqs", type=int, nargs="+", default=None)
 
+    zoo_docs = sub.add_parser("zoo-docs", help="write the spec zoo page and its tile-map pictures")
+    zoo_docs.add_argument("--out", default="docs")
+
     show = sub.add_parser("show", help="print the normalised spec, the IR and the rendered kernel path")
     show.add_argument("spec")
     show.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
@@ -125,6 +128,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fuzz(args)
         if args.command == "tune":
             return _tune(args)
+        if args.command == "zoo-docs":
+            from .tilemap import write_zoo_page
+
+            print(write_zoo_page(args.out))
+            return 0
         return _run(args)
     except (AttngenError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)

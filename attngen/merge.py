@@ -17,8 +17,10 @@ def merge_states(
     Differentiable.
 
     Args:
-        o1, o2: ``[..., T, D]``, the same shape and dtype.
-        lse1, lse2: ``[..., T]``, natural log (float32 from attngen operators).
+        o1: ``[..., T, D]``, the first partial output.
+        lse1: ``[..., T]``, its log-sum-exp, natural log (float32 from attngen operators).
+        o2: ``[..., T, D]``, the second partial output, o1's shape and dtype.
+        lse2: ``[..., T]``, its log-sum-exp.
 
     Returns:
         ``(o [..., T, D] in o1's dtype, lse [..., T])``: float32 lse (float64 when an input is

@@ -59,14 +59,12 @@ class AttentionOp:
         return_lse: also return the log-sum-exp.
         **inputs: the spec's runtime inputs by name.
 
-    Returns:
-        ``o [B, H, T_Q, D_V]`` in q's dtype; with ``return_lse`` also ``lse [B, H, T_Q]``
-        float32, natural log, ``-inf`` for a row that sees no key (whose output is 0).
-        Sigmoid attention has no log-sum-exp (``return_lse`` raises ``UnsupportedError``).
-
-    Raises:
-        ShapeError: mismatched shapes or dtypes, or a missing or misshaped runtime input.
-        UnsupportedError: a runtime input requires grad.
+    A call returns ``o [B, H, T_Q, D_V]`` in q's dtype; with ``return_lse`` also
+    ``lse [B, H, T_Q]`` float32, natural log, ``-inf`` for a row that sees no key (whose
+    output is 0). Sigmoid attention has no log-sum-exp (``return_lse`` raises
+    ``UnsupportedError``). A call raises ``ShapeError`` for mismatched shapes or dtypes or a
+    missing or misshaped runtime input, and ``UnsupportedError`` for a runtime input that
+    requires grad.
 
     CUDA tensors run the compiled Triton kernels; CPU tensors run the same kernels under
     Triton's interpreter. Gradients flow to q, k and v (FlashAttention-2 backward).

@@ -25,7 +25,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 
@@ -33,6 +33,9 @@ from . import config
 from .errors import TuneError
 from .schema import BLOCK_SIZES, WARPS
 from .tiles import LaunchConfig, default_config, head_block
+
+if TYPE_CHECKING:
+    from .op import AttentionOp
 
 KERNELS = ("fwd", "dq", "dkdv")
 FORMAT = "attngen-tune-1"
@@ -195,7 +198,7 @@ class KernelResult:
 
 
 def tune(
-    op,
+    op: "AttentionOp",
     dims: dict[str, int],
     dtype: torch.dtype,
     device: torch.device | str = "cuda",
