@@ -283,34 +283,26 @@ def _backward(ctx, do, dlse):
     return dq, dk, dv, [None] * len(ins), None
 
 
+def _custom_op(name: str, impl, fake, schema: str):
+    op = torch.library.custom_op(f"attngen::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    return op
+
+
 def _ensure_registered() -> None:
     global _REGISTERED
     with _REGISTER_LOCK:
         if _REGISTERED:
             return
-        fwd = torch.library.custom_op(
-            "attngen::attention_fwd",
-            _fwd,
-            mutates_args=(),
-            schema="(Tensor q, Tensor k, Tensor v, Tensor[] inputs, str op_id) -> (Tensor, Tensor)",
-        )
-        fwd.register_fake(_fwd_fake)
-        bwd = torch.library.custom_op(
-            "attngen::attention_bwd",
-            _bwd,
-            mutates_args=(),
-            schema=(
-                "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, "
-                "Tensor[] inputs, str op_id) -> (Tensor, Tensor, Tensor)"
-            ),
-        )
-        bwd.register_fake(_bwd_fake)
-        recompute = torch.library.custom_op(
-            "attngen::attention_bwd_recompute",
-            _bwd_recompute,
-            mutates_args=(),
-            schema="(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor[] inputs, str op_id) -> (Tensor, Tensor, Tensor)",
-        )
-        recompute.register_fake(_bwd_recompute_fake)
+        grads = "(Tensor, Tensor, Tensor)"
+        fwd = _custom_op("attention_fwd", _fwd, _fwd_fake, "(Tensor q, Tensor k, Tensor v, Tensor[] inputs, str op_id) -> (Tensor, Tensor)")
+        _custom_op(
+            "attention_bwd", _bwd, _bwd_fake,
+            "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor[] inputs, str op_id) -> " + grads,
+        )  # fmt: skip
+        _custom_op(
+            "attention_bwd_recompute", _bwd_recompute, _bwd_recompute_fake,
+            "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor[] inputs, str op_id) -> " + grads,
+        )  # fmt: skip
         fwd.register_autograd(_backward, setup_context=_setup_context)
         _REGISTERED = True

@@ -7,6 +7,7 @@ row for the density).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -148,10 +149,8 @@ def plot_tile_map(tmap: torch.Tensor, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_zoo_page(docs: "str | Path", t: int = 16384, block: int = 128) -> "Path":
+def write_zoo_page(docs: str | Path, t: int = 16384, block: int = 128) -> Path:
     """Write ``docs/zoo.md`` and a tile-map picture per zoo spec under ``docs/zoo/``."""
-    from pathlib import Path
-
     from . import resources
     from .schema import load_spec
 

@@ -40,3 +40,16 @@ def check_spec(spec, shape, dtype=torch.float32, *, params=None, seed=0, layout=
     rows = compare(op, attngen.reference(op.spec), q, k, v, inputs, backward=backward, generator=gen)
     assert all(r.ok for r in rows), f"{op.spec.name} {shape} {dtype}\n{format_rows(rows)}"
     return rows
+
+
+def with_and_without_skipping(run):
+    """``run()`` with tile skipping, then with ``ATTNGEN_NO_SKIP=1``; both results."""
+    import os
+
+    with_skip = run()
+    os.environ["ATTNGEN_NO_SKIP"] = "1"
+    try:
+        without = run()
+    finally:
+        del os.environ["ATTNGEN_NO_SKIP"]
+    return with_skip, without

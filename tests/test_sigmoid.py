@@ -1,14 +1,13 @@
 """Sigmoid attention (Ramapuram et al., 2024): o = sum_k sigmoid(score + bias) v_k."""
 
 import math
-import os
 
 import pytest
 import torch
 
 import attngen
 from attngen import SpecError, UnsupportedError
-from helpers import DEVICE, check_spec, dims
+from helpers import DEVICE, check_spec, dims, with_and_without_skipping
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
@@ -61,11 +60,6 @@ def test_skipping_does_not_change_sigmoid_results():
         o = op(*leaves)
         return (o, *torch.autograd.grad(o.sum(), leaves))
 
-    with_skip = run()
-    os.environ["ATTNGEN_NO_SKIP"] = "1"
-    try:
-        without = run()
-    finally:
-        del os.environ["ATTNGEN_NO_SKIP"]
+    with_skip, without = with_and_without_skipping(run)
     for a, b in zip(with_skip, without):
         assert torch.allclose(a, b, atol=1e-5)

@@ -15,7 +15,7 @@ import attngen
 from attngen.check import make_inputs
 from attngen.reference import mask_matrix
 from attngen.tilemap import EMPTY, FULL, tile_counts, tile_map
-from helpers import DEVICE, SMALL_PARAMS, dims
+from helpers import DEVICE, SMALL_PARAMS, dims, with_and_without_skipping
 from attngen.strategies import masks
 
 
@@ -86,12 +86,7 @@ def test_skipping_does_not_change_results(mask, t_q, t_kv, seed):
         o, lse = op(*leaves, return_lse=True)
         return (o, lse, *torch.autograd.grad(o, leaves, do))
 
-    with_skip = run()
-    os.environ["ATTNGEN_NO_SKIP"] = "1"
-    try:
-        without = run()
-    finally:
-        del os.environ["ATTNGEN_NO_SKIP"]
+    with_skip, without = with_and_without_skipping(run)
     for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), with_skip, without):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-5, equal_nan=False), name
 
