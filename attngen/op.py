@@ -27,6 +27,7 @@ from .args import check_call, position_offset
 from .errors import UnsupportedError
 from .schema import AttentionSpec
 from .tiles import LaunchConfig, default_config, head_block
+from .tune import DeviceInfo, TuneCache, cache_key, shape_bucket, tune
 
 _REGISTRY: dict[str, "AttentionOp"] = {}
 _REGISTER_LOCK = threading.Lock()
@@ -128,8 +129,6 @@ class AttentionOp:
         default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype)
         if kernel == "preprocess":
             return default
-        from .tune import DeviceInfo, TuneCache, cache_key, shape_bucket, tune
-
         bucket = shape_bucket(dims, dtype)
         slot = (kernel, self._bucket_id(bucket))
         if slot not in self._configs and device.type == "cuda":
