@@ -184,8 +184,17 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
                 start = time.perf_counter()
                 attngen.compile(var.spec, **var.params(t))
                 warm_compile = time.perf_counter() - start
+                extra = {}
+                if op.plan.fwd_ranges.meta is not None and "fwd" in modes:
+                    # the device-side tile metadata of the forward, timed alone and as a share of it
+                    extra["metadata_ms"] = round(_metadata_ms(op, q, k, v, inputs), 4)
+                    fwd_ms = next(r["ms"] for r in rows if r["system"] == "attngen" and r["variant"] == name
+                                  and r["D"] == d and r["T"] == t and r["mode"] == "fwd")
+                    if fwd_ms:
+                        extra["metadata_share"] = round(extra["metadata_ms"] / fwd_ms, 4)
                 rows.append(dict(system="attngen", variant=name, D=d, T=t, mode="compile", ms=None, tflops=None,
-                                 status="ok", cold_compile_s=round(cold_compile, 3), warm_compile_ms=round(warm_compile * 1e3, 2)))
+                                 status="ok", cold_compile_s=round(cold_compile, 3), warm_compile_ms=round(warm_compile * 1e3, 2),
+                                 **extra))
                 print(_line(rows, name, d, t), flush=True)
     meta = {
         "card": torch.cuda.get_device_name(),
@@ -202,6 +211,26 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
     if out is not None:
         write_outputs(result, out, suite)
     return result
+
+
+def _metadata_ms(op, q, k, v, inputs: dict) -> float:
+    """Median GPU time (ms) of the forward's metadata kernel alone, at the forward's tile
+    config, replayed from a CUDA graph so that Python's launch overhead (hidden behind the
+    GPU's queue in a real step) is not counted."""
+    import triton
+
+    from .args import check_call
+
+    dims, ordered = check_call(op.spec, q, k, v, inputs, constant_reads=op.spec.constant_reads())
+    cfg = op.config_for("fwd", dims, q.dtype, q.device)
+    meta = torch.empty(1)
+
+    def run():
+        nonlocal meta
+        meta = op.tile_meta("k", cfg.block_q, cfg.block_kv, ordered, dims, q.device)
+
+    run()  # compile outside the graph
+    return triton.testing.do_bench_cudagraph(run, rep=100, return_mode="median")
 
 
 def write_outputs(result: dict, out: Path, name: str) -> list[Path]:
@@ -263,6 +292,8 @@ def _line(rows, name, d, t) -> str:
     for r in rows:
         if r["variant"] == name and r["D"] == d and r["T"] == t and r["mode"] in ("fwd", "fwd+bwd"):
             cells.append(f"{r['system']} {r['mode']} " + (f"{r['tflops']}" if r["tflops"] else r["status"][:40]))
+        if r["variant"] == name and r["D"] == d and r["T"] == t and r.get("metadata_ms") is not None:
+            cells.append(f"metadata {1000 * r['metadata_ms']:.1f} us")
     return f"{name} D={d} T={t}: " + "; ".join(cells)
 
 
@@ -307,6 +338,13 @@ def markdown(result: dict) -> str:
         comp = cell("attngen", variant, d, t, "compile")
         comp_s = f"{comp['cold_compile_s']} s / {comp['warm_compile_ms']} ms" if comp else "—"
         lines.append(f"| {variant} | {d} | {t} | {density if density is not None else '—'} | " + " | ".join(vals) + f" | {ratio} | {comp_s} |")
+    metas = [r for r in rows if r["mode"] == "compile" and r.get("metadata_ms") is not None]
+    if metas:
+        lines += ["", "Tile metadata of masks that read runtime inputs (the forward's metadata kernel alone, GPU time"
+                  " from a CUDA-graph replay, against the forward's do_bench time):", ""]
+        for r in metas:
+            share = f" = {100 * r['metadata_share']:.1f}% of the forward" if r.get("metadata_share") else ""
+            lines.append(f"- {r['variant']} D={r['D']} T={r['T']}: {1000 * r['metadata_ms']:.1f} µs{share}")
     return "\n".join(lines) + "\n"
 
 

@@ -52,11 +52,28 @@ class Guard:
 
 
 @dataclass(frozen=True)
+class RuntimeAtom:
+    """A comparison ``lhs <rel> rhs`` of runtime-input reads along the positions, decided per
+    tile pair on the device from per-tile minima and maxima (:func:`runtime_tests`).
+
+    Each side is a load symbol read along ``q`` or ``k`` (its range over a tile comes from
+    the data) or an expression free of both positions (one value per tile pair)."""
+
+    lhs: sympy.Expr
+    rel: str
+    rhs: sympy.Expr
+
+
+@dataclass(frozen=True)
 class Conjunct:
+    """One ``and`` of the mask's DNF: bounds on ``var``, guards on ``given``, and comparisons
+    of runtime inputs; ``exact`` when nothing else is in it (then FULL tiles exist)."""
+
     lows: tuple[Bound, ...]
     highs: tuple[Bound, ...]
     guards: tuple[Guard, ...]
     exact: bool
+    runtime: tuple[RuntimeAtom, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,10 +87,21 @@ class TileRanges:
     @property
     def skips(self) -> bool:
         """Whether any tile can be skipped or run unmasked at all."""
-        return any(c.lows or c.highs or c.guards or c.exact for c in self.conjuncts)
+        return any(c.lows or c.highs or c.guards or c.exact or c.runtime for c in self.conjuncts)
+
+    @property
+    def runtime(self) -> tuple[int, ...]:
+        """Indices of the conjuncts whose tiles also depend on runtime-input data."""
+        return tuple(j for j, c in enumerate(self.conjuncts) if c.runtime)
 
 
-def classify(mask: sympy.Basic | None, var: str, scalar_loads: Iterable[str] = ()) -> TileRanges:
+def classify(
+    mask: sympy.Basic | None,
+    var: str,
+    scalar_loads: Iterable[str] = (),
+    position_loads: dict[str, str] | None = None,
+    batch_loads: Iterable[str] = (),
+) -> TileRanges:
     """Classify ``mask`` for a loop over ``var`` (``"k"`` or ``"q"``).
 
     Args:
@@ -82,6 +110,11 @@ def classify(mask: sympy.Basic | None, var: str, scalar_loads: Iterable[str] = (
         var: the position the kernel loops over.
         scalar_loads: names of load symbols that are scalars in the kernel (their indices
             depend on neither position), which bounds may use.
+        position_loads: integer load symbols read at exactly one position (``doc[b, k]``),
+            name -> ``"q"`` or ``"k"``; comparisons among them and position-free values become
+            :class:`RuntimeAtom` s, decided per tile from device-side metadata.
+        batch_loads: the scalar loads that depend on nothing but ``b``, which the metadata
+            kernel can read (and so runtime atoms may compare against).
     """
     given = "q" if var == "k" else "k"
     if mask is None or mask is sympy.true:
@@ -96,10 +129,12 @@ def classify(mask: sympy.Basic | None, var: str, scalar_loads: Iterable[str] = (
     terms = dnf.args if isinstance(dnf, sympy.Or) else (dnf,)
     if len(terms) > MAX_CONJUNCTS:
         return TileRanges(var, given, (Conjunct((), (), (), False),))
+    pos_loads = {sympy.Symbol(n, integer=True, real=True) for n in (position_loads or {})}
+    point = SCALAR_SYMBOLS - {"h"} | set(batch_loads)
     conjuncts = []
     for term in terms:
         atoms = term.args if isinstance(term, sympy.And) else (term,)
-        conjuncts.append(_conjunct(atoms, SYMBOLS[var], SYMBOLS[given], allowed))
+        conjuncts.append(_conjunct(atoms, SYMBOLS[var], SYMBOLS[given], allowed, pos_loads, point))
     return TileRanges(var, given, tuple(conjuncts))
 
 
@@ -154,8 +189,20 @@ def _combine(signs: Iterable[int | None]) -> int | None:
     return seen.pop() if seen else 0
 
 
-def _conjunct(atoms, v: sympy.Symbol, g: sympy.Symbol, allowed: set[str]) -> Conjunct:
-    lows, highs, guards = [], [], []
+def _runtime_atom(atom, pos_loads: set[sympy.Symbol], point: set[str]) -> RuntimeAtom | None:
+    """``atom`` as a comparison of position loads and position-free values, if it is one."""
+    if not isinstance(atom, sympy.core.relational.Relational) or not (atom.free_symbols & pos_loads):
+        return None
+    for side in (atom.lhs, atom.rhs):
+        if side in pos_loads:
+            continue
+        if {s.name for s in side.free_symbols} - point or not side.is_integer:
+            return None
+    return RuntimeAtom(atom.lhs, atom.rel_op, atom.rhs)
+
+
+def _conjunct(atoms, v, g, allowed: set[str], pos_loads=frozenset(), point=frozenset()) -> Conjunct:
+    lows, highs, guards, runtime = [], [], [], []
     exact = True
 
     def usable(e: sympy.Basic) -> int | None:
@@ -164,6 +211,10 @@ def _conjunct(atoms, v: sympy.Symbol, g: sympy.Symbol, allowed: set[str]) -> Con
         return monotone_sign(e, g)
 
     for atom in atoms:
+        rt = _runtime_atom(atom, pos_loads, point)
+        if rt is not None:
+            runtime.append(rt)
+            continue
         if not isinstance(atom, sympy.core.relational.Relational):
             exact = False  # e.g. a boolean runtime input read directly
             continue
@@ -189,7 +240,7 @@ def _conjunct(atoms, v: sympy.Symbol, g: sympy.Symbol, allowed: set[str]) -> Con
                 exact = False
             else:
                 out.append(Bound(bound, sign))
-    return Conjunct(tuple(lows), tuple(highs), tuple(guards), exact)
+    return Conjunct(tuple(lows), tuple(highs), tuple(guards), exact, tuple(runtime))
 
 
 def _solve(d: sympy.Expr, op: str, v: sympy.Symbol):
@@ -281,6 +332,9 @@ def range_statements(ranges: TileRanges, print_expr) -> list[str]:
     mask, ``[fs_j, fe_j)`` without it. :func:`segment_statements` then lays the masked and the
     unmasked segments end to end, so each kernel runs exactly one masked and one unmasked loop.
 
+    A conjunct with runtime atoms is further cut to the tile ranges of the metadata kernel
+    (:func:`runtime_tests`), four int32 per such conjunct at ``meta_base``.
+
     The kernel must define scalars ``g_first``, ``g_last`` (the given tile's first and last
     valid positions), ``given_full`` (the given tile has no invalid rows), ``var_min``,
     ``var_max`` (position range of ``var``), ``VAR_OFF`` (position of index 0 of ``var``),
@@ -304,6 +358,14 @@ def range_statements(ranges: TileRanges, print_expr) -> list[str]:
             f"ft_lo_{j} = (tl.maximum(flo_{j}, 0) + BV - 1) // BV",
             f"ft_hi_{j} = tl.maximum(tl.minimum(fhi_{j}, N_VAR - 1) + 1, 0) // BV",
         ]
+        if conj.runtime:  # intersect with the ranges the metadata kernel found in the data
+            r = ranges.runtime.index(j)
+            out += [
+                f"t_lo_{j} = tl.maximum(t_lo_{j}, tl.load(meta_base + {4 * r}))",
+                f"t_hi_{j} = tl.maximum(tl.minimum(t_hi_{j}, tl.load(meta_base + {4 * r + 1})), t_lo_{j})",
+                f"ft_lo_{j} = tl.maximum(ft_lo_{j}, tl.load(meta_base + {4 * r + 2}))",
+                f"ft_hi_{j} = tl.minimum(ft_hi_{j}, tl.load(meta_base + {4 * r + 3}))",
+            ]
         full_ok = "given_full" if conj.exact else None
         if full_ok and always is not sympy.true:
             full_ok = f"given_full & ({print_expr(always)})"
@@ -330,6 +392,46 @@ def range_statements(ranges: TileRanges, print_expr) -> list[str]:
             f"fe_{j} = tl.maximum(tl.minimum(ft_hi_{j}, e_{j}), fs_{j})",
             "covered = tl.maximum(covered, e_{j})".replace("{j}", str(j)),
         ]
+    return out
+
+
+def _interval_test(rel: str, lhs: tuple[str, str], rhs: tuple[str, str]) -> tuple[str, str]:
+    """Triton code of (always true, always false) for ``l <rel> r`` when ``l`` ranges over
+    ``[lhs[0], lhs[1]]`` and ``r`` over ``[rhs[0], rhs[1]]``."""
+    (l0, l1), (r0, r1) = lhs, rhs
+    single = f"({l0} == {l1}) & ({r0} == {r1}) & ({l0} == {r0})"
+    disjoint = f"(({l1} < {r0}) | ({r1} < {l0}))"
+    return {
+        "==": (single, disjoint),
+        "!=": (disjoint, single),
+        "<": (f"({l1} < {r0})", f"({l0} >= {r1})"),
+        "<=": (f"({l1} <= {r0})", f"({l0} > {r1})"),
+        ">": (f"({l0} > {r1})", f"({l1} <= {r0})"),
+        ">=": (f"({l0} >= {r1})", f"({l1} < {r0})"),
+    }[rel]
+
+
+def runtime_tests(ranges: TileRanges, print_expr, position_loads: Iterable[str]) -> list[tuple[str, str]]:
+    """Per conjunct with runtime atoms, Triton code of (may be visible, is FULL) for a pair of
+    tiles, from the per-tile ranges ``<load>_lo``/``<load>_hi`` of every position load (scalars
+    for the given tile, vectors over a chunk of var tiles in the metadata kernel). Sound by
+    interval arithmetic: a pair called invisible has no pair that passes every runtime atom,
+    one called FULL has none that fails one."""
+    out, loads = [], set(position_loads)
+    for j in ranges.runtime:
+        always, never = [], []
+        for atom in ranges.conjuncts[j].runtime:
+            sides = []
+            for side in (atom.lhs, atom.rhs):
+                if isinstance(side, sympy.Symbol) and side.name in loads:
+                    sides.append((f"{side.name}_lo", f"{side.name}_hi"))
+                else:
+                    code = f"({print_expr(side)})"
+                    sides.append((code, code))
+            a, n = _interval_test(atom.rel, *sides)
+            always.append(a)
+            never.append(n)
+        out.append((f"(({' | '.join(never)}) == 0)", " & ".join(always)))
     return out
 
 
@@ -387,7 +489,9 @@ def evaluate_intervals(ranges: TileRanges, env: dict, *, n_var: int, block_var: 
         t_hi = torch.where(vhi >= vlo.clamp(min=0), vhi.clamp(max=n_var - 1) // block_var + 1, t_lo)
         ft_lo = (flo.clamp(min=0) + block_var - 1) // block_var
         ft_hi = (fhi.clamp(max=n_var - 1) + 1).clamp(min=0) // block_var
-        full_ok = env["given_full"] & ev.t(ev(always)).expand(shape) if conj.exact else torch.zeros_like(t_lo, dtype=torch.bool)
+        # without the runtime data, a tile that depends on it is visited and masked
+        exact = conj.exact and not conj.runtime
+        full_ok = env["given_full"] & ev.t(ev(always)).expand(shape) if exact else torch.zeros_like(t_lo, dtype=torch.bool)
         ft_hi = torch.where(full_ok, ft_hi, ft_lo)
         ivs.append((t_lo, t_hi, ft_lo, ft_hi))
     stacked = [torch.stack([iv[i] for iv in ivs]) for i in range(4)]  # [n_intervals, n_given]

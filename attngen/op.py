@@ -174,6 +174,33 @@ class AttentionOp:
         return dict(BLOCK_Q=cfg.block_q, BLOCK_KV=cfg.block_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     # -- the work ------------------------------------------------------------------------
+    def tile_meta(self, var: str, block_q: int, block_kv: int, inputs: list[torch.Tensor], dims: dict, device) -> list:
+        """Run the metadata kernel of a loop direction when the mask reads runtime inputs
+        along the positions (``doc[b, q] == doc[b, k]``); return the kernel argument.
+
+        Args:
+            var: ``"k"`` for the forward and dQ kernels (given query tiles), ``"q"`` for dK/dV.
+            block_q, block_kv: the tile sizes of the kernel that will read the metadata.
+
+        Returns:
+            ``[]`` when the direction needs no metadata, else ``[meta]``: int32
+            ``[B, n_given_tiles, n_conjuncts, 4]``, per given tile and data-dependent conjunct
+            the visible var tiles ``[lo, hi)`` and the FULL run ``[flo, fhi)``. Computed in
+            O(T) per given tile, on the device, with no host synchronisation.
+        """
+        ranges = self.plan.fwd_ranges if var == "k" else self.plan.dkdv_ranges
+        if ranges.meta is None:
+            return []
+        B, T_Q, T_KV = dims["B"], dims["T_Q"], dims["T_KV"]
+        bg, bv = (block_q, block_kv) if var == "k" else (block_kv, block_q)
+        n_given = _cdiv(T_Q if var == "k" else T_KV, bg)
+        meta = torch.empty((B, n_given, ranges.meta.count, 4), dtype=torch.int32, device=device)
+        self.kernel(ranges.meta.name, device)[(n_given, B)](
+            meta, *self._input_args(inputs), T_Q, T_KV, position_offset(self.spec, T_Q, T_KV),
+            BLOCK_G=bg, BLOCK_V=bv, CHUNK=max(1, 4096 // bv), num_warps=4,
+        )  # fmt: skip
+        return [meta]
+
     def forward_impl(self, q, k, v, inputs):
         dims, runtime, constexprs = self._common(q, k, v)
         B, H, T_Q, D_V = dims["B"], dims["H"], dims["T_Q"], dims["D_V"]
@@ -181,9 +208,10 @@ class AttentionOp:
         lse = _new_output((B, H, T_Q), torch.float32, q.device)
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
         grid = (_cdiv(T_Q, cfg.block_q), H, B)
+        meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
         self.kernel(self.plan.fwd.name, q.device)[grid](
             q, k, v, o, lse,
-            *self._input_args(inputs),
+            *self._input_args(inputs), *meta,
             *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             *runtime,
             **constexprs, **self._launch(cfg),
@@ -208,17 +236,19 @@ class AttentionOp:
         dv = _new_output(v.shape, v.dtype, v.device)
         input_args = self._input_args(inputs)
         cfg = self.config_for("dkdv", dims, q.dtype, q.device)
+        meta = self.tile_meta("q", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
         self.kernel(self.plan.dkdv.name, q.device)[(_cdiv(T_KV, cfg.block_kv), H_KV, B)](
             q, k, v, do, lse, delta, dk, dv,
-            *input_args,
+            *input_args, *meta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             *runtime,
             **constexprs, **self._launch(cfg),
         )  # fmt: skip
         cfg = self.config_for("dq", dims, q.dtype, q.device)
+        meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
         self.kernel(self.plan.dq.name, q.device)[(_cdiv(T_Q, cfg.block_q), H, B)](
             q, k, v, do, lse, delta, dq,
-            *input_args,
+            *input_args, *meta,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             *runtime,
             **constexprs, **self._launch(cfg),

@@ -118,7 +118,9 @@ def classify_tiles(g: nx.DiGraph) -> nx.DiGraph:
 
     Requires: params bound, runtime-input reads replaced by load symbols.
     Establishes: graph attributes ``tiles_k`` (key tiles per query tile, for the forward and
-    dQ kernels) and ``tiles_q`` (query tiles per key tile, for the dK/dV kernel).
+    dQ kernels) and ``tiles_q`` (query tiles per key tile, for the dK/dV kernel);
+    ``position_loads`` (integer reads at one position, ``doc[b, k]``, whose per-tile
+    minimum and maximum the metadata kernels compute on the device) and ``batch_loads``.
     """
     mask = g.nodes["mask"]["expr"] if "mask" in g else None
     scalar_loads = [
@@ -126,8 +128,20 @@ def classify_tiles(g: nx.DiGraph) -> nx.DiGraph:
         for _, d in g.nodes(data=True)
         if d.get("op") == "load_input" and not (d["deps"] & {"q", "k"})
     ]
-    g.graph["tiles_k"] = classify(mask, "k", scalar_loads)
-    g.graph["tiles_q"] = classify(mask, "q", scalar_loads)
+    position_loads = {}
+    for _, d in g.nodes(data=True):
+        if d.get("op") != "load_input" or not d["symbol"].is_integer:
+            continue
+        at = [i for i in d["indices"] if i in (SYMBOLS["q"], SYMBOLS["k"])]
+        if len(at) == 1 and d["deps"] <= {at[0].name, "b"} and sum(at[0] in i.free_symbols for i in d["indices"]) == 1:
+            position_loads[d["symbol"].name] = at[0].name
+    batch_loads = [
+        d["symbol"].name for _, d in g.nodes(data=True) if d.get("op") == "load_input" and d["deps"] <= {"b"}
+    ]
+    g.graph["position_loads"] = position_loads
+    g.graph["batch_loads"] = batch_loads
+    for var in ("k", "q"):
+        g.graph[f"tiles_{var}"] = classify(mask, var, scalar_loads, position_loads, batch_loads)
     return g
 
 

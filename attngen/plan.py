@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 
-from .classify import full_segments, masked_segments, range_statements, segment_statements
+from .classify import full_segments, masked_segments, range_statements, runtime_tests, segment_statements
 from .expr import SYMBOLS
 from .printer import TritonPrinter
 
@@ -66,6 +66,26 @@ class RangePlan:
     segment_statements: tuple[str, ...]
     masked: tuple[tuple[str, str], ...]
     full: tuple[tuple[str, str], ...]
+    meta: "MetaPlan | None" = None
+
+
+@dataclass(frozen=True)
+class MetaPlan:
+    """The metadata kernel of one loop direction: for every given tile, per conjunct with
+    runtime atoms, the range of var tiles that may be visible and the run that is FULL,
+    from per-tile minima and maxima of the runtime inputs read along each position."""
+
+    name: str
+    var: str
+    given_loads: tuple[LoadPlan, ...]
+    var_loads: tuple[LoadPlan, ...]
+    batch_loads: tuple[LoadPlan, ...]
+    tests: tuple[tuple[str, str], ...]
+    wide: bool  # an int64 input: compare in int64, else int32
+
+    @property
+    def count(self) -> int:
+        return len(self.tests)
 
 
 @dataclass(frozen=True)
@@ -112,6 +132,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     def code(node: str) -> str:
         return pr(g.nodes[node]["expr"]) if node in g else ""
 
+    wide = any(i.dtype == "int64" for i in spec.inputs)
     score_code = code("score") or "s"
     if "score" in g and SYMBOLS["s"] not in g.nodes["score"]["expr"].free_symbols:
         # a score free of s (a bias alone) must still be a full tile: broadcast it
@@ -135,21 +156,38 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         fwd=split("k", "attn_fwd"),
         dkdv=split("q", "attn_bwd_dkdv"),
         dq=split("k", "attn_bwd_dq"),
-        fwd_ranges=_ranges(g.graph["tiles_k"], pr),
-        dkdv_ranges=_ranges(g.graph["tiles_q"], pr),
+        fwd_ranges=_ranges(g.graph["tiles_k"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
+        dkdv_ranges=_ranges(g.graph["tiles_q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
     )
 
 
-def _ranges(ranges, pr: TritonPrinter) -> RangePlan:
+def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads, wide: bool) -> RangePlan:
     names = dict(pr.names)
     names.update({n: n for n in ("g_first", "g_last", "var_min", "var_max")})
     n = len(ranges.conjuncts)
+    meta = None
+    if ranges.runtime:
+        used = set()
+        for j in ranges.runtime:
+            for atom in ranges.conjuncts[j].runtime:
+                used |= {s.name for s in atom.lhs.free_symbols | atom.rhs.free_symbols}
+        by_var = {ld.var: ld for ld in loads if ld.var in used}
+        meta = MetaPlan(
+            name=f"attn_tile_ranges_{ranges.var}",
+            var=ranges.var,
+            given_loads=tuple(ld for v, ld in by_var.items() if position_loads.get(v) == ranges.given),
+            var_loads=tuple(ld for v, ld in by_var.items() if position_loads.get(v) == ranges.var),
+            batch_loads=tuple(ld for v, ld in by_var.items() if v in batch_loads),
+            tests=tuple(runtime_tests(ranges, pr, position_loads)),
+            wide=wide,
+        )
     return RangePlan(
         statements=tuple(range_statements(ranges, TritonPrinter(names))),
         count=n,
         segment_statements=tuple(segment_statements(n)),
         masked=tuple(masked_segments(n)),
         full=tuple(full_segments(n)),
+        meta=meta,
     )
 
 

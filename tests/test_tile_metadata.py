@@ -1,0 +1,137 @@
+"""Device-side tile metadata for masks that read runtime inputs along the positions.
+
+The metadata kernel's ranges are checked by brute force against the runtime comparisons
+themselves, computed here with torch; the kernels that use them are checked against the
+same kernels with skipping off and against the dense reference.
+"""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import torch
+from hypothesis import given, settings
+
+import attngen
+from attngen.check import compare, format_rows, make_inputs
+from attngen.tiles import LaunchConfig
+from attngen.tune import shape_bucket
+from helpers import DEVICE, dims, with_and_without_skipping
+
+DOC = {"doc": {"dtype": "int32", "shape": ["B", "T_KV"]}}
+KEEP = {"keep": {"dtype": "int32", "shape": ["B", "T_KV"]}}
+
+#: mask -> (inputs, the runtime comparisons of its one data-dependent conjunct as a function
+#: of (ids at q [B, T_Q, 1], ids at k [B, 1, T_KV]))
+MASKS = {
+    "doc[b, q] == doc[b, k] and k <= q": (DOC, lambda a, c: a == c),
+    "doc[b, q] == doc[b, k]": (DOC, lambda a, c: a == c),
+    "doc[b, q] != doc[b, k] and q - k < 20": (DOC, lambda a, c: a != c),
+    "doc[b, k] <= doc[b, q] and k <= q": (DOC, lambda a, c: c <= a),
+    "doc[b, q] == doc[b, k] and doc[b, k] >= 2": (DOC, lambda a, c: (a == c) & (c >= 2)),
+    "keep[b, k] > 0 and k <= q": (KEEP, lambda a, c: c > 0),
+}
+
+
+def _ids(b, t, gen, kind):
+    if kind == "sorted":
+        return torch.randint(0, max(2, t // 8), (b, t), generator=gen).sort(dim=-1).values.to(torch.int32)
+    if kind == "binary":
+        return (torch.rand(b, t, generator=gen) < 0.7).to(torch.int32)
+    return torch.randint(0, 4, (b, t), generator=gen, dtype=torch.int32)  # unsorted
+
+
+@settings(deadline=None, max_examples=25)
+@given(
+    mask=st.sampled_from(sorted(MASKS)),
+    t_q=st.integers(1, 70),
+    extra=st.integers(0, 30),
+    bq=st.sampled_from([1, 4, 16]),
+    bkv=st.sampled_from([2, 8, 16]),
+    kind=st.sampled_from(["sorted", "binary", "unsorted"]),
+    seed=st.integers(0, 1000),
+)
+def test_metadata_ranges_are_sound(mask, t_q, extra, bq, bkv, kind, seed):
+    decls, runtime = MASKS[mask]
+    op = attngen.compile({"name": "meta", "inputs": decls, "mask": mask})
+    t_kv = t_q + extra  # bottom-right: query i sits at key position i + extra
+    gen = torch.Generator().manual_seed(seed)
+    ids = _ids(2, t_kv, gen, kind)
+    d = dims(B=2, T_Q=t_q, T_KV=t_kv)
+    rt = runtime(ids[:, extra:, None], ids[:, None, :]).expand(2, t_q, t_kv)  # [B, T_Q, T_KV]
+    for var in ("k", "q"):
+        (meta,) = op.tile_meta(var, bq, bkv, [ids.to(DEVICE)], d, torch.device(DEVICE))
+        meta = meta.cpu()
+        pairs = rt if var == "k" else rt.transpose(1, 2)  # [B, given, var]
+        bg, bv = (bq, bkv) if var == "k" else (bkv, bq)
+        n_g, n_v = -(-pairs.shape[1] // bg), -(-pairs.shape[2] // bv)
+        assert meta.shape == (2, n_g, 1, 4)
+        for b in range(2):
+            for i in range(n_g):
+                lo, hi, flo, fhi = meta[b, i, 0].tolist()
+                rows = pairs[b, i * bg : (i + 1) * bg]
+                hit = [bool(rows[:, j * bv : (j + 1) * bv].any()) for j in range(n_v)]
+                every = [bool(rows[:, j * bv : (j + 1) * bv].all()) for j in range(n_v)]
+                for j in range(n_v):
+                    assert lo <= j < hi or not hit[j], f"{var}: tile ({i}, {j}) skipped but has a visible pair"
+                    assert not (flo <= j < fhi) or every[j], f"{var}: tile ({i}, {j}) called FULL but has a masked pair"
+                if any(hit) and kind == "sorted" and mask.startswith("doc[b, q] == doc[b, k]") and "2" not in mask:
+                    # sorted ids: the range is the hull of the tiles with a visible pair
+                    first = hit.index(True)
+                    last = n_v - 1 - hit[::-1].index(True)
+                    assert (lo, hi) == (first, last + 1)
+
+
+def test_sorted_documents_get_exact_full_runs():
+    op = attngen.compile("document")
+    ids = (torch.arange(256) // 64).to(torch.int32).view(1, -1)
+    (meta,) = op.tile_meta("k", 32, 16, [ids.to(DEVICE)], dims(T_Q=256, T_KV=256), torch.device(DEVICE))
+    meta = meta.cpu()[0, :, 0]
+    # query tile i (32 tokens) lies in document i // 2, whose keys are tiles 4·(i//2) .. +3
+    for i in range(8):
+        first = 4 * (i // 2)
+        assert meta[i].tolist() == [first, first + 4, first, first + 4]
+
+
+def _small_tiles(op, d, dtype):
+    for kernel in ("fwd", "dkdv", "dq"):
+        op.set_config(kernel, shape_bucket(d, dtype), LaunchConfig(16, 16, 4, 1))
+
+
+@settings(deadline=None, max_examples=6)
+@given(
+    mask=st.sampled_from(sorted(MASKS)),
+    t_q=st.integers(1, 48),
+    extra=st.integers(0, 16),
+    kind=st.sampled_from(["sorted", "binary", "unsorted"]),
+    seed=st.integers(0, 1000),
+)
+def test_kernels_with_metadata_match_the_reference_and_no_skipping(mask, t_q, extra, kind, seed):
+    decls, _ = MASKS[mask]
+    op = attngen.compile({"name": "meta", "inputs": decls, "mask": mask})
+    d = dims(B=2, H=2, H_KV=1, T_Q=t_q, T_KV=t_q + extra)
+    _small_tiles(op, d, torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, _ = make_inputs(op.spec, d, dtype=torch.float32, device=DEVICE, generator=gen)
+    inputs = {next(iter(decls)): _ids(2, t_q + extra, gen, kind).to(DEVICE)}
+    rows = compare(op, attngen.reference(op.spec), q, k, v, inputs, backward=True, generator=gen)
+    assert all(r.ok for r in rows), format_rows(rows)
+    do = torch.randn(q.shape[:3] + (v.shape[3],), generator=gen).to(DEVICE)
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o, lse = op(*leaves, return_lse=True, **inputs)
+        return (o, lse, *torch.autograd.grad(o, leaves, do))
+
+    with_skip, without = with_and_without_skipping(run)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), with_skip, without):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), name
+
+
+def test_only_position_reads_get_metadata():
+    # a per-head input cannot be summarised per batch row: no metadata, masked tiles instead
+    per_head = attngen.compile(
+        {"name": "ph", "inputs": {"doc": {"dtype": "int32", "shape": ["H", "T_KV"]}}, "mask": "doc[h, q] == doc[h, k]"}
+    )
+    assert per_head.plan.fwd_ranges.meta is None
+    doc = attngen.compile("document")
+    assert doc.plan.fwd_ranges.meta.count == 1 and doc.plan.dkdv_ranges.meta.count == 1
