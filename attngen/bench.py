@@ -98,12 +98,42 @@ def _density(variant: Variant, t: int, inputs: dict) -> float:
 
 
 def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variants=None, dims=None, seqs=None,
-              systems=("attngen", "flex", "sdpa-flash", "sdpa-cudnn"), command: str = "") -> dict:
+              systems=("attngen", "flex", "sdpa-flash", "sdpa-cudnn"), command: str = "", resume: bool = False) -> dict:
     """Run a suite; return ``{"meta": ..., "rows": [...]}`` and write JSON and Markdown under
-    ``out`` if given."""
+    ``out`` if given, after every (variant, D, T), so an interrupted run keeps what it measured.
+
+    With ``resume``, the cases already in ``out/SUITE.json`` are kept and skipped, so a suite
+    too long for one sitting runs in pieces; the pieces must come from the same card and
+    versions (else ``ValueError``), and ``meta["command"]`` lists every piece's command.
+    """
     import triton
 
     import attngen
+
+    meta = {
+        "card": torch.cuda.get_device_name(),
+        "driver": _driver(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "attngen": attngen.__version__,
+        "python": platform.python_version(),
+        "command": command or " ".join(sys.argv),
+        "dtype": "bfloat16",
+        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+    }
+    rows: list[dict] = []
+    done: set[tuple] = set()
+    previous = out / f"{suite}.json" if out is not None else None
+    if resume and previous is not None and previous.exists():
+        old = json.loads(previous.read_text())
+        for key in ("card", "driver", "torch", "triton", "attngen"):
+            if old["meta"].get(key) != meta[key]:
+                raise ValueError(f"--resume: {previous} has {key} {old['meta'].get(key)!r}, this run {meta[key]!r}; "
+                                 "resume only on the same card and versions, or start a fresh file")
+        rows = old["rows"]
+        done = {(r["variant"], r["D"], r["T"]) for r in rows if r["mode"] == "compile"}
+        meta["command"] = f"{old['meta']['command']}; then {meta['command']}"
+    result = {"meta": meta, "rows": rows}
 
     names, suite_dims, suite_seqs = SUITES[suite]
     names = variants or names
@@ -121,6 +151,8 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
         for t in seqs or suite_seqs:
             b, h = max(1, TOKENS // t), 2048 // d
             for name in names:
+                if (name, d, t) in done:
+                    continue
                 var = VARIANTS[name]
                 gen = torch.Generator(device=device).manual_seed(0)
                 q, k, v = (torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
@@ -196,20 +228,8 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
                                  status="ok", cold_compile_s=round(cold_compile, 3), warm_compile_ms=round(warm_compile * 1e3, 2),
                                  **extra))
                 print(_line(rows, name, d, t), flush=True)
-    meta = {
-        "card": torch.cuda.get_device_name(),
-        "driver": _driver(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "attngen": attngen.__version__,
-        "python": platform.python_version(),
-        "command": command or " ".join(sys.argv),
-        "dtype": "bfloat16",
-        "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
-    }
-    result = {"meta": meta, "rows": rows}
-    if out is not None:
-        write_outputs(result, out, suite)
+                if out is not None:
+                    write_outputs(result, out, suite)
     return result
 
 
@@ -235,10 +255,11 @@ def _metadata_ms(op, q, k, v, inputs: dict) -> float:
 
 def write_outputs(result: dict, out: Path, name: str) -> list[Path]:
     """Write ``NAME.json``, ``NAME.md`` and one ``NAME-d<D>.png`` plot per head dim."""
-    out.mkdir(parents=True, exist_ok=True)
+    from .load import write_atomic
+
     paths = [out / f"{name}.json", out / f"{name}.md"]
-    paths[0].write_text(json.dumps(result, indent=1))
-    paths[1].write_text(markdown(result))
+    write_atomic(paths[0], json.dumps(result, indent=1))
+    write_atomic(paths[1], markdown(result))
     for d in sorted({r["D"] for r in result["rows"]}):
         paths.append(plot(result, d, out / f"{name}-d{d}.png"))
     return paths

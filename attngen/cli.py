@@ -96,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variants", nargs="+", default=None)
     bench.add_argument("--dims", type=int, nargs="+", default=None)
     bench.add_argument("--seqs", type=int, nargs="+", default=None)
+    bench.add_argument("--resume", action="store_true", help="keep and skip the cases already in OUT/SUITE.json (run a long suite in pieces)")
 
     zoo_docs = sub.add_parser("zoo-docs", help="write the spec zoo page and its tile-map pictures")
     zoo_docs.add_argument("--out", default="docs")
@@ -388,13 +389,15 @@ def _bench(args) -> int:
 
     from . import bench
 
+    if args.resume and not args.out:
+        raise UsageError("--resume needs --out DIR: the suite's JSON there says which cases are done")
     _pick_device("cuda")
     if args.suite == "long":
         print(bench.long_window())
         return 0
     result = bench.run_suite(
         args.suite, out=Path(args.out) if args.out else None, variants=args.variants, dims=args.dims, seqs=args.seqs,
-        command="python -m attngen " + " ".join(sys.argv[1:]),
+        command="python -m attngen " + " ".join(sys.argv[1:]), resume=args.resume,
     )
     print(bench.markdown(result))
     return 0
