@@ -61,6 +61,10 @@ VARIANTS = {
         "document", "document", inputs=_doc_inputs,
         mask_mod=lambda ins: (lambda b, h, q, k: (ins["doc"][b, q] == ins["doc"][b, k]) & (q >= k)),
     ),
+    "strided": Variant(
+        "strided", "strided", params=lambda t: {"stride": 128},
+        mask_mod=lambda _: (lambda b, h, q, k: (q >= k) & ((q - k < 128) | ((q - k) % 128 == 0))),
+    ),
     "alibi": Variant(
         "alibi", "alibi", inputs=lambda b, h, t, dev: {"slopes": alibi_slopes(h).to(dev)},
         mask_mod=_causal,
@@ -73,8 +77,8 @@ VARIANTS = {
 }  # fmt: skip
 
 SUITES = {
-    "anchors": (list(VARIANTS), (64, 128), (4096, 16384)),
-    "sparse": (["causal", "sliding_window", "document", "prefix_lm"], (128,), (16384,)),
+    "anchors": (["dense", "causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap"], (64, 128), (4096, 16384)),
+    "sparse": (["causal", "sliding_window", "document", "prefix_lm", "strided"], (128,), (16384,)),
 }
 
 
@@ -146,7 +150,6 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
     from torch.nn.functional import scaled_dot_product_attention as sdpa
 
     flex = torch.compile(flex_attention, dynamic=False)
-    rows = []
     for d in dims or suite_dims:
         for t in seqs or suite_seqs:
             b, h = max(1, TOKENS // t), 2048 // d

@@ -270,10 +270,25 @@ def _solve(d: sympy.Expr, op: str, v: sympy.Symbol):
         }[op]
     a = d.coeff(v)
     rest = sympy.expand(d - a * v)
-    if a not in (1, -1) or v in rest.free_symbols:
+    if not (a.is_Integer and a != 0) or v in rest.free_symbols:
         return None
-    x, op = (-rest, op) if a == 1 else (rest, _flip(op))
-    return {"<": (None, x - 1), "<=": (None, x), ">": (x + 1, None), ">=": (x, None), "==": (x, x)}[op]
+    if a < 0:
+        a, rest, op = -a, -rest, _flip(op)
+    # a·v + rest <op> 0 with a > 0: v <op> -rest / a, rounded to the integers
+    x = sympy.expand(-rest / a)
+    if all(c.is_Integer for c in x.as_coefficients_dict().values()):  # a divides every term
+        return {"<": (None, x - 1), "<=": (None, x), ">": (x + 1, None), ">=": (x, None), "==": (x, x)}[op]
+    if not rest.is_integer:
+        return None
+    floor = FloorDiv(-rest, a)  # floor(-rest / a)
+    ceil = -FloorDiv(rest, a)  # ceil(-rest / a)
+    return {
+        "<": (None, FloorDiv(-rest - 1, a)),
+        "<=": (None, floor),
+        ">": (-FloorDiv(rest - 1, a), None),
+        ">=": (ceil, None),
+        "==": (ceil, floor),
+    }[op]
 
 
 def _flip(op: str) -> str:

@@ -174,13 +174,17 @@ class AttentionOp:
         return dict(BLOCK_Q=cfg.block_q, BLOCK_KV=cfg.block_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     # -- the work ------------------------------------------------------------------------
-    def tile_meta(self, var: str, block_q: int, block_kv: int, inputs: list[torch.Tensor], dims: dict, device) -> list:
+    def tile_meta(self, var: str, block_q: int, block_kv: int, inputs: list[torch.Tensor], dims: dict, device: torch.device) -> list:
         """Run the metadata kernel of a loop direction when the mask reads runtime inputs
         along the positions (``doc[b, q] == doc[b, k]``); return the kernel argument.
 
         Args:
             var: ``"k"`` for the forward and dQ kernels (given query tiles), ``"q"`` for dK/dV.
-            block_q, block_kv: the tile sizes of the kernel that will read the metadata.
+            block_q: the query tile size of the kernel that will read the metadata.
+            block_kv: its key tile size.
+            inputs: the runtime inputs, in the spec's order.
+            dims: ``B, T_Q, T_KV`` (and the rest) of the call.
+            device: where the inputs live.
 
         Returns:
             ``[]`` when the direction needs no metadata, else ``[meta]``: int32
@@ -201,21 +205,35 @@ class AttentionOp:
         )  # fmt: skip
         return [meta]
 
+    @property
+    def parts(self) -> list:
+        """The module plans a call runs in order: natural order, then the residue-order part
+        of a strided mask (:func:`attngen.passes.split_periodic`), which merges into it."""
+        return [self.plan] if self.plan.perm is None else [self.plan, self.plan.perm]
+
+    @staticmethod
+    def _tiles(part, n: int, block: int, offset: int = 0) -> int:
+        """Programs along a sequence of ``n`` positions (from ``offset``) in tiles of ``block``:
+        in residue order, one run of tiles per residue class."""
+        c = part.perm_stride
+        return _cdiv(n, block) if not c else c * _cdiv(_cdiv(offset + n, c), block)
+
     def forward_impl(self, q, k, v, inputs):
         dims, runtime, constexprs = self._common(q, k, v)
         B, H, T_Q, D_V = dims["B"], dims["H"], dims["T_Q"], dims["D_V"]
         o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
         lse = _new_output((B, H, T_Q), torch.float32, q.device)
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
-        grid = (_cdiv(T_Q, cfg.block_q), H, B)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
-        self.kernel(self.plan.fwd.name, q.device)[grid](
-            q, k, v, o, lse,
-            *self._input_args(inputs), *meta,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            *runtime,
-            **constexprs, **self._launch(cfg),
-        )  # fmt: skip
+        for part in self.parts:
+            grid = (self._tiles(part, T_Q, cfg.block_q, runtime[3]), H, B)
+            self.kernel(part.fwd.name, q.device)[grid](
+                q, k, v, o, lse,
+                *self._input_args(inputs), *meta,
+                *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                *runtime,
+                **constexprs, **self._launch(cfg),
+            )  # fmt: skip
         return o, lse
 
     def backward_impl(self, do, dlse, q, k, v, o, lse, inputs):
@@ -237,22 +255,24 @@ class AttentionOp:
         input_args = self._input_args(inputs)
         cfg = self.config_for("dkdv", dims, q.dtype, q.device)
         meta = self.tile_meta("q", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
-        self.kernel(self.plan.dkdv.name, q.device)[(_cdiv(T_KV, cfg.block_kv), H_KV, B)](
-            q, k, v, do, lse, delta, dk, dv,
-            *input_args, *meta,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            *runtime,
-            **constexprs, **self._launch(cfg),
-        )  # fmt: skip
+        for part in self.parts:  # the residue-order part adds to what the natural part stored
+            self.kernel(part.dkdv.name, q.device)[(self._tiles(part, T_KV, cfg.block_kv), H_KV, B)](
+                q, k, v, do, lse, delta, dk, dv,
+                *input_args, *meta,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+                *runtime,
+                **constexprs, **self._launch(cfg),
+            )  # fmt: skip
         cfg = self.config_for("dq", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
-        self.kernel(self.plan.dq.name, q.device)[(_cdiv(T_Q, cfg.block_q), H, B)](
-            q, k, v, do, lse, delta, dq,
-            *input_args, *meta,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            *runtime,
-            **constexprs, **self._launch(cfg),
-        )  # fmt: skip
+        for part in self.parts:
+            self.kernel(part.dq.name, q.device)[(self._tiles(part, T_Q, cfg.block_q, runtime[3]), H, B)](
+                q, k, v, do, lse, delta, dq,
+                *input_args, *meta,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                *runtime,
+                **constexprs, **self._launch(cfg),
+            )  # fmt: skip
         return dq, dk, dv
 
 

@@ -113,12 +113,70 @@ def collect_input_loads(g: nx.DiGraph) -> nx.DiGraph:
     return g
 
 
+#: the residue class of a permuted tile (``position % stride``), a scalar of each program
+PERM_R = sympy.Symbol("perm_r", integer=True, nonnegative=True)
+
+
+def _periodic_stride(conjunct: sympy.Basic) -> int | None:
+    """``c`` if the conjunct holds ``(q - k) % c == 0`` (either sign of ``q - k``), else None."""
+    q, k = SYMBOLS["q"], SYMBOLS["k"]
+    atoms = conjunct.args if isinstance(conjunct, sympy.And) else (conjunct,)
+    for atom in atoms:
+        if isinstance(atom, sympy.Eq) and atom.rhs == 0 and isinstance(atom.lhs, sympy.Mod):
+            e, c = atom.lhs.args
+            if c.is_Integer and c > 1 and sympy.expand(e) in (q - k, k - q):
+                return int(c)
+    return None
+
+
+def split_periodic(g: nx.DiGraph) -> nx.DiGraph:
+    """Split off the strided part of the mask so that it runs as dense tiles.
+
+    A conjunct holding ``(q - k) % c == 0`` (Sparse Transformer strided heads, Child et al.,
+    2019) keeps one key in ``c``: in natural order every tile it touches is PARTIAL. Ordered by
+    residue (position ``p`` -> ``(p % c, p // c)``), the pairs it keeps fall in the diagonal
+    blocks of one residue class, where ``q = r + c·j_q`` and ``k = r + c·j_k`` turn its other
+    comparisons into comparisons of ``j_q`` and ``j_k`` -- often whole FULL tiles. The mask
+    becomes ``natural or periodic`` with the periodic part stripped of what the natural part
+    sees; the kernels run the natural part in natural order, then the periodic part in
+    permuted order, and merge the two by log-sum-exp (the backward adds their gradients).
+
+    Applies when every periodic conjunct has the same ``c`` and the mask reads no runtime
+    input along a position. Requires: params bound, loads collected.
+    Establishes: graph attribute ``periodic``: None, or ``{"stride", "natural", "perm",
+    "perm_j"}`` (natural-order mask, permuted part in positions and in ``j`` with symbol
+    ``perm_r`` for the residue).
+    """
+    g.graph["periodic"] = None
+    if "mask" not in g:
+        return g
+    mask = g.nodes["mask"]["expr"]
+    if any(d.get("op") == "load_input" and d["deps"] & {"q", "k"} for _, d in g.nodes(data=True)):
+        return g
+    if len(mask.atoms(sympy.core.relational.Relational)) > 10:
+        return g
+    dnf = sympy.to_dnf(mask)
+    terms = dnf.args if isinstance(dnf, sympy.Or) else (dnf,)
+    strides = {_periodic_stride(t) for t in terms}
+    periodic = [t for t in terms if _periodic_stride(t) is not None]
+    if not periodic or len(strides - {None}) != 1:
+        return g
+    c = (strides - {None}).pop()
+    natural = sympy.Or(*[t for t in terms if _periodic_stride(t) is None])
+    perm = sympy.And(sympy.Or(*periodic), sympy.Not(natural))
+    q, k = SYMBOLS["q"], SYMBOLS["k"]
+    perm_j = perm.xreplace({q: PERM_R + c * q, k: PERM_R + c * k})
+    g.graph["periodic"] = {"stride": c, "natural": natural, "perm": perm, "perm_j": perm_j}
+    return g
+
+
 def classify_tiles(g: nx.DiGraph) -> nx.DiGraph:
     """Classify (query tile, key tile) pairs in closed form (:mod:`attngen.classify`).
 
     Requires: params bound, runtime-input reads replaced by load symbols.
     Establishes: graph attributes ``tiles_k`` (key tiles per query tile, for the forward and
     dQ kernels) and ``tiles_q`` (query tiles per key tile, for the dK/dV kernel);
+    with a periodic split also ``natural_tiles_*`` and ``perm_tiles_*`` (in ``j``);
     ``position_loads`` (integer reads at one position, ``doc[b, k]``, whose per-tile
     minimum and maximum the metadata kernels compute on the device) and ``batch_loads``.
     """
@@ -142,6 +200,10 @@ def classify_tiles(g: nx.DiGraph) -> nx.DiGraph:
     g.graph["batch_loads"] = batch_loads
     for var in ("k", "q"):
         g.graph[f"tiles_{var}"] = classify(mask, var, scalar_loads, position_loads, batch_loads)
+        split = g.graph.get("periodic")
+        if split:  # the kernels' own classification: natural part, and the permuted part in j
+            g.graph[f"natural_tiles_{var}"] = classify(split["natural"], var, scalar_loads)
+            g.graph[f"perm_tiles_{var}"] = classify(split["perm_j"], var, [*scalar_loads, PERM_R.name])
     return g
 
 
@@ -187,6 +249,7 @@ PIPELINE: list[Callable[[nx.DiGraph], nx.DiGraph]] = [
     simplify_expressions,
     derive_backward,
     collect_input_loads,
+    split_periodic,
     classify_tiles,
     choose_numerics,
     apply_recompute,

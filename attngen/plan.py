@@ -5,9 +5,11 @@ Every decision is made here or in the passes; templates only ``if``/``for`` over
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import networkx as nx
+import sympy
 
 from .classify import full_segments, masked_segments, range_statements, runtime_tests, segment_statements
 from .expr import SYMBOLS
@@ -23,6 +25,7 @@ KERNEL_NAMES = {
     "T_Q": "T_Q",
     "T_KV": "T_KV",
     "s": "s",
+    "perm_r": "perm_r",
 }
 
 
@@ -111,6 +114,11 @@ class ModulePlan:
     dq: KernelPlan
     fwd_ranges: RangePlan
     dkdv_ranges: RangePlan
+    #: > 0: this module runs in residue order (position p -> (p % stride, p // stride)) and
+    #: merges into the natural-order module's outputs (see attngen.passes.split_periodic)
+    perm_stride: int = 0
+    #: the permuted module that follows this one, if the mask has a strided part
+    perm: "ModulePlan | None" = None
 
 
 def make_plan(g: nx.DiGraph) -> ModulePlan:
@@ -138,27 +146,39 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         # a score free of s (a bias alone) must still be a full tile: broadcast it
         score_code = f"tl.full(s.shape, 0.0, tl.float32) + ({score_code})"
 
-    return ModulePlan(
-        spec_name=spec.name,
-        spec_digest=spec.digest(),
-        inputs=tuple(InputArg(i.name, len(i.shape)) for i in spec.inputs),
-        has_mask="mask" in g,
-        mask_code=code("mask"),
-        has_score="score" in g,
-        score_code=score_code,
-        has_dscore="dscore" in g,
-        dscore_code=code("dscore"),
-        fold_scale=g.graph["fold_scale"],
-        sigmoid=g.graph["normalizer"] == "sigmoid",
-        saved=g.graph["saved"],
-        dot_precision=tuple(sorted(g.graph["dot_precision"].items())),
-        # the forward and dQ kernels loop over key tiles; the dK/dV kernel over query tiles
-        fwd=split("k", "attn_fwd"),
-        dkdv=split("q", "attn_bwd_dkdv"),
-        dq=split("k", "attn_bwd_dq"),
-        fwd_ranges=_ranges(g.graph["tiles_k"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
-        dkdv_ranges=_ranges(g.graph["tiles_q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
-    )
+    def module(mask_code: str, tiles: str, perm_stride: int = 0, suffix: str = "") -> ModulePlan:
+        return ModulePlan(
+            spec_name=spec.name,
+            spec_digest=spec.digest(),
+            inputs=tuple(InputArg(i.name, len(i.shape)) for i in spec.inputs),
+            has_mask="mask" in g,
+            mask_code=mask_code,
+            has_score="score" in g,
+            score_code=score_code,
+            has_dscore="dscore" in g,
+            dscore_code=code("dscore"),
+            fold_scale=g.graph["fold_scale"],
+            sigmoid=g.graph["normalizer"] == "sigmoid",
+            saved=g.graph["saved"],
+            dot_precision=tuple(sorted(g.graph["dot_precision"].items())),
+            # the forward and dQ kernels loop over key tiles; the dK/dV kernel over query tiles
+            fwd=split("k", "attn_fwd" + suffix),
+            dkdv=split("q", "attn_bwd_dkdv" + suffix),
+            dq=split("k", "attn_bwd_dq" + suffix),
+            fwd_ranges=_ranges(g.graph[tiles + "k"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
+            dkdv_ranges=_ranges(g.graph[tiles + "q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
+            perm_stride=perm_stride,
+        )
+
+    split_ = g.graph.get("periodic")
+    if not split_:
+        return module(code("mask"), "tiles_")
+    natural = split_["natural"]
+    # an empty natural part visits no tile; its mask still has to be a valid expression
+    natural_code = "(pos_k < 0)" if natural is sympy.false else pr(natural)
+    main = module(natural_code, "natural_tiles_")
+    perm = module(pr(split_["perm"]), "perm_tiles_", perm_stride=split_["stride"], suffix="_perm")
+    return dataclasses.replace(main, perm=perm)
 
 
 def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads, wide: bool) -> RangePlan:

@@ -40,13 +40,15 @@ def _environment() -> jinja2.Environment:
 
 
 def render(plan: ModulePlan) -> RenderedModule:
-    """Render the attention template for one plan.
+    """Render the attention template for one plan (and for its permuted part, if any).
 
     Raises:
         CodegenError: the template failed to render or produced text that is not Python.
     """
     try:
-        source = _environment().get_template(TEMPLATE).render(plan=plan)
+        template = _environment().get_template(TEMPLATE)
+        # a strided mask: the residue-order kernels follow in the same module
+        source = "".join(template.render(plan=part) for part in (plan, plan.perm) if part is not None)
     except jinja2.TemplateError as exc:
         raise CodegenError(f"rendering {TEMPLATE} for spec {plan.spec_name!r} failed: {exc}") from exc
     try:

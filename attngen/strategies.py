@@ -21,11 +21,13 @@ OPS = ("<", "<=", ">", ">=", "==", "!=")
 @st.composite
 def atoms(draw) -> str:
     """One comparison of positions."""
-    kind = draw(st.sampled_from(["diff", "q", "k", "mod", "div"]))
+    kind = draw(st.sampled_from(["diff", "q", "k", "mod", "div", "scaled"]))
     op = draw(st.sampled_from(OPS))
     c = draw(st.integers(-6, 40))
     if kind == "diff":
         return f"q - k {op} {c}"
+    if kind == "scaled":
+        return f"{draw(st.integers(1, 3))} * q - {draw(st.integers(1, 3))} * k {op} {c}"
     if kind in ("q", "k"):
         return f"{kind} {op} {c}"
     m = draw(st.integers(1, 9))

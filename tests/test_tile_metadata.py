@@ -135,3 +135,61 @@ def test_only_position_reads_get_metadata():
     assert per_head.plan.fwd_ranges.meta is None
     doc = attngen.compile("document")
     assert doc.plan.fwd_ranges.meta.count == 1 and doc.plan.dkdv_ranges.meta.count == 1
+
+
+# ----------------------------------------------------------------------------------------
+# strided masks: the periodic part runs in residue order, as dense tiles
+
+
+def test_strided_part_is_classified_dense_in_residue_order():
+    from attngen.compiler import build
+
+    c = build("strided", stride=8)
+    split = c.graph.graph["periodic"]
+    assert split["stride"] == 8
+    # in j = position // stride, the strided part of `k <= q and (q - k < s or (q - k) % s == 0)`
+    # minus the band is `k_j < q_j`: one exact interval, so whole tiles are FULL
+    (conj,) = c.graph.graph["perm_tiles_k"].conjuncts
+    assert conj.exact and not conj.guards
+    assert c.plan.perm is not None and c.plan.perm.fwd.name == "attn_fwd_perm"
+    # a mask with no strided conjunct is not split
+    assert build("causal").graph.graph["periodic"] is None
+
+
+def test_strided_tiles_visited_in_residue_order_are_full():
+    from attngen.classify import evaluate_intervals
+    from attngen.compiler import build
+
+    c = build("strided", stride=8)
+    ranges = c.graph.graph["perm_tiles_k"]
+    # residue 3, 64 queries of that class (j = 0..63) in tiles of 16, keys likewise
+    j = torch.arange(0, 64, 16)
+    env = {"g_first": j, "g_last": j + 15, "given_full": torch.ones(4, dtype=torch.bool),
+           "var_min": torch.tensor(0), "var_max": torch.tensor(63), "T_Q": 512, "T_KV": 512,
+           "b": 0, "h": 0, "perm_r": torch.tensor(3)}  # fmt: skip
+    ((s, fs, fe, e),) = evaluate_intervals(ranges, env, n_var=64, block_var=16, var_off=0)
+    # query tile i sees key tiles 0..i; all but the diagonal one are FULL
+    assert s.tolist() == [0, 0, 0, 0] and e.tolist() == [1, 2, 3, 4]
+    assert fs.tolist() == [0, 0, 0, 0] and fe.tolist() == [0, 1, 2, 3]
+
+
+@settings(deadline=None, max_examples=6)
+@given(
+    stride=st.integers(2, 9),
+    band=st.integers(0, 12),
+    t_q=st.integers(1, 48),
+    extra=st.integers(0, 16),
+    globals_=st.integers(0, 3),
+    normalizer=st.sampled_from(["softmax", "sigmoid"]),
+    seed=st.integers(0, 1000),
+)
+def test_strided_two_part_kernels_match_the_reference(stride, band, t_q, extra, globals_, normalizer, seed):
+    mask = f"k <= q and (q - k < {band} or (q - k) % {stride} == 0 or k < {globals_})"
+    op = attngen.compile({"name": "strided_fuzz", "mask": mask, "score": "3.0 * tanh(s / 3.0)", "normalizer": normalizer})
+    assert op.plan.perm is not None
+    d = dims(B=1, H=2, H_KV=1, T_Q=t_q, T_KV=t_q + extra)
+    _small_tiles(op, d, torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, inputs = make_inputs(op.spec, d, dtype=torch.float32, device=DEVICE, generator=gen)
+    rows = compare(op, attngen.reference(op.spec), q, k, v, inputs, backward=True, generator=gen)
+    assert all(r.ok for r in rows), format_rows(rows)
