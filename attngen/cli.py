@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--gpu-shapes", type=_shape, nargs="+", required=True, metavar="B,H,H_KV,T,D")
     tune.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     tune.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    tune.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
 
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
     bench.add_argument("--suite", choices=("anchors", "sparse", "long"), default="anchors")
@@ -163,6 +164,15 @@ def _show_tiles(args) -> int:
         lo, hi = c.visible_bounds
         print(f"  density  between {lo / c.total_pairs:.6f} and {hi / c.total_pairs:.6f} (this mask's visible pairs have no closed-form count)")
     print(f"  computed in {took:.2f} s")
+    from .compiler import build
+
+    g = build(args.spec, **params).graph.graph
+    if g["tiles_k"].runtime:
+        print("  note: this mask reads runtime inputs along a position; without their data its tiles are drawn as")
+        print("        PARTIAL here, while at run time the metadata kernel skips the tiles the data rules out")
+    if g.get("periodic"):
+        print(f"  note: the (q - k) % {g['periodic']['stride']} == 0 part runs in residue order, where its tiles are FULL;")
+        print("        this map is the natural order of the whole mask")
     if args.png:
         if total > 4096 * 4096:
             print(f"  (--png skipped: {total:,} tiles is too many to draw; use smaller lengths or larger tiles)")
@@ -177,6 +187,8 @@ def _show(args) -> int:
     from .compiler import build
     from .load import write_kernel
 
+    if args.png and not args.tiles:
+        raise UsageError("--png draws the tile map: add --tiles")
     if args.tiles:
         return _show_tiles(args)
     compiled = build(args.spec, **_params(args.param))
@@ -191,8 +203,14 @@ def _show(args) -> int:
         print(f"  {node:<20} {data['op']:<11} {attrs}" + (f"  -> {succ}" if succ else ""))
     path = write_kernel(compiled.spec.name, compiled.rendered)
     print("\n# rendered kernels")
-    for name in (compiled.plan.fwd.name, "attn_bwd_preprocess", compiled.plan.dkdv.name, compiled.plan.dq.name):
-        print(f"  {name:<20} {path}")
+    names = []
+    for part in (compiled.plan, compiled.plan.perm):
+        if part is None:
+            continue
+        names += [part.fwd.name] + (["attn_bwd_preprocess"] if not part.perm_stride else []) + [part.dkdv.name, part.dq.name]
+        names += [r.meta.name for r in (part.fwd_ranges, part.dkdv_ranges) if r.meta is not None]
+    for name in names:
+        print(f"  {name:<24} {path}")
     if args.source:
         print()
         print(compiled.rendered.source)
@@ -371,7 +389,9 @@ def _tune(args) -> int:
     for dims in args.gpu_shapes:
         dims["D_V"] = dims["D_QK"]
         start = time.perf_counter()
-        results = tune(op, dims, dtype, "cuda")
+        if args.doc_len is not None and args.doc_len < 1:
+            raise UsageError(f"--doc-len {args.doc_len}: a document has at least 1 token")
+        results = tune(op, dims, dtype, "cuda", doc_len=args.doc_len)
         print(f"{op.spec.name} {dims} {args.dtype}: {time.perf_counter() - start:.1f} s")
         for r in results:
             if r.cached:
@@ -413,6 +433,8 @@ def _run(args) -> int:
     from .reference import reference
 
     params = _params(args.param)
+    if args.doc_len is not None and args.doc_len < 1:
+        raise UsageError(f"--doc-len {args.doc_len}: a document has at least 1 token")
     op = compile_spec(args.spec, **params)
     spec = op.spec
     dims = args.shape or ({"B": 2, "H": 4, "H_KV": 2, "T_Q": 100, "T_KV": 100, "D_QK": 64} if device == "cpu" else {"B": 2, "H": 8, "H_KV": 2, "T_Q": 1000, "T_KV": 1000, "D_QK": 128})
@@ -432,6 +454,8 @@ def _run(args) -> int:
     if checked:
         rows = compare(op, reference(spec), q, k, v, inputs, generator=gen)
         print(format_rows(rows))
+        print("(max abs errors against a float64 reference: of the kernel, and of the reference run in the same "
+              "dtype; ok when the kernel's is within bound = 4 x the reference's + a per-dtype floor)")
         ok = all(r.ok for r in rows)
     else:
         print(f"reference skipped: {pairs:,} score pairs is over the dense reference's limit of {limit:,}")

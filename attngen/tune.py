@@ -208,6 +208,7 @@ def tune(
     kernels: Iterable[str] = KERNELS,
     progress: bool = True,
     generator: torch.Generator | None = None,
+    doc_len: int | None = None,
 ) -> list[KernelResult]:
     """Tune ``op``'s kernels for one shape bucket on ``device`` and cache the winners.
 
@@ -217,6 +218,9 @@ def tune(
         dtype: float16, bfloat16 or float32.
         timer: ``timer(fn) -> ms``; default ``triton.testing.do_bench`` median. Tests inject one.
         cache: default :class:`TuneCache` under the cache dir.
+        doc_len: integer runtime inputs (document ids) as runs of this many tokens, so that a
+            data-dependent mask is tuned on the sparsity it will see; default random runs
+            (see :func:`attngen.check.make_inputs`).
 
     Returns:
         One result per kernel: the winner, its time, the default config's time, failures.
@@ -236,7 +240,7 @@ def tune(
     def make_runs() -> None:
         # inputs only once some kernel misses the cache, so that a full hit returns at once
         gen = generator or torch.Generator().manual_seed(0)
-        q, k, v, inputs = make_inputs(op.spec, dims, dtype=dtype, device=device, generator=gen)
+        q, k, v, inputs = make_inputs(op.spec, dims, dtype=dtype, device=device, generator=gen, doc_len=doc_len)
         ordered = [inputs[i.name] for i in op.spec.inputs]
         o, lse = op.forward_impl(q, k, v, ordered)
         do = torch.randn_like(o)

@@ -182,3 +182,22 @@ def test_a_nan_time_counts_as_a_failure_not_a_winner(tmp_path):
     results = tune(op, dims(T_Q=8, T_KV=8, D_QK=16), torch.float32, DEVICE, timer=lambda fn: next(times),
                    cache=TuneCache(tmp_path), kernels=("fwd",), progress=False)  # fmt: skip
     assert results[0].best_ms == 2.0 and "nan" in results[0].failures[0][1]
+
+
+def test_tune_draws_documents_of_the_requested_length(tmp_path, monkeypatch):
+    import attngen.check
+
+    seen = []
+    real = attngen.check.make_inputs
+
+    def spy(*args, **kwargs):
+        q, k, v, inputs = real(*args, **kwargs)
+        seen.append(inputs["doc"])
+        return q, k, v, inputs
+
+    monkeypatch.setattr(attngen.check, "make_inputs", spy)
+    op = attngen.compile({"name": "doc_tune", "inputs": {"doc": {"dtype": "int32", "shape": ["B", "T_KV"]}},
+                          "mask": "doc[b, q] == doc[b, k]", "tiles": {"block_q": [16], "block_kv": [16], "num_warps": [4], "num_stages": [1]}})
+    tune(op, dims(T_Q=40, T_KV=40, D_QK=16), torch.float32, DEVICE, timer=lambda fn: 1.0, cache=TuneCache(tmp_path),
+         kernels=("fwd",), progress=False, doc_len=10)  # fmt: skip
+    assert seen[0][0].tolist() == [i // 10 for i in range(40)]
