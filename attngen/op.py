@@ -198,10 +198,15 @@ class AttentionOp:
         B, T_Q, T_KV = dims["B"], dims["T_Q"], dims["T_KV"]
         bg, bv = (block_q, block_kv) if var == "k" else (block_kv, block_q)
         n_given = _cdiv(T_Q if var == "k" else T_KV, bg)
+        import triton.language as tl  # not at import: TRITON_INTERPRET is read when Triton loads
+
         meta = torch.empty((B, n_given, ranges.meta.count, 4), dtype=torch.int32, device=device)
+        # compare in int64 when any input holds int64 values (whatever its declared dtype)
+        wide = ranges.meta.wide or any(t.dtype == torch.int64 for t in inputs)
         self.kernel(ranges.meta.name, device)[(n_given, B)](
             meta, *self._input_args(inputs), T_Q, T_KV, position_offset(self.spec, T_Q, T_KV),
-            BLOCK_G=bg, BLOCK_V=bv, CHUNK=max(1, 4096 // bv), num_warps=4,
+            BLOCK_G=bg, BLOCK_V=bv, CHUNK=max(1, 4096 // bv),
+            ACC=tl.int64 if wide else tl.int32, BIG=2**62 if wide else 2**31 - 1, num_warps=4,
         )  # fmt: skip
         return [meta]
 
@@ -212,11 +217,11 @@ class AttentionOp:
         return [self.plan] if self.plan.perm is None else [self.plan, self.plan.perm]
 
     @staticmethod
-    def _tiles(part, n: int, block: int, offset: int = 0) -> int:
-        """Programs along a sequence of ``n`` positions (from ``offset``) in tiles of ``block``:
-        in residue order, one run of tiles per residue class."""
+    def _tiles(part, n: int, block: int) -> int:
+        """Programs along a sequence of ``n`` positions in tiles of ``block``: in residue
+        order, one run of tiles per residue class (each has at most ``ceil(n / c)``)."""
         c = part.perm_stride
-        return _cdiv(n, block) if not c else c * _cdiv(_cdiv(offset + n, c), block)
+        return _cdiv(n, block) if not c else c * _cdiv(_cdiv(n, c), block)
 
     def forward_impl(self, q, k, v, inputs):
         dims, runtime, constexprs = self._common(q, k, v)
@@ -226,7 +231,7 @@ class AttentionOp:
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
         for part in self.parts:
-            grid = (self._tiles(part, T_Q, cfg.block_q, runtime[3]), H, B)
+            grid = (self._tiles(part, T_Q, cfg.block_q), H, B)
             self.kernel(part.fwd.name, q.device)[grid](
                 q, k, v, o, lse,
                 *self._input_args(inputs), *meta,
@@ -266,7 +271,7 @@ class AttentionOp:
         cfg = self.config_for("dq", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
         for part in self.parts:
-            self.kernel(part.dq.name, q.device)[(self._tiles(part, T_Q, cfg.block_q, runtime[3]), H, B)](
+            self.kernel(part.dq.name, q.device)[(self._tiles(part, T_Q, cfg.block_q), H, B)](
                 q, k, v, do, lse, delta, dq,
                 *input_args, *meta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),

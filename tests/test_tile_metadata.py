@@ -178,7 +178,7 @@ def test_strided_tiles_visited_in_residue_order_are_full():
     stride=st.integers(2, 9),
     band=st.integers(0, 12),
     t_q=st.integers(1, 48),
-    extra=st.integers(0, 16),
+    extra=st.integers(-16, 16),  # T_KV < T_Q puts the first queries at negative positions
     globals_=st.integers(0, 3),
     normalizer=st.sampled_from(["softmax", "sigmoid"]),
     seed=st.integers(0, 1000),
@@ -187,9 +187,30 @@ def test_strided_two_part_kernels_match_the_reference(stride, band, t_q, extra, 
     mask = f"k <= q and (q - k < {band} or (q - k) % {stride} == 0 or k < {globals_})"
     op = attngen.compile({"name": "strided_fuzz", "mask": mask, "score": "3.0 * tanh(s / 3.0)", "normalizer": normalizer})
     assert op.plan.perm is not None
-    d = dims(B=1, H=2, H_KV=1, T_Q=t_q, T_KV=t_q + extra)
+    d = dims(B=1, H=2, H_KV=1, T_Q=t_q, T_KV=max(1, t_q + extra))
     _small_tiles(op, d, torch.float32)
     gen = torch.Generator().manual_seed(seed)
     q, k, v, inputs = make_inputs(op.spec, d, dtype=torch.float32, device=DEVICE, generator=gen)
     rows = compare(op, attngen.reference(op.spec), q, k, v, inputs, backward=True, generator=gen)
     assert all(r.ok for r in rows), format_rows(rows)
+
+
+def _assert_matches_reference(spec, d, inputs=None):
+    op = attngen.compile(spec)
+    _small_tiles(op, d, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, drawn = make_inputs(op.spec, d, dtype=torch.float32, device=DEVICE, generator=gen)
+    rows = compare(op, attngen.reference(op.spec), q, k, v, inputs or drawn, backward=True, generator=gen)
+    assert all(r.ok for r in rows), format_rows(rows)
+
+
+def test_strided_queries_at_negative_positions_get_their_strided_keys():
+    # bottom-right with T_Q > T_KV: queries 0..9 sit at positions -10..-1 and see keys 2, 5, 8
+    _assert_matches_reference({"name": "neg", "mask": "(q - k) % 3 == 0"}, dims(B=1, H=1, H_KV=1, T_Q=20, T_KV=10))
+
+
+def test_int64_ids_in_an_input_declared_int32_are_compared_in_int64():
+    # 2**32 truncated to int32 is 0: the metadata must not call the two documents one
+    ids = torch.tensor([[0] * 16 + [2**32] * 16]).to(DEVICE)
+    spec = {"name": "wide", "inputs": DOC, "mask": "doc[b, q] == doc[b, k]"}
+    _assert_matches_reference(spec, dims(B=1, H=2, H_KV=1, T_Q=32, T_KV=32), {"doc": ids})
