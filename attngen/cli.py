@@ -141,6 +141,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _check_doc_len(doc_len: int | None, spec) -> None:
+    """``--doc-len`` must be positive and apply to some integer runtime input."""
+    if doc_len is None:
+        return
+    if doc_len < 1:
+        raise UsageError(f"--doc-len {doc_len}: a document has at least 1 token")
+    if not any(i.kind == "int" for i in spec.inputs):
+        raise UsageError(f"--doc-len: spec {spec.name!r} has no integer runtime input to fill with document ids; drop the flag")
+
+
 def _show_tiles(args) -> int:
     import time
 
@@ -385,12 +395,11 @@ def _tune(args) -> int:
     from .tune import tune
 
     op = compile_spec(args.spec, **_params(args.param))
+    _check_doc_len(args.doc_len, op.spec)
     dtype = getattr(torch, DTYPES[args.dtype])
     for dims in args.gpu_shapes:
         dims["D_V"] = dims["D_QK"]
         start = time.perf_counter()
-        if args.doc_len is not None and args.doc_len < 1:
-            raise UsageError(f"--doc-len {args.doc_len}: a document has at least 1 token")
         results = tune(op, dims, dtype, "cuda", doc_len=args.doc_len)
         print(f"{op.spec.name} {dims} {args.dtype}: {time.perf_counter() - start:.1f} s")
         for r in results:
@@ -433,10 +442,9 @@ def _run(args) -> int:
     from .reference import reference
 
     params = _params(args.param)
-    if args.doc_len is not None and args.doc_len < 1:
-        raise UsageError(f"--doc-len {args.doc_len}: a document has at least 1 token")
     op = compile_spec(args.spec, **params)
     spec = op.spec
+    _check_doc_len(args.doc_len, spec)
     dims = args.shape or ({"B": 2, "H": 4, "H_KV": 2, "T_Q": 100, "T_KV": 100, "D_QK": 64} if device == "cpu" else {"B": 2, "H": 8, "H_KV": 2, "T_Q": 1000, "T_KV": 1000, "D_QK": 128})
     dims["D_V"] = args.dv or dims["D_QK"]
     dtype = getattr(torch, DTYPES[args.dtype])

@@ -34,3 +34,22 @@ def test_bad_spec_exits_2_with_the_field():
     res = run_cli("run", "causal", "--device", "cpu", "--param", "window=3")
     assert res.returncode == 2
     assert "params.window: unknown param" in res.stderr
+
+
+def test_usage_errors_say_what_to_change():
+    for args, message in (
+        (("run", "causal", "--device", "cpu", "--doc-len", "4"), "has no integer runtime input"),
+        (("run", "document", "--device", "cpu", "--doc-len", "0"), "at least 1 token"),
+        (("show", "causal", "--png", "map.png"), "add --tiles"),
+    ):
+        res = run_cli(*args)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+def test_show_lists_metadata_and_residue_order_kernels():
+    doc = run_cli("show", "document").stdout
+    assert "attn_tile_ranges_k" in doc and "attn_tile_ranges_q" in doc
+    strided = run_cli("show", "strided").stdout
+    assert "attn_fwd_perm" in strided and "attn_bwd_dkdv_perm" in strided and "attn_bwd_dq_perm" in strided
+    tiles = run_cli("show", "strided", "--tiles", "--t-q", "1024").stdout
+    assert "runs in residue order" in tiles
