@@ -139,101 +139,144 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
         meta["command"] = f"{old['meta']['command']}; then {meta['command']}"
     result = {"meta": meta, "rows": rows}
 
-    names, suite_dims, suite_seqs = SUITES[suite]
-    names = variants or names
     device = "cuda"
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    flex = _compiled_flex()
+    # one case per (variant, D, T), in the suite's order
+    for name, d, t, b, h in _cases(suite, variants, dims, seqs):
+        if (name, d, t) in done:
+            continue
+        var = VARIANTS[name]
+        q, k, v, do, inputs = _case_inputs(var, b, h, t, d, device)
+        density = _density(var, t, inputs)
+        flops = 4.0 * b * h * t * t * d * density
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        # cold: render and load, then the first forward+backward (Triton compiles lazily)
+        start = time.perf_counter()
+        op = attngen.compile(var.spec, **var.params(t))
+        op(*leaves, **inputs).backward(do)
+        torch.cuda.synchronize()
+        cold_compile = time.perf_counter() - start
+        fns: dict[str, Callable] = {}
+        fns["attngen"] = lambda: op(*leaves, **inputs)
+        if "flex" in systems:
+            fns["flex"] = _flex_call(flex, var, b, t, inputs, leaves, device)
+        if var.sdpa is not None:
+            for sys_name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+                if sys_name in systems:
+                    def run(backend=backend, kw=var.sdpa):
+                        with sdpa_kernel([backend]):
+                            return sdpa(*leaves, **kw)
+                    fns[sys_name] = run
+        outputs = {}
+        for sys_name, fn in fns.items():
+            try:
+                with torch.no_grad():
+                    outputs[sys_name] = fn().float()
+            except Exception as exc:  # a baseline that cannot run this case
+                rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode="fwd", ms=None, tflops=None,
+                                 status=f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
+                continue
+        baseline = next((outputs[s] for s in ("flex", "sdpa-cudnn", "sdpa-flash") if s in outputs), None)
+        for sys_name, fn in fns.items():
+            if sys_name not in outputs:
+                continue
+            status = "ok"
+            if sys_name == "attngen" and baseline is not None:
+                err = (outputs["attngen"] - baseline).abs().max().item()
+                if not math.isfinite(err) or err > 5e-2:
+                    status = f"WRONG: max |attngen - baseline| = {err:.3g}"
+            for mode in modes:
+                if status != "ok":
+                    rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode=mode, ms=None, tflops=None, status=status))
+                    continue
+                if mode == "fwd":
+                    ms = bench(fn)
+                    work = flops
+                else:
+                    ms = bench(lambda: fn().backward(do), grads=leaves)
+                    work = 3.5 * flops
+                rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode=mode, ms=round(ms, 4),
+                                 tflops=round(work / ms / 1e9, 1), status="ok", density=round(density, 5)))
+        start = time.perf_counter()
+        attngen.compile(var.spec, **var.params(t))
+        warm_compile = time.perf_counter() - start
+        extra = {}
+        if op.plan.fwd_ranges.meta is not None and "fwd" in modes:
+            # the device-side tile metadata of the forward, timed alone and as a share of it
+            extra["metadata_ms"] = round(_metadata_ms(op, q, k, v, inputs), 4)
+            fwd_ms = next(r["ms"] for r in rows if r["system"] == "attngen" and r["variant"] == name
+                          and r["D"] == d and r["T"] == t and r["mode"] == "fwd")
+            if fwd_ms:
+                extra["metadata_share"] = round(extra["metadata_ms"] / fwd_ms, 4)
+        rows.append(dict(system="attngen", variant=name, D=d, T=t, mode="compile", ms=None, tflops=None,
+                         status="ok", cold_compile_s=round(cold_compile, 3), warm_compile_ms=round(warm_compile * 1e3, 2),
+                         **extra))
+        print(_line(rows, name, d, t), flush=True)
+        if out is not None:
+            write_outputs(result, out, suite)
+    return result
+
+
+def _cases(suite: str, variants=None, dims=None, seqs=None):
+    """``(variant, D, T, B, H)`` of every case of a suite, in its order (16,384 tokens per
+    batch, H = 2048 / D)."""
+    names, suite_dims, suite_seqs = SUITES[suite]
+    for d in dims or suite_dims:
+        for t in seqs or suite_seqs:
+            for name in variants or names:
+                yield name, d, t, max(1, TOKENS // t), 2048 // d
+
+
+def _case_inputs(var: Variant, b: int, h: int, t: int, d: int, device: str):
+    """q, k, v, the output gradient and the runtime inputs of one case (seeded)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v, do = (torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    return q, k, v, do, var.inputs(b, h, t, device)
+
+
+def _compiled_flex():
+    """``torch.compile(flex_attention)`` with the recompile limits raised, so that no case
+    silently falls back to the eager (unfused) implementation."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     torch._dynamo.config.cache_size_limit = 1024
     if hasattr(torch._dynamo.config, "recompile_limit"):
         torch._dynamo.config.recompile_limit = 1024
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    from torch.nn.functional import scaled_dot_product_attention as sdpa
+    return torch.compile(flex_attention, dynamic=False)
 
-    flex = torch.compile(flex_attention, dynamic=False)
-    for d in dims or suite_dims:
-        for t in seqs or suite_seqs:
-            b, h = max(1, TOKENS // t), 2048 // d
-            for name in names:
-                if (name, d, t) in done:
-                    continue
-                var = VARIANTS[name]
-                gen = torch.Generator(device=device).manual_seed(0)
-                q, k, v = (torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(3))
-                do = torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, generator=gen)
-                inputs = var.inputs(b, h, t, device)
-                density = _density(var, t, inputs)
-                flops = 4.0 * b * h * t * t * d * density
-                leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-                # cold: render and load, then the first forward+backward (Triton compiles lazily)
-                start = time.perf_counter()
-                op = attngen.compile(var.spec, **var.params(t))
-                op(*leaves, **inputs).backward(do)
-                torch.cuda.synchronize()
-                cold_compile = time.perf_counter() - start
-                fns: dict[str, Callable] = {}
-                fns["attngen"] = lambda: op(*leaves, **inputs)
-                if "flex" in systems:
-                    mod_inputs = {**inputs, "_prefix": var.params(t).get("prefix")}
-                    block_mask = None
-                    if var.mask_mod is not None:
-                        block_mask = create_block_mask(var.mask_mod(mod_inputs), b, None, t, t, device=device, _compile=True)
-                    score_mod = var.score_mod(mod_inputs) if var.score_mod else None
-                    fns["flex"] = lambda bm=block_mask, sm=score_mod: flex(*leaves, score_mod=sm, block_mask=bm)
-                if var.sdpa is not None:
-                    for sys_name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
-                        if sys_name in systems:
-                            def run(backend=backend, kw=var.sdpa):
-                                with sdpa_kernel([backend]):
-                                    return sdpa(*leaves, **kw)
-                            fns[sys_name] = run
-                outputs = {}
-                for sys_name, fn in fns.items():
-                    try:
-                        with torch.no_grad():
-                            outputs[sys_name] = fn().float()
-                    except Exception as exc:  # a baseline that cannot run this case
-                        rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode="fwd", ms=None, tflops=None,
-                                         status=f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
-                        continue
-                baseline = next((outputs[s] for s in ("flex", "sdpa-cudnn", "sdpa-flash") if s in outputs), None)
-                for sys_name, fn in fns.items():
-                    if sys_name not in outputs:
-                        continue
-                    status = "ok"
-                    if sys_name == "attngen" and baseline is not None:
-                        err = (outputs["attngen"] - baseline).abs().max().item()
-                        if not math.isfinite(err) or err > 5e-2:
-                            status = f"WRONG: max |attngen - baseline| = {err:.3g}"
-                    for mode in modes:
-                        if status != "ok":
-                            rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode=mode, ms=None, tflops=None, status=status))
-                            continue
-                        if mode == "fwd":
-                            ms = bench(fn)
-                            work = flops
-                        else:
-                            ms = bench(lambda: fn().backward(do), grads=leaves)
-                            work = 3.5 * flops
-                        rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode=mode, ms=round(ms, 4),
-                                         tflops=round(work / ms / 1e9, 1), status="ok", density=round(density, 5)))
-                start = time.perf_counter()
-                attngen.compile(var.spec, **var.params(t))
-                warm_compile = time.perf_counter() - start
-                extra = {}
-                if op.plan.fwd_ranges.meta is not None and "fwd" in modes:
-                    # the device-side tile metadata of the forward, timed alone and as a share of it
-                    extra["metadata_ms"] = round(_metadata_ms(op, q, k, v, inputs), 4)
-                    fwd_ms = next(r["ms"] for r in rows if r["system"] == "attngen" and r["variant"] == name
-                                  and r["D"] == d and r["T"] == t and r["mode"] == "fwd")
-                    if fwd_ms:
-                        extra["metadata_share"] = round(extra["metadata_ms"] / fwd_ms, 4)
-                rows.append(dict(system="attngen", variant=name, D=d, T=t, mode="compile", ms=None, tflops=None,
-                                 status="ok", cold_compile_s=round(cold_compile, 3), warm_compile_ms=round(warm_compile * 1e3, 2),
-                                 **extra))
-                print(_line(rows, name, d, t), flush=True)
-                if out is not None:
-                    write_outputs(result, out, suite)
-    return result
+
+def _flex_call(flex, var: Variant, b: int, t: int, inputs: dict, leaves, device: str) -> Callable:
+    """FlexAttention's call for a case; the block mask is built here, outside any timing."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    mod_inputs = {**inputs, "_prefix": var.params(t).get("prefix")}
+    block_mask = None
+    if var.mask_mod is not None:
+        block_mask = create_block_mask(var.mask_mod(mod_inputs), b, None, t, t, device=device, _compile=True)
+    score_mod = var.score_mod(mod_inputs) if var.score_mod else None
+    return lambda: flex(*leaves, score_mod=score_mod, block_mask=block_mask)
+
+
+def warm_flex(suite: str, *, shard: tuple[int, int] = (0, 1), variants=None, dims=None, seqs=None) -> int:
+    """Compile FlexAttention's forward and backward for every ``shard[1]``-th case of a suite,
+    starting at ``shard[0]``, without timing anything. Run in parallel processes before a
+    suite, this fills Inductor's on-disk caches so that the timed run (one process, one GPU)
+    does not spend most of its time compiling the baseline. Returns the number of cases."""
+    flex = _compiled_flex()
+    n = 0
+    for i, (name, d, t, b, h) in enumerate(_cases(suite, variants, dims, seqs)):
+        if i % shard[1] != shard[0]:
+            continue
+        var = VARIANTS[name]
+        q, k, v, do, inputs = _case_inputs(var, b, h, t, d, "cuda")
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        _flex_call(flex, var, b, t, inputs, leaves, "cuda")().backward(do)
+        torch.cuda.synchronize()
+        n += 1
+    return n
 
 
 def _metadata_ms(op, q, k, v, inputs: dict) -> float:

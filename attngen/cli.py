@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dims", type=int, nargs="+", default=None)
     bench.add_argument("--seqs", type=int, nargs="+", default=None)
     bench.add_argument("--resume", action="store_true", help="keep and skip the cases already in OUT/SUITE.json (run a long suite in pieces)")
+    bench.add_argument("--warm-jobs", type=int, default=0, metavar="N",
+                       help="first compile FlexAttention for the suite's cases in N parallel processes (fills Inductor's caches; nothing is timed there)")
+    bench.add_argument("--warm-shard", default=None, metavar="I/N", help=argparse.SUPPRESS)
 
     zoo_docs = sub.add_parser("zoo-docs", help="write the spec zoo page and its tile-map pictures")
     zoo_docs.add_argument("--out", default="docs")
@@ -424,6 +427,28 @@ def _bench(args) -> int:
     if args.suite == "long":
         print(bench.long_window())
         return 0
+    selection = dict(variants=args.variants, dims=args.dims, seqs=args.seqs)
+    if args.warm_shard:  # one worker of --warm-jobs
+        i, n = (int(x) for x in args.warm_shard.split("/"))
+        print(f"warmed FlexAttention for {bench.warm_flex(args.suite, shard=(i, n), **selection)} cases (shard {i}/{n})")
+        return 0
+    if args.warm_jobs < 0:
+        raise UsageError(f"--warm-jobs {args.warm_jobs}: give a number of processes, 0 for none")
+    if args.warm_jobs:
+        import subprocess
+        import time
+
+        start = time.perf_counter()
+        extra: list[str] = []
+        for flag, values in (("--variants", args.variants), ("--dims", args.dims), ("--seqs", args.seqs)):
+            if values:
+                extra += [flag, *map(str, values)]
+        workers = [
+            subprocess.Popen([sys.executable, "-m", "attngen", "bench", "--suite", args.suite, "--warm-shard", f"{i}/{args.warm_jobs}", *extra])
+            for i in range(args.warm_jobs)
+        ]  # fmt: skip
+        failed = [w.args for w in workers if w.wait() != 0]
+        print(f"warm-up: {args.warm_jobs} processes, {time.perf_counter() - start:.0f} s" + (f"; {len(failed)} failed (the suite compiles what they missed)" if failed else ""))
     result = bench.run_suite(
         args.suite, out=Path(args.out) if args.out else None, variants=args.variants, dims=args.dims, seqs=args.seqs,
         command="python -m attngen " + " ".join(sys.argv[1:]), resume=args.resume,

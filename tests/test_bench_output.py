@@ -32,3 +32,13 @@ def test_write_outputs_makes_json_markdown_and_a_plot_per_head_dim(tmp_path):
     assert names == ["suite-d128.png", "suite-d64.png", "suite.json", "suite.md"]
     assert json.loads((tmp_path / "suite.json").read_text()) == RESULT
     assert (tmp_path / "suite-d128.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_anchor_cases_are_the_anchors_table_and_shards_split_them_once():
+    from attngen.bench import _cases
+
+    cases = list(_cases("anchors"))
+    assert len(cases) == 7 * 2 * 2 == len(set(cases))
+    assert ("document", 128, 16384, 1, 16) in cases and ("softcap", 64, 4096, 4, 32) in cases  # 16,384 tokens, H = 2048 / D
+    shards = [[c for i, c in enumerate(cases) if i % 3 == s] for s in range(3)]
+    assert sorted(sum(shards, [])) == sorted(cases)
