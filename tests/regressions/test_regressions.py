@@ -95,11 +95,38 @@ def test_masked_and_skipped_keys_are_never_read():
     k_bad[:, :, : first_visible - 64] = float("nan")  # whole key tiles the kernels skip
     v_bad[:, :, : first_visible - 64] = float("inf")
     k_bad[:, :, first_visible - 1] = float("inf")  # a masked key inside a visited tile
+    v_bad[:, :, first_visible - 1] = float("nan")  # 0 * nan in p @ v would poison the rows
     dirty = run(k_bad, v_bad)
     for name, a, b in zip(("o", "dq"), clean[:2], dirty[:2]):
         assert torch.equal(a, b), name
     # gradients of keys nobody sees are exactly zero
     assert torch.all(dirty[2][:, :, :first_visible] == 0) and torch.all(dirty[3][:, :, :first_visible] == 0)
+
+
+def test_padding_keys_and_queries_with_garbage_change_nothing():
+    # Padded batches keep garbage (uninitialised memory: inf, nan) in the padding positions.
+    # Keys past a sequence's length and queries past it must not reach any other row, in
+    # the forward or in any gradient, even inside tiles the kernels visit.
+    spec = {"name": "padded", "inputs": {"n": {"dtype": "int32", "shape": ["B"]}}, "mask": "k < n[b] and q < n[b]"}
+    op = attngen.compile(spec)
+    gen = torch.Generator().manual_seed(5)
+    t, n = 40, 27
+    q, k, v, do = (torch.randn(1, 2, t, 16, generator=gen).to(DEVICE) for _ in range(4))
+    lengths = torch.tensor([n], dtype=torch.int32, device=DEVICE)
+
+    def run(q, k, v):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = op(*leaves, n=lengths)
+        return (o, *torch.autograd.grad(o, leaves, do))
+
+    clean = run(q, k, v)
+    bad = [x.clone() for x in (q, k, v)]
+    for x, value in zip(bad, (float("nan"), float("inf"), float("nan"))):
+        x[:, :, n:] = value
+    dirty = run(*bad)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), clean, dirty):
+        assert torch.equal(a[:, :, :n], b[:, :, :n]), name
+    assert torch.all(dirty[0][:, :, n:] == 0)  # rows that see no key: output 0
 
 
 def test_backward_skips_the_tiles_the_forward_skips():
@@ -167,3 +194,27 @@ def test_bthd_views_with_more_than_two_to_the_31_elements():
         s = (q[0, :, r, None].double() @ q[0, :, lo : r + 1].double().transpose(-1, -2)) / math.sqrt(d)
         ref = (torch.softmax(s, -1) @ q[0, :, lo : r + 1].double())[:, 0]
         assert (o[0, :, r].double() - ref).abs().max() < 2e-2, r
+
+
+def test_a_score_of_minus_infinity_on_a_whole_row_gives_zero_not_nan():
+    # A score modification may send every score of a row to -inf (an additive bias used as a
+    # mask). In tiles run without the element mask the online softmax then computed
+    # exp2(-inf - -inf) = nan; the row must come out as a row that sees no key: o = 0,
+    # lse = -inf, and gradients free of nan.
+    spec = {"name": "rowbias", "inputs": {"rb": {"dtype": "float32", "shape": ["B", "T_Q"]}}, "score": "s + rb[b, q]"}
+    op = attngen.compile(spec)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 1, 128, 16, generator=gen).to(DEVICE) for _ in range(4))
+    rb = torch.zeros(1, 128, device=DEVICE)
+    rb[0, 3] = float("-inf")
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o, lse = op(*leaves, rb=rb, return_lse=True)
+    grads = torch.autograd.grad(o, leaves, do)
+    assert torch.equal(o[0, 0, 3], torch.zeros_like(o[0, 0, 3])) and lse[0, 0, 3] == float("-inf")
+    assert not any(torch.isnan(x).any() for x in (o, lse, *grads))
+    # every other row is untouched: the same as without the bias on row 3
+    rb_clean = rb.clone()
+    rb_clean[0, 3] = 0.0
+    o_clean = op(q, k, v, rb=rb_clean)
+    keep = torch.arange(128, device=DEVICE) != 3
+    assert torch.equal(o[0, 0, keep], o_clean[0, 0, keep])
