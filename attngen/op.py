@@ -93,7 +93,10 @@ class AttentionOp:
         _, ordered = check_call(self.spec, q, k, v, inputs, constant_reads=self._constant_reads)
         if return_lse and self.plan.sigmoid:
             raise UnsupportedError("return_lse: sigmoid attention has no log-sum-exp; call without return_lse")
-        o, lse = torch.ops.attngen.attention_fwd(q, k, v, ordered, self.op_id)
+        if torch.compiler.is_compiling():  # the custom op: traceable, with a fake implementation
+            o, lse = torch.ops.attngen.attention_fwd(q, k, v, ordered, self.op_id)
+        else:  # eager: the same implementations without the dispatcher's per-call host cost
+            o, lse = _EagerAttention.apply(q, k, v, self.op_id, *ordered)
         return (o, lse) if return_lse else o
 
     # -- kernel access -------------------------------------------------------------------
@@ -335,6 +338,37 @@ def _backward(ctx, do, dlse):
         q, k, v, *ins = ctx.saved_tensors
         dq, dk, dv = torch.ops.attngen.attention_bwd_recompute(do, dlse, q, k, v, ins, ctx.op_id)
     return dq, dk, dv, [None] * len(ins), None
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Eager calls: the forward and backward of the custom ops (same implementations, same
+    saved tensors per recompute policy), as a plain autograd function. The custom ops'
+    Python dispatch costs tens of microseconds of host time per call, which short calls
+    (a sparse mask at moderate length) cannot hide; under ``torch.compile`` the custom ops
+    are used, so graphs stay traceable."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, op_id, *ins):
+        op = _REGISTRY[op_id]
+        o, lse = op.forward_impl(q, k, v, list(ins))
+        ctx.op_id = op_id
+        ctx.keeps_output = "o" in op.plan.saved
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, *((o, lse) if ctx.keeps_output else ()), *ins)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        op = _REGISTRY[ctx.op_id]
+        if ctx.keeps_output:
+            q, k, v, o, lse, *ins = ctx.saved_tensors
+        else:  # recompute: full
+            q, k, v, *ins = ctx.saved_tensors
+            o, lse = op.forward_impl(q, k, v, ins)
+        if do is None:  # only the log-sum-exp was used
+            do = torch.zeros_like(o)
+        dq, dk, dv = op.backward_impl(do, dlse, q, k, v, o, lse, ins)
+        return (dq, dk, dv, None, *([None] * len(ins)))
 
 
 def _custom_op(name: str, impl, fake, schema: str):

@@ -86,3 +86,26 @@ def test_constant_index_out_of_range_is_refused_by_op_and_reference():
     for fn in (attngen.compile(spec), attngen.reference(spec)):
         with pytest.raises(ShapeError, match="w: the spec reads index 5 of dimension 0, which has size 4"):
             fn(q, k, v, w=w)
+
+
+def test_gradient_through_the_log_sum_exp_alone_and_with_the_output():
+    # the eager path (an autograd function) and the custom op under torch.compile must both
+    # carry d lse: dS gains P * dlse, so the gradients equal the float64 reference's
+    op = attngen.compile("causal")
+    ref = attngen.reference("causal")
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    w = torch.randn(1, 2, 24, generator=gen, dtype=torch.float64)
+
+    def grads(fn, dtype, only_lse):
+        leaves = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v)]
+        o, lse = fn(*leaves, return_lse=True)
+        loss = (lse * w.to(DEVICE, lse.dtype)).sum() + (0 if only_lse else o.sum())
+        got = torch.autograd.grad(loss, leaves, allow_unused=True)  # lse alone does not use v
+        return [torch.zeros_like(x).double().cpu() if g is None else g.double().cpu() for g, x in zip(got, leaves)]
+
+    for only_lse in (True, False):
+        expected = grads(ref, torch.float64, only_lse)
+        for fn in (op, torch.compile(op.__call__, fullgraph=True)):
+            for got, want in zip(grads(fn, torch.float32, only_lse), expected):
+                assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
