@@ -7,9 +7,10 @@ Two ops are registered (once, on the first compile, never at import):
 * ``attngen::attention_bwd_recompute(do, dlse, q, k, v, inputs, op_id) -> (dq, dk, dv)``
   (``recompute: full``: reruns the forward inside the op)
 
-``op_id`` names an :class:`AttentionOp` in this process's registry. Both ops have fake (meta)
+``op_id`` names an :class:`AttentionOp` in this process's registry. The ops have fake (meta)
 implementations, so ``torch.compile(fullgraph=True)`` traces through them, and the forward
-has a registered autograd formula that calls the backward op.
+has a registered autograd formula that calls the backward op. Eager calls skip the custom-op
+dispatcher and run the same implementations through a plain autograd function.
 """
 
 from __future__ import annotations
