@@ -369,7 +369,27 @@ class _EagerAttention(torch.autograd.Function):
         if do is None:  # only the log-sum-exp was used
             do = torch.zeros_like(o)
         dq, dk, dv = op.backward_impl(do, dlse, q, k, v, o, lse, ins)
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative must fail loudly
+            dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v)
         return (dq, dk, dv, None, *([None] * len(ins)))
+
+
+class _NoSecondDerivative(torch.autograd.Function):
+    """Ties attention gradients built with ``create_graph=True`` to q, k and v, so that
+    differentiating them again (a gradient penalty) raises instead of silently treating the
+    attention's gradient as a constant."""
+
+    @staticmethod
+    def forward(ctx, dq, dk, dv, q, k, v):
+        return dq.clone(), dk.clone(), dv.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "attngen: the attention kernels have no second derivative, so a gradient of an attngen gradient "
+            "(create_graph=True, e.g. a gradient penalty) cannot be taken; compute that term with "
+            "attngen.reference(spec), which is plain PyTorch"
+        )
 
 
 def _custom_op(name: str, impl, fake, schema: str):

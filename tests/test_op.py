@@ -109,3 +109,14 @@ def test_gradient_through_the_log_sum_exp_alone_and_with_the_output():
         for fn in (op, torch.compile(op.__call__, fullgraph=True)):
             for got, want in zip(grads(fn, torch.float32, only_lse), expected):
                 assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    # a gradient penalty differentiates the attention gradient again; the kernels have no
+    # second derivative, so that must raise rather than drop the attention's term
+    op = attngen.compile("causal")
+    q, k, v = tensors(H=2, H_KV=1, T=12)
+    q = q.requires_grad_()
+    (g,) = torch.autograd.grad(op(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad((g * g).sum() + (q * q).sum(), q)
