@@ -144,6 +144,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def _warm_commands(args) -> list[list[str]]:
+    """The command lines of ``bench --warm-jobs N``'s worker processes: the same suite and
+    selection, one shard each."""
+    extra: list[str] = []
+    for flag, values in (("--variants", args.variants), ("--dims", args.dims), ("--seqs", args.seqs)):
+        if values:
+            extra += [flag, *map(str, values)]
+    return [
+        [sys.executable, "-m", "attngen", "bench", "--suite", args.suite, "--warm-shard", f"{i}/{args.warm_jobs}", *extra]
+        for i in range(args.warm_jobs)
+    ]
+
+
 def _check_doc_len(doc_len: int | None, spec) -> None:
     """``--doc-len`` must be positive and apply to some integer runtime input."""
     if doc_len is None:
@@ -439,14 +452,7 @@ def _bench(args) -> int:
         import time
 
         start = time.perf_counter()
-        extra: list[str] = []
-        for flag, values in (("--variants", args.variants), ("--dims", args.dims), ("--seqs", args.seqs)):
-            if values:
-                extra += [flag, *map(str, values)]
-        workers = [
-            subprocess.Popen([sys.executable, "-m", "attngen", "bench", "--suite", args.suite, "--warm-shard", f"{i}/{args.warm_jobs}", *extra])
-            for i in range(args.warm_jobs)
-        ]  # fmt: skip
+        workers = [subprocess.Popen(cmd) for cmd in _warm_commands(args)]
         failed = [w.args for w in workers if w.wait() != 0]
         print(f"warm-up: {args.warm_jobs} processes, {time.perf_counter() - start:.0f} s" + (f"; {len(failed)} failed (the suite compiles what they missed)" if failed else ""))
     result = bench.run_suite(

@@ -42,3 +42,20 @@ def test_anchor_cases_are_the_anchors_table_and_shards_split_them_once():
     assert ("document", 128, 16384, 1, 16) in cases and ("softcap", 64, 4096, 4, 32) in cases  # 16,384 tokens, H = 2048 / D
     shards = [[c for i, c in enumerate(cases) if i % 3 == s] for s in range(3)]
     assert sorted(sum(shards, [])) == sorted(cases)
+
+
+def test_warm_jobs_workers_get_the_same_selection_and_one_shard_each():
+    import sys
+
+    from attngen.cli import _warm_commands, build_parser
+
+    args = build_parser().parse_args(["bench", "--suite", "anchors", "--warm-jobs", "3", "--dims", "64", "--variants", "causal", "document"])
+    cmds = _warm_commands(args)
+    assert len(cmds) == 3
+    for i, cmd in enumerate(cmds):
+        assert cmd[:6] == [sys.executable, "-m", "attngen", "bench", "--suite", "anchors"]
+        assert cmd[6:8] == ["--warm-shard", f"{i}/3"]
+        assert cmd[8:] == ["--variants", "causal", "document", "--dims", "64"]
+    # a worker's own command line parses back to the same selection
+    again = build_parser().parse_args(cmds[1][3:])
+    assert again.warm_shard == "1/3" and again.variants == ["causal", "document"] and again.dims == [64]
