@@ -33,6 +33,7 @@ def check_call(
     *,
     constant_reads: list[tuple[str, int, int]] = (),
     allow_float64: bool = False,
+    grad_inputs: frozenset[str] | None = frozenset(),
 ) -> tuple[dict[str, int], list[torch.Tensor]]:
     """Validate ``q, k, v`` and the runtime inputs against each other and the spec.
 
@@ -43,6 +44,8 @@ def check_call(
         constant_reads: ``spec.constant_reads()``, computed once by the caller (it parses the
             spec's expressions, which has no place in a traced call).
         allow_float64: accept float64 (the reference does; the kernels do not).
+        grad_inputs: the inputs that may require grad (float inputs the score reads, whose
+            gradients the kernels compute); ``None`` allows every float input.
 
     Returns:
         The named dimensions (``B, H, H_KV, T_Q, T_KV, D_QK, D_V``) and the runtime inputs in
@@ -50,7 +53,8 @@ def check_call(
 
     Raises:
         ShapeError: naming the argument, what was expected and what came.
-        UnsupportedError: a runtime input requires grad (not supported yet).
+        UnsupportedError: a runtime input requires grad that cannot take one (an integer or
+            boolean input, or a float input the score does not read).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -124,10 +128,10 @@ def check_call(
                 f"{name}: dtype {_dtype_name(t.dtype)} does not fit the declared {decl.dtype}; "
                 f"cast with {name}.to(torch.{decl.dtype})"
             )
-        if t.requires_grad:
+        if t.requires_grad and not (grad_inputs is None or name in grad_inputs):
             raise UnsupportedError(
-                f"{name}: runtime inputs that require grad are not supported yet (learnable score "
-                f"parameters are issue #9); pass {name}.detach()"
+                f"{name}: requires grad, but only float inputs that the score reads take gradients "
+                f"(learnable biases, slopes); pass {name}.detach()"
             )
         ordered.append(t)
     for name, dim, index in constant_reads:

@@ -66,10 +66,11 @@ class AttentionOp:
     output is 0). Sigmoid attention has no log-sum-exp (``return_lse`` raises
     ``UnsupportedError``). A call raises ``ShapeError`` for mismatched shapes or dtypes or a
     missing or misshaped runtime input, and ``UnsupportedError`` for a runtime input that
-    requires grad.
+    requires grad but cannot take one (only float inputs the score reads can, in eager mode).
 
     CUDA tensors run the compiled Triton kernels; CPU tensors run the same kernels under
-    Triton's interpreter. Gradients flow to q, k and v (FlashAttention-2 backward).
+    Triton's interpreter. Gradients flow to q, k and v (FlashAttention-2 backward) and to
+    float inputs the score reads that require grad (learnable slopes and bias tables).
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class AttentionOp:
         self._configs: dict[tuple[str, str], LaunchConfig | None] = {}
         self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}"
         self._constant_reads = spec.constant_reads()
+        self._grad_inputs = frozenset(plan.grad_inputs)
         _ensure_registered()
         _REGISTRY[self.op_id] = self
 
@@ -91,10 +93,18 @@ class AttentionOp:
         return f"AttentionOp({self.spec.name!r}, kernels={str(self.kernel_file)!r})"
 
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
-        _, ordered = check_call(self.spec, q, k, v, inputs, constant_reads=self._constant_reads)
+        _, ordered = check_call(self.spec, q, k, v, inputs, constant_reads=self._constant_reads, grad_inputs=self._grad_inputs)
         if return_lse and self.plan.sigmoid:
             raise UnsupportedError("return_lse: sigmoid attention has no log-sum-exp; call without return_lse")
+        learnable = any(t.requires_grad for t in ordered)
+        if learnable:  # the gradient is added at the inputs' own strides: make them dense
+            ordered = [t.contiguous() if t.requires_grad else t for t in ordered]
         if torch.compiler.is_compiling():  # the custom op: traceable, with a fake implementation
+            if learnable:
+                raise UnsupportedError(
+                    "runtime inputs that require grad work in eager mode only for now; under torch.compile "
+                    "pass them detached, or call the op outside the compiled region"
+                )
             o, lse = torch.ops.attngen.attention_fwd(q, k, v, ordered, self.op_id)
         else:  # eager: the same implementations without the dispatcher's per-call host cost
             o, lse = _EagerAttention.apply(q, k, v, self.op_id, *ordered)
@@ -245,7 +255,10 @@ class AttentionOp:
             )  # fmt: skip
         return o, lse
 
-    def backward_impl(self, do, dlse, q, k, v, o, lse, inputs):
+    def backward_impl(self, do, dlse, q, k, v, o, lse, inputs, input_grads: list[bool] | None = None):
+        """dq, dk, dv (and, with ``input_grads``, the gradients of the runtime inputs flagged
+        True, float32 summed by atomics in the dQ kernel and cast to each input's dtype;
+        None for the others)."""
         dims, runtime, constexprs = self._common(q, k, v)
         B, H, H_KV, T_Q, T_KV, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_V"))
         delta = _new_output((B, H, T_Q), torch.float32, q.device)
@@ -274,15 +287,24 @@ class AttentionOp:
             )  # fmt: skip
         cfg = self.config_for("dq", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
+        wanted = any(input_grads or ())
+        names = [i.name for i in self.spec.inputs]
+        grads = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for n, t in zip(names, inputs)
+                 if wanted and n in self._grad_inputs}  # fmt: skip
+        grad_args = [grads.get(n, t) for n, t in zip(names, inputs) if n in self._grad_inputs]
+        extra = {"INPUT_GRAD": wanted} if self._grad_inputs else {}
         for part in self.parts:
             self.kernel(part.dq.name, q.device)[(self._tiles(part, T_Q, cfg.block_q), H, B)](
                 q, k, v, do, lse, delta, dq,
-                *input_args, *meta,
+                *input_args, *meta, *grad_args,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 *runtime,
-                **constexprs, **self._launch(cfg),
+                **constexprs, **extra, **self._launch(cfg),
             )  # fmt: skip
-        return dq, dk, dv
+        if input_grads is None:
+            return dq, dk, dv
+        in_grads = [grads[n].to(t.dtype) if want and n in grads else None for n, t, want in zip(names, inputs, input_grads)]
+        return dq, dk, dv, in_grads
 
 
 # ----------------------------------------------------------------------------------------
@@ -368,10 +390,10 @@ class _EagerAttention(torch.autograd.Function):
             o, lse = op.forward_impl(q, k, v, ins)
         if do is None:  # only the log-sum-exp was used
             do = torch.zeros_like(o)
-        dq, dk, dv = op.backward_impl(do, dlse, q, k, v, o, lse, ins)
+        dq, dk, dv, in_grads = op.backward_impl(do, dlse, q, k, v, o, lse, ins, input_grads=list(ctx.needs_input_grad[4:]))
         if torch.is_grad_enabled():  # create_graph=True: a second derivative must fail loudly
             dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v)
-        return (dq, dk, dv, None, *([None] * len(ins)))
+        return (dq, dk, dv, None, *in_grads)
 
 
 class _NoSecondDerivative(torch.autograd.Function):

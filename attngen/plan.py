@@ -51,6 +51,17 @@ class LoadPlan:
 
 
 @dataclass(frozen=True)
+class GradLoad:
+    """A float runtime-input read in the score that can take a gradient (a learnable bias or
+    slope): the dQ kernel adds ``dL/dscore · dscore/d(read)`` at the read's address.
+    ``reduce`` names the tile axes its address does not vary along (summed first)."""
+
+    load: LoadPlan
+    derivative: str
+    reduce: str  # "all", "rows" (sum over keys), "cols" (sum over queries) or "none"
+
+
+@dataclass(frozen=True)
 class KernelPlan:
     """Per kernel: which runtime-input loads sit outside its inner loop and which inside."""
 
@@ -119,6 +130,15 @@ class ModulePlan:
     perm_stride: int = 0
     #: the permuted module that follows this one, if the mask has a strided part
     perm: "ModulePlan | None" = None
+    #: float inputs read in the score, which may require grad (learnable score parameters)
+    grad_loads: tuple[GradLoad, ...] = ()
+
+    @property
+    def grad_inputs(self) -> tuple[str, ...]:
+        """Names of the inputs with gradients, in the spec's declaration order (the order of
+        the dQ kernel's ``<name>_grad_ptr`` arguments)."""
+        used = {gl.load.input for gl in self.grad_loads}
+        return tuple(i.name for i in self.inputs if i.name in used)
 
 
 def make_plan(g: nx.DiGraph) -> ModulePlan:
@@ -146,6 +166,16 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         # a score free of s (a bias alone) must still be a full tile: broadcast it
         score_code = f"tl.full(s.shape, 0.0, tl.float32) + ({score_code})"
 
+    grad_loads = []
+    if "score" in g:
+        score = g.nodes["score"]["expr"]
+        for ld in loads:
+            sym = next(d["symbol"] for d in loads_nodes if d["symbol"].name == ld.var)
+            if ld.is_float and sym in score.free_symbols:
+                q_dep, k_dep = "q" in ld.deps, "k" in ld.deps
+                reduce = {(False, False): "all", (True, False): "rows", (False, True): "cols", (True, True): "none"}[(q_dep, k_dep)]
+                grad_loads.append(GradLoad(ld, pr(sympy.diff(score, sym)), reduce))
+
     def module(mask_code: str, tiles: str, perm_stride: int = 0, suffix: str = "") -> ModulePlan:
         return ModulePlan(
             spec_name=spec.name,
@@ -168,6 +198,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
             fwd_ranges=_ranges(g.graph[tiles + "k"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
             dkdv_ranges=_ranges(g.graph[tiles + "q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
             perm_stride=perm_stride,
+            grad_loads=tuple(grad_loads),
         )
 
     split_ = g.graph.get("periodic")

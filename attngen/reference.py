@@ -56,7 +56,7 @@ def reference(spec: Any, **params: int | float) -> Callable[..., Any]:
     constant_reads = spec.constant_reads()
 
     def run(q, k, v, *, return_lse: bool = False, **inputs):
-        dims, ordered = check_call(spec, q, k, v, inputs, constant_reads=constant_reads, allow_float64=True)
+        dims, ordered = check_call(spec, q, k, v, inputs, constant_reads=constant_reads, allow_float64=True, grad_inputs=None)
         B, H, T_Q, D_QK = q.shape
         H_KV, T_KV = k.shape[1], k.shape[2]
         dtype, device = q.dtype, q.device

@@ -41,14 +41,6 @@ def test_call_errors_name_the_argument():
         causal(*tensors(D=300))
 
 
-def test_runtime_input_that_requires_grad_is_refused():
-    op = attngen.compile("alibi")
-    q, k, v = tensors()
-    slopes = torch.ones(2, device=DEVICE, requires_grad=True)
-    with pytest.raises(UnsupportedError, match="slopes: runtime inputs that require grad are not supported yet"):
-        op(q, k, v, slopes=slopes)
-
-
 def test_compiling_twice_reuses_the_kernel_file():
     a = attngen.compile("causal")
     b = attngen.compile("causal")
