@@ -3,11 +3,15 @@
 Two ops are registered (once, on the first compile, never at import):
 
 * ``attngen::attention_fwd(q, k, v, inputs, op_id) -> (o, lse)``
-* ``attngen::attention_bwd(do, dlse, q, k, v, o, lse, inputs, op_id) -> (dq, dk, dv)``
-* ``attngen::attention_bwd_recompute(do, dlse, q, k, v, inputs, op_id) -> (dq, dk, dv)``
+* ``attngen::attention_bwd(do, dlse, q, k, v, o, lse, inputs, input_grads, op_id) -> (dq, dk, dv, grads)``
+* ``attngen::attention_bwd_recompute(do, dlse, q, k, v, inputs, input_grads, op_id) -> (dq, dk, dv, grads)``
   (``recompute: full``: reruns the forward inside the op)
 
-``op_id`` names an :class:`AttentionOp` in this process's registry. The ops have fake (meta)
+``grads`` holds one gradient per runtime input whose bit is set in ``input_grads`` (bit i for
+input i; learnable score parameters).
+
+``op_id`` names an :class:`AttentionOp` in this process's registry (spec, kernel source and
+this file's revision). The ops have fake (meta)
 implementations, so ``torch.compile(fullgraph=True)`` traces through them, and the forward
 has a registered autograd formula that calls the backward op. Eager calls skip the custom-op
 dispatcher and run the same implementations through a plain autograd function.
@@ -15,6 +19,7 @@ dispatcher and run the same implementations through a plain autograd function.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from pathlib import Path
@@ -35,6 +40,7 @@ _REGISTER_LOCK = threading.Lock()
 _REGISTERED = False
 
 LOG2E = 1.0 / math.log(2.0)
+_OPS_REVISION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -83,7 +89,9 @@ class AttentionOp:
         self.source_digest = source_digest
         self.autotune = autotune
         self._configs: dict[tuple[str, str], LaunchConfig | None] = {}
-        self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}"
+        # the revision of this file is part of the id: graphs that torch.compile caches on disk
+        # embed the id, so a changed autograd formula or op schema never meets a stale graph
+        self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}-{_OPS_REVISION}"
         self._constant_reads = spec.constant_reads()
         self._grad_inputs = frozenset(plan.grad_inputs)
         _ensure_registered()
@@ -100,11 +108,6 @@ class AttentionOp:
         if learnable:  # the gradient is added at the inputs' own strides: make them dense
             ordered = [t.contiguous() if t.requires_grad else t for t in ordered]
         if torch.compiler.is_compiling():  # the custom op: traceable, with a fake implementation
-            if learnable:
-                raise UnsupportedError(
-                    "runtime inputs that require grad work in eager mode only for now; under torch.compile "
-                    "pass them detached, or call the op outside the compiled region"
-                )
             o, lse = torch.ops.attngen.attention_fwd(q, k, v, ordered, self.op_id)
         else:  # eager: the same implementations without the dispatcher's per-call host cost
             o, lse = _EagerAttention.apply(q, k, v, self.op_id, *ordered)
@@ -322,29 +325,39 @@ def _fwd_fake(q, k, v, inputs, op_id):
     return o, lse
 
 
-def _bwd(do, dlse, q, k, v, o, lse, inputs, op_id):
-    return _REGISTRY[op_id].backward_impl(do, dlse, q, k, v, o, lse, inputs)
+def _wanted(mask: int, n: int) -> list[bool]:
+    """The runtime inputs that want a gradient, from the ops' bit mask (bit i: input i)."""
+    return [bool(mask >> i & 1) for i in range(n)]
 
 
-def _bwd_fake(do, dlse, q, k, v, o, lse, inputs, op_id):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _bwd(do, dlse, q, k, v, o, lse, inputs, input_grads, op_id):
+    wanted = _wanted(input_grads, len(inputs))
+    dq, dk, dv, grads = _REGISTRY[op_id].backward_impl(do, dlse, q, k, v, o, lse, inputs, input_grads=wanted)
+    return dq, dk, dv, [g for g in grads if g is not None]  # one per input flagged in input_grads
 
 
-def _bwd_recompute(do, dlse, q, k, v, inputs, op_id):
+def _bwd_fake(do, dlse, q, k, v, o, lse, inputs, input_grads, op_id):
+    wanted = [t.new_empty(t.shape) for t, want in zip(inputs, _wanted(input_grads, len(inputs))) if want]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), wanted
+
+
+def _bwd_recompute(do, dlse, q, k, v, inputs, input_grads, op_id):
     # one opaque op, so no graph compiler can merge this forward with the original one
     op = _REGISTRY[op_id]
     o, lse = op.forward_impl(q, k, v, inputs)
-    return op.backward_impl(do, dlse, q, k, v, o, lse, inputs)
+    return _bwd(do, dlse, q, k, v, o, lse, inputs, input_grads, op_id)
 
 
-def _bwd_recompute_fake(do, dlse, q, k, v, inputs, op_id):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+def _bwd_recompute_fake(do, dlse, q, k, v, inputs, input_grads, op_id):
+    return _bwd_fake(do, dlse, q, k, v, None, None, inputs, input_grads, op_id)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, ins, op_id = inputs
     o, lse = output
     ctx.op_id = op_id
+    ctx.input_grads = [t.requires_grad for t in ins]  # learnable score parameters
+    ctx.grad_mask = sum(1 << i for i, want in enumerate(ctx.input_grads) if want)
     # the recompute policy decides what the backward gets back: O and lse, or only inputs
     ctx.keeps_output = "o" in _REGISTRY[op_id].plan.saved
     if ctx.keeps_output:
@@ -356,11 +369,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, dlse):
     if ctx.keeps_output:
         q, k, v, o, lse, *ins = ctx.saved_tensors
-        dq, dk, dv = torch.ops.attngen.attention_bwd(do, dlse, q, k, v, o, lse, ins, ctx.op_id)
+        dq, dk, dv, got = torch.ops.attngen.attention_bwd(do, dlse, q, k, v, o, lse, ins, ctx.grad_mask, ctx.op_id)
     else:  # recompute: full -- the backward op reruns the forward for O and the log-sum-exp
         q, k, v, *ins = ctx.saved_tensors
-        dq, dk, dv = torch.ops.attngen.attention_bwd_recompute(do, dlse, q, k, v, ins, ctx.op_id)
-    return dq, dk, dv, [None] * len(ins), None
+        dq, dk, dv, got = torch.ops.attngen.attention_bwd_recompute(do, dlse, q, k, v, ins, ctx.grad_mask, ctx.op_id)
+    got = iter(got)
+    return dq, dk, dv, [next(got) if want else None for want in ctx.input_grads], None
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -425,15 +439,15 @@ def _ensure_registered() -> None:
     with _REGISTER_LOCK:
         if _REGISTERED:
             return
-        grads = "(Tensor, Tensor, Tensor)"
+        grads = "(Tensor, Tensor, Tensor, Tensor[])"
         fwd = _custom_op("attention_fwd", _fwd, _fwd_fake, "(Tensor q, Tensor k, Tensor v, Tensor[] inputs, str op_id) -> (Tensor, Tensor)")
         _custom_op(
             "attention_bwd", _bwd, _bwd_fake,
-            "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor[] inputs, str op_id) -> " + grads,
+            "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor[] inputs, int input_grads, str op_id) -> " + grads,
         )  # fmt: skip
         _custom_op(
             "attention_bwd_recompute", _bwd_recompute, _bwd_recompute_fake,
-            "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor[] inputs, str op_id) -> " + grads,
+            "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor[] inputs, int input_grads, str op_id) -> " + grads,
         )  # fmt: skip
         fwd.register_autograd(_backward, setup_context=_setup_context)
         _REGISTERED = True

@@ -56,10 +56,20 @@ def test_only_inputs_the_score_reads_take_gradients():
     assert doc.plan.grad_loads == ()
 
 
-def test_learnable_inputs_under_torch_compile_say_what_to_do():
-    spec, make = CASES["alibi"]
-    op = attngen.compile(spec)
-    q = k = v = torch.randn(1, 2, 8, 16, device=DEVICE)
-    slopes = torch.rand(2, device=DEVICE).requires_grad_()
-    with pytest.raises(Exception, match="eager mode only"):
-        torch.compile(lambda q, k, v, s: op(q, k, v, slopes=s), fullgraph=True)(q, k, v, slopes)
+@pytest.mark.parametrize("recompute", ["lse", "full"])
+def test_learnable_inputs_under_torch_compile(recompute):
+    spec, make = CASES["relative"]
+    spec = {**spec, "name": f"learn_rel_{recompute}", "recompute": recompute}
+    op, ref = attngen.compile(spec), attngen.reference(spec)
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=gen) for _ in range(3))
+    rel = make(gen, 1, 2, 24)["rel"]
+
+    def grads(fn, dtype):
+        leaves = [x.to(DEVICE, dtype).requires_grad_() for x in (q, k, v, rel)]
+        loss = (fn(*leaves[:3], rel=leaves[3]) ** 2).sum()
+        return [x.double().cpu() for x in torch.autograd.grad(loss, leaves)]
+
+    compiled = torch.compile(lambda q, k, v, rel: op(q, k, v, rel=rel), fullgraph=True)
+    for name, got, want in zip("q k v rel".split(), grads(compiled, torch.float32), grads(ref, torch.float64)):
+        assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6, name
