@@ -72,7 +72,7 @@ class AttentionOp:
     output is 0). Sigmoid attention has no log-sum-exp (``return_lse`` raises
     ``UnsupportedError``). A call raises ``ShapeError`` for mismatched shapes or dtypes or a
     missing or misshaped runtime input, and ``UnsupportedError`` for a runtime input that
-    requires grad but cannot take one (only float inputs the score reads can, in eager mode).
+    requires grad but cannot take one (only float inputs the score reads can).
 
     CUDA tensors run the compiled Triton kernels; CPU tensors run the same kernels under
     Triton's interpreter. Gradients flow to q, k and v (FlashAttention-2 backward) and to
@@ -219,7 +219,7 @@ class AttentionOp:
 
         meta = torch.empty((B, n_given, ranges.meta.count, 4), dtype=torch.int32, device=device)
         # compare in int64 when any input holds int64 values (whatever its declared dtype)
-        wide = ranges.meta.wide or any(t.dtype == torch.int64 for t in inputs)
+        wide = any(t.dtype == torch.int64 for t in inputs)
         self.kernel(ranges.meta.name, device)[(n_given, B)](
             meta, *self._input_args(inputs), T_Q, T_KV, position_offset(self.spec, T_Q, T_KV),
             BLOCK_G=bg, BLOCK_V=bv, CHUNK=max(1, 4096 // bv),
@@ -259,9 +259,9 @@ class AttentionOp:
         return o, lse
 
     def backward_impl(self, do, dlse, q, k, v, o, lse, inputs, input_grads: list[bool] | None = None):
-        """dq, dk, dv (and, with ``input_grads``, the gradients of the runtime inputs flagged
-        True, float32 summed by atomics in the dQ kernel and cast to each input's dtype;
-        None for the others)."""
+        """dq, dk, dv and a list with, per runtime input, its gradient if ``input_grads``
+        flags it (float32 summed by atomics in the dQ kernel, cast to the input's dtype),
+        else None."""
         dims, runtime, constexprs = self._common(q, k, v)
         B, H, H_KV, T_Q, T_KV, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_V"))
         delta = _new_output((B, H, T_Q), torch.float32, q.device)
@@ -304,9 +304,8 @@ class AttentionOp:
                 *runtime,
                 **constexprs, **extra, **self._launch(cfg),
             )  # fmt: skip
-        if input_grads is None:
-            return dq, dk, dv
-        in_grads = [grads[n].to(t.dtype) if want and n in grads else None for n, t, want in zip(names, inputs, input_grads)]
+        in_grads = [grads[n].to(t.dtype) if n in grads and want else None
+                    for n, t, want in zip(names, inputs, input_grads or [False] * len(inputs))]  # fmt: skip
         return dq, dk, dv, in_grads
 
 
@@ -352,27 +351,35 @@ def _bwd_recompute_fake(do, dlse, q, k, v, inputs, input_grads, op_id):
     return _bwd_fake(do, dlse, q, k, v, None, None, inputs, input_grads, op_id)
 
 
+def _save(ctx, op_id: str, q, k, v, o, lse, ins) -> None:
+    """Save what the recompute policy keeps for the backward: O and lse, or only inputs."""
+    ctx.op_id = op_id
+    ctx.keeps_output = "o" in _REGISTRY[op_id].plan.saved
+    ctx.save_for_backward(q, k, v, *((o, lse) if ctx.keeps_output else ()), *ins)
+
+
+def _saved(ctx):
+    """``(q, k, v, o, lse, ins)``; ``o`` and ``lse`` are None under ``recompute: full``."""
+    if ctx.keeps_output:
+        q, k, v, o, lse, *ins = ctx.saved_tensors
+        return q, k, v, o, lse, ins
+    q, k, v, *ins = ctx.saved_tensors
+    return q, k, v, None, None, ins
+
+
 def _setup_context(ctx, inputs, output):
     q, k, v, ins, op_id = inputs
-    o, lse = output
-    ctx.op_id = op_id
+    _save(ctx, op_id, q, k, v, *output, ins)
     ctx.input_grads = [t.requires_grad for t in ins]  # learnable score parameters
-    ctx.grad_mask = sum(1 << i for i, want in enumerate(ctx.input_grads) if want)
-    # the recompute policy decides what the backward gets back: O and lse, or only inputs
-    ctx.keeps_output = "o" in _REGISTRY[op_id].plan.saved
-    if ctx.keeps_output:
-        ctx.save_for_backward(q, k, v, o, lse, *ins)
-    else:
-        ctx.save_for_backward(q, k, v, *ins)
 
 
 def _backward(ctx, do, dlse):
+    q, k, v, o, lse, ins = _saved(ctx)
+    mask = sum(1 << i for i, want in enumerate(ctx.input_grads) if want)
     if ctx.keeps_output:
-        q, k, v, o, lse, *ins = ctx.saved_tensors
-        dq, dk, dv, got = torch.ops.attngen.attention_bwd(do, dlse, q, k, v, o, lse, ins, ctx.grad_mask, ctx.op_id)
+        dq, dk, dv, got = torch.ops.attngen.attention_bwd(do, dlse, q, k, v, o, lse, ins, mask, ctx.op_id)
     else:  # recompute: full -- the backward op reruns the forward for O and the log-sum-exp
-        q, k, v, *ins = ctx.saved_tensors
-        dq, dk, dv, got = torch.ops.attngen.attention_bwd_recompute(do, dlse, q, k, v, ins, ctx.grad_mask, ctx.op_id)
+        dq, dk, dv, got = torch.ops.attngen.attention_bwd_recompute(do, dlse, q, k, v, ins, mask, ctx.op_id)
     got = iter(got)
     return dq, dk, dv, [next(got) if want else None for want in ctx.input_grads], None
 
@@ -386,21 +393,16 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, op_id, *ins):
-        op = _REGISTRY[op_id]
-        o, lse = op.forward_impl(q, k, v, list(ins))
-        ctx.op_id = op_id
-        ctx.keeps_output = "o" in op.plan.saved
+        o, lse = _REGISTRY[op_id].forward_impl(q, k, v, list(ins))
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(q, k, v, *((o, lse) if ctx.keeps_output else ()), *ins)
+        _save(ctx, op_id, q, k, v, o, lse, ins)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         op = _REGISTRY[ctx.op_id]
-        if ctx.keeps_output:
-            q, k, v, o, lse, *ins = ctx.saved_tensors
-        else:  # recompute: full
-            q, k, v, *ins = ctx.saved_tensors
+        q, k, v, o, lse, ins = _saved(ctx)
+        if o is None:  # recompute: full
             o, lse = op.forward_impl(q, k, v, ins)
         if do is None:  # only the log-sum-exp was used
             do = torch.zeros_like(o)

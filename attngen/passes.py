@@ -14,7 +14,7 @@ import networkx as nx
 import sympy
 
 from . import config
-from .classify import classify
+from .classify import MAX_ATOMS, classify
 from .errors import IRVerifyError, UnsupportedError
 from .expr import SYMBOLS
 from .expr import bind_params as bind
@@ -153,17 +153,16 @@ def split_periodic(g: nx.DiGraph) -> nx.DiGraph:
     mask = g.nodes["mask"]["expr"]
     if any(d.get("op") == "load_input" and d["deps"] & {"q", "k"} for _, d in g.nodes(data=True)):
         return g
-    if len(mask.atoms(sympy.core.relational.Relational)) > 10:
+    if len(mask.atoms(sympy.core.relational.Relational)) > MAX_ATOMS:
         return g
     dnf = sympy.to_dnf(mask)
-    terms = dnf.args if isinstance(dnf, sympy.Or) else (dnf,)
-    strides = {_periodic_stride(t) for t in terms}
-    periodic = [t for t in terms if _periodic_stride(t) is not None]
-    if not periodic or len(strides - {None}) != 1:
+    stride_of = {t: _periodic_stride(t) for t in (dnf.args if isinstance(dnf, sympy.Or) else (dnf,))}
+    strides = set(stride_of.values()) - {None}
+    if len(strides) != 1:  # no strided conjunct, or two strides
         return g
-    c = (strides - {None}).pop()
-    natural = sympy.Or(*[t for t in terms if _periodic_stride(t) is None])
-    perm = sympy.And(sympy.Or(*periodic), sympy.Not(natural))
+    c = strides.pop()
+    natural = sympy.Or(*[t for t, st in stride_of.items() if st is None])
+    perm = sympy.And(sympy.Or(*[t for t, st in stride_of.items() if st is not None]), sympy.Not(natural))
     q, k = SYMBOLS["q"], SYMBOLS["k"]
     perm_j = perm.xreplace({q: PERM_R + c * q, k: PERM_R + c * k})
     g.graph["periodic"] = {"stride": c, "natural": natural, "perm": perm, "perm_j": perm_j}

@@ -95,7 +95,6 @@ class MetaPlan:
     var_loads: tuple[LoadPlan, ...]
     batch_loads: tuple[LoadPlan, ...]
     tests: tuple[tuple[str, str], ...]
-    wide: bool  # an int64 input: compare in int64, else int32
 
     @property
     def count(self) -> int:
@@ -160,7 +159,6 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     def code(node: str) -> str:
         return pr(g.nodes[node]["expr"]) if node in g else ""
 
-    wide = any(i.dtype == "int64" for i in spec.inputs)
     score_code = code("score") or "s"
     if "score" in g and SYMBOLS["s"] not in g.nodes["score"]["expr"].free_symbols:
         # a score free of s (a bias alone) must still be a full tile: broadcast it
@@ -195,8 +193,8 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
             fwd=split("k", "attn_fwd" + suffix),
             dkdv=split("q", "attn_bwd_dkdv" + suffix),
             dq=split("k", "attn_bwd_dq" + suffix),
-            fwd_ranges=_ranges(g.graph[tiles + "k"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
-            dkdv_ranges=_ranges(g.graph[tiles + "q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], wide),
+            fwd_ranges=_ranges(g.graph[tiles + "k"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"]),
+            dkdv_ranges=_ranges(g.graph[tiles + "q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"]),
             perm_stride=perm_stride,
             grad_loads=tuple(grad_loads),
         )
@@ -212,7 +210,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     return dataclasses.replace(main, perm=perm)
 
 
-def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads, wide: bool) -> RangePlan:
+def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads) -> RangePlan:
     names = dict(pr.names)
     names.update({n: n for n in ("g_first", "g_last", "var_min", "var_max")})
     n = len(ranges.conjuncts)
@@ -230,7 +228,6 @@ def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], ba
             var_loads=tuple(ld for v, ld in by_var.items() if position_loads.get(v) == ranges.var),
             batch_loads=tuple(ld for v, ld in by_var.items() if v in batch_loads),
             tests=tuple(runtime_tests(ranges, pr, position_loads)),
-            wide=wide,
         )
     return RangePlan(
         statements=tuple(range_statements(ranges, TritonPrinter(names))),
