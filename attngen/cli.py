@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=None, help="default: bf16 fp16 on a GPU, fp32 on the CPU")
     fuzz.add_argument("--max-t", type=int, default=None, help="longest T_Q / T_KV drawn (default 300 on a GPU, 64 on the CPU)")
     fuzz.add_argument("--replay", default=None, help="run one reproduction file written by a failing fuzz run")
+    fuzz.add_argument("--jobs", type=int, default=1, metavar="N",
+                      help="split the examples over N processes (worker i draws with seed SEED+i); kernel compiles dominate a GPU run")
+    fuzz.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     tune = sub.add_parser("tune", help="tune a spec's kernels for this GPU and cache the winners")
     tune.add_argument("spec")
@@ -349,6 +352,10 @@ def _fuzz(args) -> int:
         return 0 if ok else 1
     if not args.spec and not args.random:
         raise UsageError("name a SPEC to fuzz its shapes, or pass --random to draw specs too")
+    if args.jobs < 1 or args.examples < 1:
+        raise UsageError(f"--jobs {args.jobs}, --examples {args.examples}: both must be at least 1")
+    if args.jobs > 1:
+        return _fuzz_parallel(args, device)
     spec = None
     if args.spec:
         from .schema import load_spec
@@ -358,7 +365,8 @@ def _fuzz(args) -> int:
     max_t = args.max_t or (300 if device == "cuda" else 64)
     failures: list[tuple[Case, str]] = []
     start = time.perf_counter()
-    progress = Progress(TextColumn("fuzz"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"))
+    progress = Progress(TextColumn("fuzz"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+                        disable=args.worker)
     task = progress.add_task("", total=args.examples)
 
     @settings(
@@ -378,6 +386,8 @@ def _fuzz(args) -> int:
             problem = f"{type(exc).__name__}: {exc}"
         if not failures:
             progress.advance(task)
+            if args.worker:  # the parent of --jobs counts these lines for its progress bar
+                print(WORKER_TICK, flush=True)
         if problem is not None:
             failures.append((case, problem))
             progress.update(task, description=f"failure found, shrinking ({len(failures)} tries)")
@@ -399,6 +409,71 @@ def _fuzz(args) -> int:
     print(f"FAIL after {took:.0f} s; minimal failing case:\n{text}{problem}")
     print(f"reproduction: {path}\nreplay with: python -m attngen fuzz --replay {path} --device {device}")
     return 1
+
+
+WORKER_TICK = "@attngen-fuzz-example"
+
+
+def _fuzz_commands(args, device: str) -> list[list[str]]:
+    """The worker command lines of ``fuzz --jobs N``: the examples split as evenly as they go,
+    worker ``i`` seeded with ``SEED + i`` (so a run is repeated by the same seed and jobs)."""
+    share, extra = divmod(args.examples, args.jobs)
+    common = ["--device", device, "--worker"]
+    if args.spec:
+        common.insert(0, args.spec)
+    if args.random:
+        common.append("--random")
+    if args.dtype:
+        common += ["--dtype", *args.dtype]
+    if args.max_t:
+        common += ["--max-t", str(args.max_t)]
+    return [
+        [sys.executable, "-m", "attngen", "fuzz", *common, "--examples", str(share + (i < extra)), "--seed", str(args.seed + i)]
+        for i in range(args.jobs)
+        if share + (i < extra) > 0
+    ]
+
+
+def _fuzz_parallel(args, device: str) -> int:
+    """Run ``fuzz --jobs N``: N worker processes, one progress bar, each worker's report."""
+    import subprocess
+    import threading
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    commands = _fuzz_commands(args, device)
+    start = time.perf_counter()
+    progress = Progress(TextColumn(f"fuzz x{len(commands)}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    task = progress.add_task("", total=args.examples)
+    reports: list[list[str]] = [[] for _ in commands]
+
+    def pump(i: int, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            if line.strip() == WORKER_TICK:
+                progress.advance(task)
+            else:
+                reports[i].append(line)
+
+    with progress:
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in commands]
+        threads = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+        for t in threads:
+            t.start()
+        codes = [p.wait() for p in procs]
+        for t in threads:
+            t.join()
+    failed = [i for i, c in enumerate(codes) if c != 0]
+    for i in failed:
+        print(f"worker {i} (seed {args.seed + i}, exit {codes[i]}):\n" + "".join(reports[i]))
+    took = time.perf_counter() - start
+    if failed:
+        print(f"FAIL: {len(failed)} of {len(commands)} workers found a failure ({took:.0f} s)")
+        return 1
+    dtypes = args.dtype or (["bf16", "fp16"] if device == "cuda" else ["fp32"])
+    print(f"{args.examples} examples passed in {took:.0f} s ({len(commands)} processes, seeds {args.seed}..{args.seed + len(commands) - 1}, "
+          f"{device}, {', '.join(dtypes)})")
+    return 0
 
 
 def _tune(args) -> int:

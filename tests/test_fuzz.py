@@ -46,3 +46,26 @@ def test_fuzz_cli_passes_and_reports_a_failure_with_a_replayable_reproduction(tm
     monkeypatch.undo()
     monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
     assert main(["fuzz", "--replay", str(repro)]) == 0  # with the real tolerance it passes
+
+
+def test_fuzz_jobs_split_the_examples_and_seed_each_worker_apart():
+    from attngen.cli import _fuzz_commands, build_parser
+
+    args = build_parser().parse_args(["fuzz", "--random", "--examples", "7", "--jobs", "3", "--seed", "10", "--dtype", "bf16", "--max-t", "50"])
+    cmds = _fuzz_commands(args, "cuda")
+    shares = [int(c[c.index("--examples") + 1]) for c in cmds]
+    seeds = [int(c[c.index("--seed") + 1]) for c in cmds]
+    assert shares == [3, 2, 2] and seeds == [10, 11, 12]
+    assert all("--worker" in c and "--random" in c and c[c.index("--dtype") + 1] == "bf16" for c in cmds)
+    # fewer examples than jobs: no worker is started with nothing to do
+    args = build_parser().parse_args(["fuzz", "causal", "--examples", "2", "--jobs", "4"])
+    assert [c[4] for c in _fuzz_commands(args, "cpu")] == ["causal", "causal"]
+
+
+def test_fuzz_jobs_runs_the_workers_and_adds_up_their_examples(tmp_path, monkeypatch, capsys):
+    from attngen.cli import main
+
+    monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
+    assert main(["fuzz", "causal", "--examples", "3", "--jobs", "2", "--max-t", "12", "--device", "cpu"]) == 0
+    assert "3 examples passed" in capsys.readouterr().out
+    assert main(["fuzz", "causal", "--examples", "2", "--jobs", "0"]) == 2
