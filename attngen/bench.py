@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -102,11 +103,13 @@ def _density(variant: Variant, t: int, inputs: dict) -> float:
 
 
 def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variants=None, dims=None, seqs=None,
-              systems=("attngen", "flex", "sdpa-flash", "sdpa-cudnn"), command: str = "", resume: bool = False) -> dict:
-    """Run a suite; return ``{"meta": ..., "rows": [...]}`` and write JSON and Markdown under
-    ``out`` if given, after every (variant, D, T), so an interrupted run keeps what it measured.
+              systems=("attngen", "flex", "sdpa-flash", "sdpa-cudnn"), command: str = "", resume: bool = False,
+              name: str | None = None) -> dict:
+    """Run a suite; return ``{"meta": ..., "rows": [...]}`` and write ``NAME.json``, ``NAME.md``
+    and the plots (``name`` defaults to the suite's) under ``out`` if given, after every
+    (variant, D, T), so an interrupted run keeps what it measured.
 
-    With ``resume``, the cases already in ``out/SUITE.json`` are kept and skipped, so a suite
+    With ``resume``, the cases already in ``out/NAME.json`` are kept and skipped, so a suite
     too long for one sitting runs in pieces; the pieces must come from the same card and
     versions (else ``ValueError``), and ``meta["command"]`` lists every piece's command.
     """
@@ -121,13 +124,15 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
         "triton": triton.__version__,
         "attngen": attngen.__version__,
         "python": platform.python_version(),
+        "suite": suite,
         "command": command or " ".join(sys.argv),
         "dtype": "bfloat16",
         "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
     }
     rows: list[dict] = []
     done: set[tuple] = set()
-    previous = out / f"{suite}.json" if out is not None else None
+    name = name or suite
+    previous = out / f"{name}.json" if out is not None else None
     if resume and previous is not None and previous.exists():
         old = json.loads(previous.read_text())
         for key in ("card", "driver", "torch", "triton", "attngen"):
@@ -216,7 +221,7 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
                          **extra))
         print(_line(rows, name, d, t), flush=True)
         if out is not None:
-            write_outputs(result, out, suite)
+            write_outputs(result, out, name)
     return result
 
 
@@ -228,6 +233,13 @@ def _cases(suite: str, variants=None, dims=None, seqs=None):
         for t in seqs or suite_seqs:
             for name in variants or names:
                 yield name, d, t, max(1, TOKENS // t), 2048 // d
+
+
+def _suite_keys(suite: str | None) -> list[tuple[str, int, int]]:
+    """``(variant, D, T)`` of every case of a named suite (none for an unknown name)."""
+    if suite not in SUITES:
+        return []
+    return [(name, d, t) for name, d, t, _, _ in _cases(suite)]
 
 
 def _case_inputs(var: Variant, b: int, h: int, t: int, d: int, device: str):
@@ -405,6 +417,11 @@ def markdown(result: dict) -> str:
         comp = cell("attngen", variant, d, t, "compile")
         comp_s = f"{comp['cold_compile_s']} s / {comp['warm_compile_ms']} ms" if comp else "—"
         lines.append(f"| {variant} | {d} | {t} | {density if density is not None else '—'} | " + " | ".join(vals) + f" | {ratio} | {comp_s} |")
+    suite = meta.get("suite") or next(iter(re.findall(r"--suite[ =](\w+)", meta.get("command", ""))), None)
+    missing = [c for c in _suite_keys(suite) if c not in set(keys)]
+    if missing:
+        lines += ["", f"Not measured ({len(missing)} of the suite's cases; the run stopped first, `--resume` adds them): "
+                  + ", ".join(f"{v} D={d} T={t}" for v, d, t in missing) + "."]
     metas = [r for r in rows if r["mode"] == "compile" and r.get("metadata_ms") is not None]
     if metas:
         lines += ["", "Tile metadata of masks that read runtime inputs (the forward's metadata kernel alone, GPU time"

@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from . import config
@@ -96,11 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
     bench.add_argument("--suite", choices=("anchors", "sparse", "long"), default="anchors")
-    bench.add_argument("--out", default=None, help="write SUITE.json and SUITE.md here (e.g. docs/benchmarks)")
+    bench.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME-d<D>.png here (e.g. docs/benchmarks)")
     bench.add_argument("--variants", nargs="+", default=None)
     bench.add_argument("--dims", type=int, nargs="+", default=None)
     bench.add_argument("--seqs", type=int, nargs="+", default=None)
-    bench.add_argument("--resume", action="store_true", help="keep and skip the cases already in OUT/SUITE.json (run a long suite in pieces)")
+    bench.add_argument("--name", default=None, help="file stem of the outputs under --out (default: the suite's name), e.g. h200")
+    bench.add_argument("--resume", action="store_true", help="keep and skip the cases already in OUT/NAME.json (run a long suite in pieces)")
     bench.add_argument("--warm-jobs", type=int, default=0, metavar="N",
                        help="first compile FlexAttention for the suite's cases in N parallel processes (fills Inductor's caches; nothing is timed there)")
     bench.add_argument("--warm-shard", default=None, metavar="I/N", help=argparse.SUPPRESS)
@@ -320,8 +323,6 @@ def _zoo(args) -> int:
 
 
 def _fuzz(args) -> int:
-    import hashlib
-    import json
     import time
 
     import yaml
@@ -336,7 +337,6 @@ def _fuzz(args) -> int:
 
     device = _pick_device(args.device)
     from .check import format_rows
-    from .load import write_atomic
     from .strategies import Case, cases, run_case
 
     if args.replay:
@@ -384,6 +384,14 @@ def _fuzz(args) -> int:
             problem = None if all(r.ok for r in rows) else format_rows(rows)
         except Exception as exc:  # a kernel or compiler error is a finding too
             problem = f"{type(exc).__name__}: {exc}"
+            if device == "cuda" and _cuda_context_lost(exc):
+                # every later call in this process fails the same way, so shrinking would
+                # only find the smallest case that runs after the fault: report this one as is
+                path = _write_repro(case)
+                print(f"FAIL (CUDA fault; not shrunk: this process's CUDA context is lost):\n"
+                      f"{yaml.safe_dump(case.to_dict(), sort_keys=False)}{problem}\nreproduction: {path}\n"
+                      f"replay with: python -m attngen fuzz --replay {path} --device cuda", flush=True)
+                os._exit(1)
         if not failures:
             progress.advance(task)
             if args.worker:  # the parent of --jobs counts these lines for its progress bar
@@ -404,14 +412,35 @@ def _fuzz(args) -> int:
         return 0
     case, problem = failures[-1]  # hypothesis replays the minimal failing example last
     text = yaml.safe_dump(case.to_dict(), sort_keys=False)
-    path = config.cache_dir() / "fuzz" / f"repro-{hashlib.sha256(json.dumps(case.to_dict(), sort_keys=True).encode()).hexdigest()[:12]}.yaml"
-    write_atomic(path, text)
+    path = _write_repro(case)
     print(f"FAIL after {took:.0f} s; minimal failing case:\n{text}{problem}")
     print(f"reproduction: {path}\nreplay with: python -m attngen fuzz --replay {path} --device {device}")
     return 1
 
 
 WORKER_TICK = "@attngen-fuzz-example"
+
+
+def _cuda_context_lost(exc: BaseException) -> bool:
+    """Whether an exception is a sticky CUDA fault (illegal address, launch failure) after
+    which no later CUDA call in the process can succeed."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "AcceleratorError" in text or "illegal memory access" in text or "unspecified launch failure" in text
+
+
+def _write_repro(case) -> Path:
+    """Write a fuzz case as a self-contained YAML reproduction under the cache dir (atomically)."""
+    import hashlib
+    import json
+
+    import yaml
+
+    from .load import write_atomic
+
+    text = yaml.safe_dump(case.to_dict(), sort_keys=False)
+    path = config.cache_dir() / "fuzz" / f"repro-{hashlib.sha256(json.dumps(case.to_dict(), sort_keys=True).encode()).hexdigest()[:12]}.yaml"
+    write_atomic(path, text)
+    return path
 
 
 def _fuzz_commands(args, device: str) -> list[list[str]]:
@@ -444,16 +473,27 @@ def _fuzz_parallel(args, device: str) -> int:
 
     commands = _fuzz_commands(args, device)
     start = time.perf_counter()
-    progress = Progress(TextColumn(f"fuzz x{len(commands)}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    progress = Progress(TextColumn(f"fuzz x{len(commands)}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        disable=not sys.stdout.isatty())
     task = progress.add_task("", total=args.examples)
     reports: list[list[str]] = [[] for _ in commands]
 
+    plain = not sys.stdout.isatty()  # a log file gets a line per tenth instead of a live bar
+    done = [0]
+    lock = threading.Lock()
+
     def pump(i: int, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
-            if line.strip() == WORKER_TICK:
-                progress.advance(task)
-            else:
+            if line.strip() != WORKER_TICK:
                 reports[i].append(line)
+                if plain:  # shown as it comes, so a run cut short still shows what was found
+                    print(f"[worker {i}] {line}", end="", flush=True)
+                continue
+            progress.advance(task)
+            with lock:
+                done[0] += 1
+                if plain and done[0] % max(1, args.examples // 10) == 0:
+                    print(f"fuzz: {done[0]}/{args.examples} examples passed, {time.perf_counter() - start:.0f} s", flush=True)
 
     with progress:
         procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in commands]
@@ -465,7 +505,7 @@ def _fuzz_parallel(args, device: str) -> int:
             t.join()
     failed = [i for i, c in enumerate(codes) if c != 0]
     for i in failed:
-        print(f"worker {i} (seed {args.seed + i}, exit {codes[i]}):\n" + "".join(reports[i]))
+        print(f"worker {i} (seed {args.seed + i}, exit {codes[i]})" + ("" if plain else ":\n" + "".join(reports[i])))
     took = time.perf_counter() - start
     if failed:
         print(f"FAIL: {len(failed)} of {len(commands)} workers found a failure ({took:.0f} s)")
@@ -510,7 +550,7 @@ def _bench(args) -> int:
     from . import bench
 
     if args.resume and not args.out:
-        raise UsageError("--resume needs --out DIR: the suite's JSON there says which cases are done")
+        raise UsageError("--resume needs --out DIR: the suite's JSON there (NAME.json) says which cases are done")
     _pick_device("cuda")
     if args.suite == "long":
         print(bench.long_window())
@@ -532,7 +572,7 @@ def _bench(args) -> int:
         print(f"warm-up: {args.warm_jobs} processes, {time.perf_counter() - start:.0f} s" + (f"; {len(failed)} failed (the suite compiles what they missed)" if failed else ""))
     result = bench.run_suite(
         args.suite, out=Path(args.out) if args.out else None, variants=args.variants, dims=args.dims, seqs=args.seqs,
-        command="python -m attngen " + " ".join(sys.argv[1:]), resume=args.resume,
+        command="python -m attngen " + " ".join(sys.argv[1:]), resume=args.resume, name=args.name,
     )
     print(bench.markdown(result))
     return 0

@@ -59,3 +59,16 @@ def test_warm_jobs_workers_get_the_same_selection_and_one_shard_each():
     # a worker's own command line parses back to the same selection
     again = build_parser().parse_args(cmds[1][3:])
     assert again.warm_shard == "1/3" and again.variants == ["causal", "document"] and again.dims == [64]
+
+
+def test_markdown_names_the_suite_cases_a_stopped_run_did_not_measure():
+    text = markdown(RESULT)  # the sparse suite: 5 variants at D=128, T=16384; RESULT has none of them
+    line = next(x for x in text.splitlines() if x.startswith("Not measured"))
+    assert line.startswith("Not measured (5 of the suite's cases")
+    for variant in ("causal", "sliding_window", "document", "prefix_lm", "strided"):
+        assert f"{variant} D=128 T=16384" in line
+    assert "causal D=128 T=4096" not in line  # measured, and not a case of the suite anyway
+    done = {**RESULT, "rows": RESULT["rows"] + [
+        {"system": "attngen", "variant": v, "D": 128, "T": 16384, "mode": "compile", "ms": None, "tflops": None, "status": "ok",
+         "cold_compile_s": 1.0, "warm_compile_ms": 1.0} for v in ("causal", "sliding_window", "document", "prefix_lm", "strided")]}
+    assert "Not measured" not in markdown(done)
