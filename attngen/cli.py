@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
 
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
-    bench.add_argument("--suite", choices=("anchors", "sparse", "long"), default="anchors")
+    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring"), default="anchors")
+    bench.add_argument("--gpus", type=int, default=2, help="ring suite: GPUs (processes) the sequence is sharded over")
     bench.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME-d<D>.png here (e.g. docs/benchmarks)")
     bench.add_argument("--variants", nargs="+", default=None)
     bench.add_argument("--dims", type=int, nargs="+", default=None)
@@ -545,7 +546,7 @@ def _tune(args) -> int:
 
 
 def _bench(args) -> int:
-    from pathlib import Path
+    import json
 
     from . import bench
 
@@ -554,6 +555,18 @@ def _bench(args) -> int:
     _pick_device("cuda")
     if args.suite == "long":
         print(bench.long_window())
+        return 0
+    if args.suite == "ring":  # context parallelism: W GPUs at T against one at T / W
+        from . import ring_bench
+
+        result = ring_bench.ring_scaling(args.seqs[0] if args.seqs else 262_144, args.gpus)
+        result["command"] = "python -m attngen " + " ".join(sys.argv[1:])
+        if args.out:
+            from .load import write_atomic
+
+            write_atomic(Path(args.out) / f"{args.name or 'ring'}.json", json.dumps(result, indent=1))
+            write_atomic(Path(args.out) / f"{args.name or 'ring'}.md", ring_bench.report(result) + f"\n\nCommand: `{result['command']}`\n")
+        print(ring_bench.report(result))
         return 0
     selection = dict(variants=args.variants, dims=args.dims, seqs=args.seqs)
     if args.warm_shard:  # one worker of --warm-jobs

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -41,6 +42,21 @@ _REGISTERED = False
 
 LOG2E = 1.0 / math.log(2.0)
 _OPS_REVISION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where a call's queries and keys sit in a longer sequence (context parallelism).
+
+    Attributes:
+        q_start: absolute position of query row 0.
+        k_start: absolute position of key row 0.
+        t_kv: the whole sequence's key count (sigmoid attention's default bias ``-log(T_KV)``).
+    """
+
+    q_start: int
+    k_start: int
+    t_kv: int
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -166,7 +182,7 @@ class AttentionOp:
                 args += [t.stride(d), t.shape[d]]
         return args
 
-    def _common(self, q, k, v):
+    def _common(self, q, k, v, shard: Shard | None = None):
         B, H, T_Q, D_QK = q.shape
         H_KV, T_KV, D_V = k.shape[1], k.shape[2], v.shape[3]
         scale = self.scale_for(D_QK)
@@ -180,18 +196,29 @@ class AttentionOp:
             EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),
             TILE_SKIP=config.tile_skipping(),
         )
-        runtime = [H, T_Q, T_KV, position_offset(self.spec, T_Q, T_KV), scale, scale * LOG2E]
+        q_start, k_start, t_keys = self._placement(T_Q, T_KV, shard)
+        runtime = [H, T_Q, T_KV, q_start, k_start, scale, scale * LOG2E]
         if self.plan.sigmoid:
-            runtime.append(self.spec.bias if self.spec.bias is not None else -math.log(T_KV))
+            runtime.append(self.spec.bias if self.spec.bias is not None else -math.log(t_keys))
         dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V}
         return dims, runtime, constexprs
+
+    def _placement(self, t_q: int, t_kv: int, shard: Shard | None) -> tuple[int, int, int]:
+        """Absolute position of query row 0 and key row 0, and the whole sequence's key count."""
+        if shard is None:
+            return position_offset(self.spec, t_q, t_kv), 0, t_kv
+        if shard.k_start and self.plan.perm is not None:
+            raise UnsupportedError(f"spec {self.spec.name!r}: its strided part runs in residue order, which needs keys "
+                                   "to start at position 0; it cannot run on a shard of the keys")
+        return shard.q_start, shard.k_start, shard.t_kv
 
     @staticmethod
     def _launch(cfg: LaunchConfig) -> dict[str, int]:
         return dict(BLOCK_Q=cfg.block_q, BLOCK_KV=cfg.block_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     # -- the work ------------------------------------------------------------------------
-    def tile_meta(self, var: str, block_q: int, block_kv: int, inputs: list[torch.Tensor], dims: dict, device: torch.device) -> list:
+    def tile_meta(self, var: str, block_q: int, block_kv: int, inputs: list[torch.Tensor], dims: dict, device: torch.device,
+                  shard: Shard | None = None) -> list:
         """Run the metadata kernel of a loop direction when the mask reads runtime inputs
         along the positions (``doc[b, q] == doc[b, k]``); return the kernel argument.
 
@@ -202,6 +229,8 @@ class AttentionOp:
             inputs: the runtime inputs, in the spec's order.
             dims: ``B, T_Q, T_KV`` (and the rest) of the call.
             device: where the inputs live.
+            shard: where the call's queries and keys sit in a longer sequence (None: the
+                spec's alignment).
 
         Returns:
             ``[]`` when the direction needs no metadata, else ``[meta]``: int32
@@ -221,7 +250,7 @@ class AttentionOp:
         # compare in int64 when any input holds int64 values (whatever its declared dtype)
         wide = any(t.dtype == torch.int64 for t in inputs)
         self.kernel(ranges.meta.name, device)[(n_given, B)](
-            meta, *self._input_args(inputs), T_Q, T_KV, position_offset(self.spec, T_Q, T_KV),
+            meta, *self._input_args(inputs), T_Q, T_KV, *self._placement(T_Q, T_KV, shard)[:2],
             BLOCK_G=bg, BLOCK_V=bv, CHUNK=max(1, 4096 // bv),
             ACC=tl.int64 if wide else tl.int32, BIG=2**62 if wide else 2**31 - 1, num_warps=4,
         )  # fmt: skip
@@ -240,13 +269,16 @@ class AttentionOp:
         c = part.perm_stride
         return _cdiv(n, block) if not c else c * _cdiv(_cdiv(n, c), block)
 
-    def forward_impl(self, q, k, v, inputs):
-        dims, runtime, constexprs = self._common(q, k, v)
+    def forward_impl(self, q, k, v, inputs, shard: Shard | None = None):
+        """Run the forward kernels; return ``o [B, H, T_Q, D_V]`` and ``lse [B, H, T_Q]``
+        (float32, natural log). ``shard`` places q and k in a longer sequence (context
+        parallelism); runtime inputs are then indexed by those absolute positions."""
+        dims, runtime, constexprs = self._common(q, k, v, shard)
         B, H, T_Q, D_V = dims["B"], dims["H"], dims["T_Q"], dims["D_V"]
         o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
         lse = _new_output((B, H, T_Q), torch.float32, q.device)
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
-        meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
+        meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
         for part in self.parts:
             grid = (self._tiles(part, T_Q, cfg.block_q), H, B)
             self.kernel(part.fwd.name, q.device)[grid](
@@ -258,11 +290,13 @@ class AttentionOp:
             )  # fmt: skip
         return o, lse
 
-    def backward_impl(self, do, dlse, q, k, v, o, lse, inputs, input_grads: list[bool] | None = None):
+    def backward_impl(self, do, dlse, q, k, v, o, lse, inputs, input_grads: list[bool] | None = None,
+                      shard: Shard | None = None):
         """dq, dk, dv and a list with, per runtime input, its gradient if ``input_grads``
         flags it (float32 summed by atomics in the dQ kernel, cast to the input's dtype),
-        else None."""
-        dims, runtime, constexprs = self._common(q, k, v)
+        else None. ``o`` and ``lse`` may be those of a longer key sequence that ``k, v`` are a
+        shard of (``shard``): the gradients are then this shard's share (ring attention)."""
+        dims, runtime, constexprs = self._common(q, k, v, shard)
         B, H, H_KV, T_Q, T_KV, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_V"))
         delta = _new_output((B, H, T_Q), torch.float32, q.device)
         if not self.plan.sigmoid:  # sigmoid attention's backward needs no delta
@@ -279,7 +313,7 @@ class AttentionOp:
         dv = _new_output(v.shape, v.dtype, v.device)
         input_args = self._input_args(inputs)
         cfg = self.config_for("dkdv", dims, q.dtype, q.device)
-        meta = self.tile_meta("q", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
+        meta = self.tile_meta("q", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
         for part in self.parts:  # the residue-order part adds to what the natural part stored
             self.kernel(part.dkdv.name, q.device)[(self._tiles(part, T_KV, cfg.block_kv), H_KV, B)](
                 q, k, v, do, lse, delta, dk, dv,
@@ -289,7 +323,7 @@ class AttentionOp:
                 **constexprs, **self._launch(cfg),
             )  # fmt: skip
         cfg = self.config_for("dq", dims, q.dtype, q.device)
-        meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device)
+        meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
         wanted = any(input_grads or ())
         names = [i.name for i in self.spec.inputs]
         grads = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for n, t in zip(names, inputs)
