@@ -4,6 +4,8 @@
 ``ATTNGEN_VERIFY_IR``   ``1`` runs the IR verifier after every compiler pass (tests switch it on).
 ``ATTNGEN_NO_SKIP``     ``1`` switches tile skipping off: kernels visit every tile and mask every
                         element (a debug switch; results must not change).
+``ATTNGEN_STAGES``      an integer forces every kernel's software-pipelining depth (``num_stages``)
+                        whatever the config says (a debug switch for compiler faults).
 ``ATTNGEN_POISON``      ``1`` fills fresh outputs with NaN before the kernels write them, so an
                         element a kernel forgets to write cannot pass a test.
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
@@ -46,6 +48,20 @@ def verify_ir() -> bool:
 def tile_skipping() -> bool:
     """Whether kernels skip EMPTY tiles and run FULL tiles unmasked (``ATTNGEN_NO_SKIP``)."""
     return os.environ.get("ATTNGEN_NO_SKIP", "0") != "1"
+
+
+def forced_stages() -> int | None:
+    """``num_stages`` forced on every launch by ``ATTNGEN_STAGES``, else None.
+
+    Raises:
+        ValueError: the variable is set but is not a positive integer.
+    """
+    text = os.environ.get("ATTNGEN_STAGES", "").strip()
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"ATTNGEN_STAGES={text!r}: give a positive integer, or unset it")
+    return int(text)
 
 
 def poison_outputs() -> bool:

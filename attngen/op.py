@@ -214,7 +214,8 @@ class AttentionOp:
 
     @staticmethod
     def _launch(cfg: LaunchConfig) -> dict[str, int]:
-        return dict(BLOCK_Q=cfg.block_q, BLOCK_KV=cfg.block_kv, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        stages = config.forced_stages() or cfg.num_stages
+        return dict(BLOCK_Q=cfg.block_q, BLOCK_KV=cfg.block_kv, num_warps=cfg.num_warps, num_stages=stages)
 
     # -- the work ------------------------------------------------------------------------
     def tile_meta(self, var: str, block_q: int, block_kv: int, inputs: list[torch.Tensor], dims: dict, device: torch.device,

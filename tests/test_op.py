@@ -112,3 +112,16 @@ def test_double_backward_is_refused_not_silently_wrong():
     (g,) = torch.autograd.grad(op(q, k, v).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="no second derivative"):
         torch.autograd.grad((g * g).sum() + (q * q).sum(), q)
+
+
+def test_attngen_stages_forces_the_pipelining_depth_and_rejects_garbage(monkeypatch):
+    from attngen.op import AttentionOp
+    from attngen.tiles import LaunchConfig
+
+    cfg = LaunchConfig(64, 32, 4, 3)
+    assert AttentionOp._launch(cfg)["num_stages"] == 3
+    monkeypatch.setenv("ATTNGEN_STAGES", "1")
+    assert AttentionOp._launch(cfg) == {"BLOCK_Q": 64, "BLOCK_KV": 32, "num_warps": 4, "num_stages": 1}
+    monkeypatch.setenv("ATTNGEN_STAGES", "two")
+    with pytest.raises(ValueError, match="ATTNGEN_STAGES"):
+        AttentionOp._launch(cfg)
