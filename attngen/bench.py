@@ -478,3 +478,60 @@ def long_window(t: int = 1_048_576, window: int = 4096, h: int = 8, d: int = 128
         f"outputs alone need {must_hold / 2**30:.2f} GiB); q, k, v, o, their gradients and lse: {budget / 2**30:.2f} GiB; "
         f"ratio {held_total / budget:.3f}"
     )
+
+
+def recompute_table(seqs=(1024, 4096, 16384), spec: str = "causal", h: int = 16, d: int = 128, tokens: int = TOKENS) -> dict:
+    """Forward+backward time and peak memory per recompute policy (``lse``, ``store_p``,
+    ``full``) of ``spec`` at each ``T`` (``B = tokens / T``, bf16, on the current GPU).
+
+    Peak memory is ``torch.cuda.max_memory_allocated`` during one step, less what was
+    allocated before it (q, k, v and the output gradient). Every policy's gradients are
+    checked against ``lse``'s before timing.
+    """
+    import triton
+
+    import attngen
+    from .schema import load_spec
+
+    base = load_spec(spec).to_dict()
+    rows = []
+    for t in seqs:
+        b = max(1, tokens // t)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v, do = (torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+        leaves = [x.requires_grad_() for x in (q, k, v)]
+        grads = {}
+        for policy in ("lse", "store_p", "full"):
+            op = attngen.compile({**base, "recompute": policy})
+
+            def step():
+                return torch.autograd.grad(op(*leaves), leaves, do)
+
+            grads[policy] = step()
+            err = max((a.float() - b_.float()).abs().max().item() for a, b_ in zip(grads[policy], grads["lse"]))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+            ms = bench(step)
+            rows.append(dict(policy=policy, T=t, B=b, ms=round(ms, 4), peak_gib=round(peak / 2**30, 3),
+                             stores_p=bool(policy == "store_p" and op.stores_p(t, t)), max_grad_diff_vs_lse=err))
+        del grads
+    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "spec": spec, "H": h, "D": d, "dtype": "bfloat16", "command": " ".join(sys.argv)}
+    return {"meta": meta, "rows": rows}
+
+
+def recompute_markdown(result: dict) -> str:
+    """The recompute table as Markdown."""
+    meta = result["meta"]
+    lines = [f"{meta['card']}; torch {meta['torch']}, Triton {meta['triton']}; spec {meta['spec']}, H={meta['H']}, "
+             f"D={meta['D']}, {meta['dtype']}; 16,384 tokens per batch. Command: `{meta['command']}`.", "",
+             "| T | B | policy | forward+backward (ms) | peak memory of the step (GiB) | P stored | max grad diff vs lse |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['T']} | {r['B']} | {r['policy']} | {r['ms']} | {r['peak_gib']} | {'yes' if r['stores_p'] else 'no'} | "
+                     f"{r['max_grad_diff_vs_lse']:.2e} |")
+    return "\n".join(lines) + "\n"

@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
 
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
-    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring"), default="anchors")
+    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring", "recompute"), default="anchors")
     bench.add_argument("--gpus", type=int, default=2, help="ring suite: GPUs (processes) the sequence is sharded over")
     bench.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME-d<D>.png here (e.g. docs/benchmarks)")
     bench.add_argument("--variants", nargs="+", default=None)
@@ -545,9 +545,22 @@ def _tune(args) -> int:
     return 0
 
 
-def _bench(args) -> int:
+def _print_and_write(args, default_name: str, result: dict, text: str) -> int:
+    """Print a suite's Markdown; with ``--out``, also write ``NAME.json`` and ``NAME.md``
+    there (atomically)."""
     import json
 
+    from .load import write_atomic
+
+    if args.out:
+        name = args.name or default_name
+        write_atomic(Path(args.out) / f"{name}.json", json.dumps(result, indent=1))
+        write_atomic(Path(args.out) / f"{name}.md", text)
+    print(text)
+    return 0
+
+
+def _bench(args) -> int:
     from . import bench
 
     if args.resume and not args.out:
@@ -556,18 +569,15 @@ def _bench(args) -> int:
     if args.suite == "long":
         print(bench.long_window())
         return 0
+    if args.suite == "recompute":  # time and peak memory per recompute policy
+        result = bench.recompute_table(tuple(args.seqs) if args.seqs else (1024, 4096, 16384))
+        return _print_and_write(args, "recompute", result, bench.recompute_markdown(result))
     if args.suite == "ring":  # context parallelism: W GPUs at T against one at T / W
         from . import ring_bench
 
         result = ring_bench.ring_scaling(args.seqs[0] if args.seqs else 262_144, args.gpus)
         result["command"] = "python -m attngen " + " ".join(sys.argv[1:])
-        if args.out:
-            from .load import write_atomic
-
-            write_atomic(Path(args.out) / f"{args.name or 'ring'}.json", json.dumps(result, indent=1))
-            write_atomic(Path(args.out) / f"{args.name or 'ring'}.md", ring_bench.report(result) + f"\n\nCommand: `{result['command']}`\n")
-        print(ring_bench.report(result))
-        return 0
+        return _print_and_write(args, "ring", result, ring_bench.report(result) + f"\n\nCommand: `{result['command']}`\n")
     selection = dict(variants=args.variants, dims=args.dims, seqs=args.seqs)
     if args.warm_shard:  # one worker of --warm-jobs
         i, n = (int(x) for x in args.warm_shard.split("/"))

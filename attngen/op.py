@@ -123,7 +123,9 @@ class AttentionOp:
         learnable = any(t.requires_grad for t in ordered)
         if learnable:  # the gradient is added at the inputs' own strides: make them dense
             ordered = [t.contiguous() if t.requires_grad else t for t in ordered]
-        if torch.compiler.is_compiling():  # the custom op: traceable, with a fake implementation
+        if torch.compiler.is_compiling() and self.plan.stored is not None:  # recompute: store_p
+            o, lse, _ = torch.ops.attngen.attention_fwd_p(q, k, v, ordered, self.op_id)
+        elif torch.compiler.is_compiling():  # the custom op: traceable, with a fake implementation
             o, lse = torch.ops.attngen.attention_fwd(q, k, v, ordered, self.op_id)
         else:  # eager: the same implementations without the dispatcher's per-call host cost
             o, lse = _EagerAttention.apply(q, k, v, self.op_id, *ordered)
@@ -270,33 +272,48 @@ class AttentionOp:
         c = part.perm_stride
         return _cdiv(n, block) if not c else c * _cdiv(_cdiv(n, c), block)
 
-    def forward_impl(self, q, k, v, inputs, shard: Shard | None = None):
+    def stores_p(self, t_q: int, t_kv: int) -> bool:
+        """Whether a call of these lengths stores P (``recompute: store_p`` and
+        ``T_Q * T_KV <= store_p_limit``)."""
+        return self.plan.stored is not None and t_q * t_kv <= self.spec.store_p_limit
+
+    def forward_impl(self, q, k, v, inputs, shard: Shard | None = None, want_p: bool = False):
         """Run the forward kernels; return ``o [B, H, T_Q, D_V]`` and ``lse [B, H, T_Q]``
         (float32, natural log). ``shard`` places q and k in a longer sequence (context
-        parallelism); runtime inputs are then indexed by those absolute positions."""
+        parallelism); runtime inputs are then indexed by those absolute positions.
+
+        With ``want_p`` a third value follows: P ``[B, H, T_Q, T_KV]`` in q's dtype when
+        :meth:`stores_p` holds (only the tiles the mask keeps are written), else None."""
         dims, runtime, constexprs = self._common(q, k, v, shard)
         B, H, T_Q, D_V = dims["B"], dims["H"], dims["T_Q"], dims["D_V"]
         o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
         lse = _new_output((B, H, T_Q), torch.float32, q.device)
+        p = None
+        if want_p and shard is None and self.stores_p(T_Q, dims["T_KV"]):
+            p = _new_output((B, H, T_Q, dims["T_KV"]), q.dtype, q.device)
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
-        for part in self.parts:
+        for part in [self.plan.stored] if p is not None else self.parts:
             grid = (self._tiles(part, T_Q, cfg.block_q), H, B)
             self.kernel(part.fwd.name, q.device)[grid](
-                q, k, v, o, lse,
+                q, k, v, o, lse, *([p] if p is not None else []),
                 *self._input_args(inputs), *meta,
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                 *runtime,
                 **constexprs, **self._launch(cfg),
             )  # fmt: skip
-        return o, lse
+        return (o, lse, p) if want_p else (o, lse)
 
     def backward_impl(self, do, dlse, q, k, v, o, lse, inputs, input_grads: list[bool] | None = None,
-                      shard: Shard | None = None):
+                      shard: Shard | None = None, p: torch.Tensor | None = None):
         """dq, dk, dv and a list with, per runtime input, its gradient if ``input_grads``
         flags it (float32 summed by atomics in the dQ kernel, cast to the input's dtype),
         else None. ``o`` and ``lse`` may be those of a longer key sequence that ``k, v`` are a
-        shard of (``shard``): the gradients are then this shard's share (ring attention)."""
+        shard of (``shard``): the gradients are then this shard's share (ring attention).
+        ``p``: P as :meth:`forward_impl` stored it (``recompute: store_p``); the kernels then
+        read it instead of recomputing it."""
+        parts = [self.plan.stored] if p is not None else self.parts
+        p_arg = [p] if p is not None else []
         dims, runtime, constexprs = self._common(q, k, v, shard)
         B, H, H_KV, T_Q, T_KV, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_V"))
         delta = _new_output((B, H, T_Q), torch.float32, q.device)
@@ -315,9 +332,9 @@ class AttentionOp:
         input_args = self._input_args(inputs)
         cfg = self.config_for("dkdv", dims, q.dtype, q.device)
         meta = self.tile_meta("q", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
-        for part in self.parts:  # the residue-order part adds to what the natural part stored
+        for part in parts:  # the residue-order part adds to what the natural part stored
             self.kernel(part.dkdv.name, q.device)[(self._tiles(part, T_KV, cfg.block_kv), H_KV, B)](
-                q, k, v, do, lse, delta, dk, dv,
+                q, k, v, do, lse, delta, dk, dv, *p_arg,
                 *input_args, *meta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
                 *runtime,
@@ -331,9 +348,9 @@ class AttentionOp:
                  if wanted and n in self._grad_inputs}  # fmt: skip
         grad_args = [grads.get(n, t) for n, t in zip(names, inputs) if n in self._grad_inputs]
         extra = {"INPUT_GRAD": wanted} if self._grad_inputs else {}
-        for part in self.parts:
+        for part in parts:
             self.kernel(part.dq.name, q.device)[(self._tiles(part, T_Q, cfg.block_q), H, B)](
-                q, k, v, do, lse, delta, dq,
+                q, k, v, do, lse, delta, dq, *p_arg,
                 *input_args, *meta, *grad_args,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 *runtime,
@@ -359,6 +376,19 @@ def _fwd_fake(q, k, v, inputs, op_id):
     return o, lse
 
 
+def _fwd_p(q, k, v, inputs, op_id):
+    # recompute: store_p -- P as a third output (empty when the call is over the spec's limit)
+    o, lse, p = _REGISTRY[op_id].forward_impl(q, k, v, inputs, want_p=True)
+    return o, lse, p if p is not None else q.new_empty(0)
+
+
+def _fwd_p_fake(q, k, v, inputs, op_id):
+    o, lse = _fwd_fake(q, k, v, inputs, op_id)
+    B, H, T_Q, _ = q.shape
+    T_KV = k.shape[2]
+    return o, lse, q.new_empty((B, H, T_Q, T_KV) if _REGISTRY[op_id].stores_p(T_Q, T_KV) else (0,))
+
+
 def _wanted(mask: int, n: int) -> list[bool]:
     """The runtime inputs that want a gradient, from the ops' bit mask (bit i: input i)."""
     return [bool(mask >> i & 1) for i in range(n)]
@@ -368,6 +398,17 @@ def _bwd(do, dlse, q, k, v, o, lse, inputs, input_grads, op_id):
     wanted = _wanted(input_grads, len(inputs))
     dq, dk, dv, grads = _REGISTRY[op_id].backward_impl(do, dlse, q, k, v, o, lse, inputs, input_grads=wanted)
     return dq, dk, dv, [g for g in grads if g is not None]  # one per input flagged in input_grads
+
+
+def _bwd_p(do, dlse, q, k, v, o, lse, p, inputs, input_grads, op_id):
+    wanted = _wanted(input_grads, len(inputs))
+    stored = p if p.numel() else None
+    dq, dk, dv, grads = _REGISTRY[op_id].backward_impl(do, dlse, q, k, v, o, lse, inputs, input_grads=wanted, p=stored)
+    return dq, dk, dv, [g for g in grads if g is not None]
+
+
+def _bwd_p_fake(do, dlse, q, k, v, o, lse, p, inputs, input_grads, op_id):
+    return _bwd_fake(do, dlse, q, k, v, o, lse, inputs, input_grads, op_id)
 
 
 def _bwd_fake(do, dlse, q, k, v, o, lse, inputs, input_grads, op_id):
@@ -386,32 +427,36 @@ def _bwd_recompute_fake(do, dlse, q, k, v, inputs, input_grads, op_id):
     return _bwd_fake(do, dlse, q, k, v, None, None, inputs, input_grads, op_id)
 
 
-def _save(ctx, op_id: str, q, k, v, o, lse, ins) -> None:
-    """Save what the recompute policy keeps for the backward: O and lse, or only inputs."""
+def _save(ctx, op_id: str, q, k, v, o, lse, ins, p=None) -> None:
+    """Save what the recompute policy keeps for the backward: O and lse (and P under
+    ``store_p``), or only the inputs."""
     ctx.op_id = op_id
     ctx.keeps_output = "o" in _REGISTRY[op_id].plan.saved
-    ctx.save_for_backward(q, k, v, *((o, lse) if ctx.keeps_output else ()), *ins)
+    ctx.keeps_p = p is not None
+    ctx.save_for_backward(q, k, v, *((o, lse) if ctx.keeps_output else ()), *((p,) if ctx.keeps_p else ()), *ins)
 
 
 def _saved(ctx):
-    """``(q, k, v, o, lse, ins)``; ``o`` and ``lse`` are None under ``recompute: full``."""
-    if ctx.keeps_output:
-        q, k, v, o, lse, *ins = ctx.saved_tensors
-        return q, k, v, o, lse, ins
-    q, k, v, *ins = ctx.saved_tensors
-    return q, k, v, None, None, ins
+    """``(q, k, v, o, lse, p, ins)``; ``o`` and ``lse`` are None under ``recompute: full``,
+    ``p`` is None unless ``store_p`` stored it."""
+    q, k, v, *rest = ctx.saved_tensors
+    o, lse = (rest.pop(0), rest.pop(0)) if ctx.keeps_output else (None, None)
+    p = rest.pop(0) if ctx.keeps_p else None
+    return q, k, v, o, lse, p, rest
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, ins, op_id = inputs
-    _save(ctx, op_id, q, k, v, *output, ins)
+    _save(ctx, op_id, q, k, v, *output[:2], ins, p=output[2] if len(output) > 2 else None)
     ctx.input_grads = [t.requires_grad for t in ins]  # learnable score parameters
 
 
-def _backward(ctx, do, dlse):
-    q, k, v, o, lse, ins = _saved(ctx)
+def _backward(ctx, do, dlse, dp=None):
+    q, k, v, o, lse, p, ins = _saved(ctx)
     mask = sum(1 << i for i, want in enumerate(ctx.input_grads) if want)
-    if ctx.keeps_output:
+    if p is not None:  # recompute: store_p (an empty p: the call was over the limit)
+        dq, dk, dv, got = torch.ops.attngen.attention_bwd_p(do, dlse, q, k, v, o, lse, p, ins, mask, ctx.op_id)
+    elif ctx.keeps_output:
         dq, dk, dv, got = torch.ops.attngen.attention_bwd(do, dlse, q, k, v, o, lse, ins, mask, ctx.op_id)
     else:  # recompute: full -- the backward op reruns the forward for O and the log-sum-exp
         dq, dk, dv, got = torch.ops.attngen.attention_bwd_recompute(do, dlse, q, k, v, ins, mask, ctx.op_id)
@@ -428,20 +473,21 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, op_id, *ins):
-        o, lse = _REGISTRY[op_id].forward_impl(q, k, v, list(ins))
+        op = _REGISTRY[op_id]
+        o, lse, p = op.forward_impl(q, k, v, list(ins), want_p=True)
         ctx.set_materialize_grads(False)
-        _save(ctx, op_id, q, k, v, o, lse, ins)
+        _save(ctx, op_id, q, k, v, o, lse, ins, p=p)
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         op = _REGISTRY[ctx.op_id]
-        q, k, v, o, lse, ins = _saved(ctx)
+        q, k, v, o, lse, p, ins = _saved(ctx)
         if o is None:  # recompute: full
             o, lse = op.forward_impl(q, k, v, ins)
         if do is None:  # only the log-sum-exp was used
             do = torch.zeros_like(o)
-        dq, dk, dv, in_grads = op.backward_impl(do, dlse, q, k, v, o, lse, ins, input_grads=list(ctx.needs_input_grad[4:]))
+        dq, dk, dv, in_grads = op.backward_impl(do, dlse, q, k, v, o, lse, ins, input_grads=list(ctx.needs_input_grad[4:]), p=p)
         if torch.is_grad_enabled():  # create_graph=True: a second derivative must fail loudly
             dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v)
         return (dq, dk, dv, None, *in_grads)
@@ -487,4 +533,11 @@ def _ensure_registered() -> None:
             "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor[] inputs, int input_grads, str op_id) -> " + grads,
         )  # fmt: skip
         fwd.register_autograd(_backward, setup_context=_setup_context)
+        fwd_p = _custom_op("attention_fwd_p", _fwd_p, _fwd_p_fake,
+                           "(Tensor q, Tensor k, Tensor v, Tensor[] inputs, str op_id) -> (Tensor, Tensor, Tensor)")
+        _custom_op(
+            "attention_bwd_p", _bwd_p, _bwd_p_fake,
+            "(Tensor do, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse, Tensor p, Tensor[] inputs, int input_grads, str op_id) -> " + grads,
+        )  # fmt: skip
+        fwd_p.register_autograd(_backward, setup_context=_setup_context)
         _REGISTERED = True

@@ -233,10 +233,13 @@ def apply_recompute(g: nx.DiGraph) -> nx.DiGraph:
     recomputes P tile by tile from them. ``full`` (gradient checkpointing of the attention
     itself): the forward saves only its inputs, and the backward first reruns the forward to
     get O and the log-sum-exp back -- the least activation memory, one more forward of time.
+    ``store_p``: the forward also writes P (a second pass over its tiles once the row's
+    log-sum-exp is known) and the backward reads it instead of recomputing ``q·kᵀ`` and the
+    exponentials -- O(T_Q·T_KV) memory, for short sequences.
 
     Establishes: graph attribute ``saved`` (the tensors the forward keeps for the backward).
     """
-    saved = {"lse": ("q", "k", "v", "o", "lse"), "full": ("q", "k", "v")}
+    saved = {"lse": ("q", "k", "v", "o", "lse"), "store_p": ("q", "k", "v", "o", "lse", "p"), "full": ("q", "k", "v")}
     if g.graph["recompute"] not in saved:
         raise IRVerifyError(f"recompute policy {g.graph['recompute']!r} has no pass")
     g.graph["saved"] = saved[g.graph["recompute"]]

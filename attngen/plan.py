@@ -13,6 +13,7 @@ import sympy
 
 from .classify import full_segments, masked_segments, range_statements, runtime_tests, segment_statements
 from .expr import SYMBOLS
+from .errors import UnsupportedError
 from .printer import TritonPrinter
 
 #: Kernel variable of each position symbol. ``pos_q`` is ``[BLOCK_Q, 1]``, ``pos_k`` is
@@ -131,6 +132,16 @@ class ModulePlan:
     perm: "ModulePlan | None" = None
     #: float inputs read in the score, which may require grad (learnable score parameters)
     grad_loads: tuple[GradLoad, ...] = ()
+    #: this module's forward also writes P and its backward kernels read it (recompute: store_p)
+    store_p: bool = False
+    #: the store_p variant of this module (kernel names ending in ``_sp``), rendered after it
+    stored: "ModulePlan | None" = None
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the backward needs the scores themselves, not only P: the score
+        modification's derivative or a learnable input's gradient reads them."""
+        return self.has_dscore or bool(self.grad_loads)
 
     @property
     def grad_inputs(self) -> tuple[str, ...]:
@@ -201,7 +212,14 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
 
     split_ = g.graph.get("periodic")
     if not split_:
-        return module(code("mask"), "tiles_")
+        main = module(code("mask"), "tiles_")
+        if g.graph["recompute"] != "store_p":
+            return main
+        renamed = {f: dataclasses.replace(getattr(main, f), name=getattr(main, f).name + "_sp") for f in ("fwd", "dkdv", "dq")}
+        return dataclasses.replace(main, stored=dataclasses.replace(main, store_p=True, **renamed))
+    if g.graph["recompute"] == "store_p":
+        raise UnsupportedError(f"recompute: store_p with the strided mask of {spec.name!r}: its residue-order part "
+                               "finishes each row's log-sum-exp after the natural part, so P cannot be written; use 'lse'")
     natural = split_["natural"]
     # an empty natural part visits no tile; its mask still has to be a valid expression
     natural_code = "(pos_k < 0)" if natural is sympy.false else pr(natural)

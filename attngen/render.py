@@ -47,8 +47,9 @@ def render(plan: ModulePlan) -> RenderedModule:
     """
     try:
         template = _environment().get_template(TEMPLATE)
-        # a strided mask: the residue-order kernels follow in the same module
-        source = "".join(template.render(plan=part) for part in (plan, plan.perm) if part is not None)
+        # a strided mask's residue-order kernels, or recompute: store_p's kernels, follow in
+        # the same module
+        source = "".join(template.render(plan=part) for part in (plan, plan.perm, plan.stored) if part is not None)
     except jinja2.TemplateError as exc:
         raise CodegenError(f"rendering {TEMPLATE} for spec {plan.spec_name!r} failed: {exc}") from exc
     try:

@@ -40,8 +40,10 @@ DIM_NAMES = ("B", "H", "H_KV", "T_Q", "T_KV", "D_QK", "D_V")
 
 NORMALIZERS = ("softmax", "sigmoid")
 PLANNED_NORMALIZERS = {"linear": "issue #6"}
-RECOMPUTE_POLICIES = ("lse", "full")
-PLANNED_RECOMPUTE = {"store_p": "issue #7"}
+RECOMPUTE_POLICIES = ("lse", "store_p", "full")
+PLANNED_RECOMPUTE: dict[str, str] = {}
+#: store_p keeps P only while T_Q * T_KV is at most this (16M pairs: 32 MiB per head in bf16)
+STORE_P_LIMIT = 1 << 24
 ALIGNS = ("bottom_right", "top_left")
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -60,6 +62,7 @@ SPEC_KEYS = (
     "align",
     "tiles",
     "recompute",
+    "store_p_limit",
 )
 
 
@@ -114,8 +117,12 @@ class AttentionSpec:
         align: ``bottom_right`` (query row ``i`` at position ``i + T_KV - T_Q``) or
             ``top_left`` (at ``i``).
         tiles: the tile configurations to search.
-        recompute: backward-pass policy: ``lse`` (store O and log-sum-exp, recompute P) or
-            ``full`` (store only the inputs; the backward reruns the forward first).
+        recompute: backward-pass policy: ``lse`` (store O and log-sum-exp, recompute P),
+            ``store_p`` (also store P, in the inputs' dtype, when ``T_Q * T_KV`` is at most
+            ``store_p_limit``; the backward reads it instead of recomputing it) or ``full``
+            (store only the inputs; the backward reruns the forward first).
+        store_p_limit: ``store_p`` only: the largest ``T_Q * T_KV`` whose P is stored
+            (per batch and head); longer calls behave as ``lse``.
     """
 
     name: str
@@ -130,6 +137,7 @@ class AttentionSpec:
     align: str = "bottom_right"
     tiles: TileSpace = field(default_factory=TileSpace)
     recompute: str = "lse"
+    store_p_limit: int = STORE_P_LIMIT
 
     @property
     def param_values(self) -> dict[str, int | float]:
@@ -154,6 +162,7 @@ class AttentionSpec:
             "align": self.align,
             "tiles": {f.name: list(getattr(self.tiles, f.name)) for f in fields(TileSpace)},
             "recompute": self.recompute,
+            "store_p_limit": self.store_p_limit,
         }
 
     def to_yaml(self) -> str:
@@ -302,6 +311,7 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
         align=get("align", "bottom_right"),
         tiles=TileSpace(**tiles),
         recompute=get("recompute", "lse"),
+        store_p_limit=get("store_p_limit", STORE_P_LIMIT),
     )
 
 
@@ -392,6 +402,13 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
         )
     if spec.recompute not in RECOMPUTE_POLICIES:
         raise SpecError("recompute", f"{spec.recompute!r} is not one of {', '.join(RECOMPUTE_POLICIES)}")
+    if isinstance(spec.store_p_limit, bool) or not isinstance(spec.store_p_limit, int) or spec.store_p_limit < 1:
+        raise SpecError("store_p_limit", f"expected a positive integer count of (query, key) pairs, got {spec.store_p_limit!r}")
+    if spec.store_p_limit != STORE_P_LIMIT and spec.recompute != "store_p":
+        raise SpecError("store_p_limit", f"applies to recompute: store_p only (this spec has {spec.recompute!r}); drop it")
+    if spec.recompute == "store_p" and spec.normalizer != "softmax":
+        raise UnsupportedError(f"recompute: store_p with normalizer {spec.normalizer!r}: P is stored for softmax only; "
+                               "use 'lse' (sigmoid attention recomputes only an elementwise sigmoid)")
     _validate_tiles(spec.tiles)
     return spec
 

@@ -54,8 +54,15 @@ def test_opcheck_passes():
     torch.library.opcheck(torch.ops.attngen.attention_fwd.default, (q, k, v, [slopes], op.op_id))
 
 
-def test_torch_compile_fullgraph_forward_and_backward():
-    op = attngen.compile("softcap", cap=2.0)
+def test_opcheck_passes_for_the_store_p_ops():
+    op = attngen.compile({"name": "sp", "mask": "k <= q", "recompute": "store_p"})
+    q, k, v = (t.requires_grad_() for t in tensors(H=2, H_KV=1, T=12))
+    torch.library.opcheck(torch.ops.attngen.attention_fwd_p.default, (q, k, v, [], op.op_id))
+
+
+@pytest.mark.parametrize("recompute", ["lse", "store_p"])
+def test_torch_compile_fullgraph_forward_and_backward(recompute):
+    op = attngen.compile({**attngen.load_spec("softcap").to_dict(), "recompute": recompute}, cap=2.0)
     q, k, v = (t.requires_grad_() for t in tensors(H=2, H_KV=1, T=12))
 
     def layer(q, k, v):

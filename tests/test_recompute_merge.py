@@ -35,6 +35,69 @@ def test_full_recompute_gives_the_same_gradients_as_lse(spec):
         assert torch.equal(a, b)  # the rerun forward is deterministic: bit for bit
 
 
+STORE_P_SPECS = [
+    {"name": "sp_window", "mask": "k <= q and q - k < 9", "score": "4.0 * tanh(s / 4.0)"},  # reads s: recomputes q.kT
+    {"name": "sp_alibi", "inputs": {"slopes": {"dtype": "float32", "shape": ["H"]}}, "mask": "k <= q", "score": "s - slopes[h] * (q - k)"},
+    {"name": "sp_causal", "mask": "k <= q"},  # reads only P
+    {"name": "sp_dense"},  # no mask: every tile FULL
+    {"name": "sp_doc", "inputs": {"doc": {"dtype": "int32", "shape": ["B", "T_KV"]}}, "mask": "doc[b, q] == doc[b, k]"},
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", STORE_P_SPECS, ids=[s["name"] for s in STORE_P_SPECS])
+@pytest.mark.parametrize("limit", [1 << 24, 100], ids=["stored", "over-limit"])
+def test_store_p_gives_the_gradients_of_lse(spec, limit):
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 30, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(1, 2, 41, 16, generator=gen).to(DEVICE) for _ in range(2))
+    do = torch.randn(1, 4, 30, 16, generator=gen).to(DEVICE)
+    inputs = {"slopes": torch.tensor([0.5, 0.25, 0.125, 0.0625], device=DEVICE)} if spec["name"] == "sp_alibi" else {}
+    if spec["name"] == "sp_doc":
+        inputs = {"doc": (torch.arange(41, device=DEVICE) // 9).to(torch.int32)[None]}
+    by_lse = _grads(attngen.compile(spec), q, k, v, inputs, do)
+    op = attngen.compile({**spec, "recompute": "store_p", "store_p_limit": limit})
+    assert op.stores_p(30, 41) == (limit > 30 * 41)
+    by_p = _grads(op, q, k, v, inputs, do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), by_lse, by_p):
+        # the same P in float32 (stored as q's dtype, here float32): equal to rounding
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6), (name, (a - b).abs().max().item())
+
+
+def test_store_p_saves_p_and_reads_it_back_in_half_precision():
+    # bf16: P is stored in bf16, so gradients differ from lse's by bf16 rounding of P only
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 2, 24, 16, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(4))
+    spec = {"name": "sp_bf16", "mask": "k <= q"}
+    ref = attngen.reference(spec)
+    want = _grads(ref, q.double(), k.double(), v.double(), {}, do.double())
+    got = _grads(attngen.compile({**spec, "recompute": "store_p"}), q, k, v, {}, do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), want, got):
+        assert (a - b.double()).abs().max().item() < 5e-2, name
+
+    sizes = []
+
+    def pack(t):
+        sizes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        attngen.compile({**spec, "recompute": "store_p"})(*(t.requires_grad_() for t in (q, k, v)))
+    assert (1, 2, 24, 24) in sizes  # P, [B, H, T_Q, T_KV]
+
+
+def test_store_p_is_refused_where_it_cannot_apply():
+    from attngen.errors import SpecError, UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="store_p"):
+        attngen.compile({"name": "x", "normalizer": "sigmoid", "recompute": "store_p"})
+    with pytest.raises(UnsupportedError, match="residue-order"):
+        attngen.compile({**attngen.load_spec("strided").to_dict(), "recompute": "store_p"})
+    with pytest.raises(SpecError, match="store_p_limit"):
+        attngen.compile({"name": "x", "store_p_limit": 10})
+    with pytest.raises(SpecError, match="store_p_limit"):
+        attngen.compile({"name": "x", "recompute": "store_p", "store_p_limit": 0})
+
+
 def test_full_recompute_saves_only_the_inputs():
     gen = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(1, 2, 20, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
