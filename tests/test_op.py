@@ -132,3 +132,45 @@ def test_attngen_stages_forces_the_pipelining_depth_and_rejects_garbage(monkeypa
     monkeypatch.setenv("ATTNGEN_STAGES", "two")
     with pytest.raises(ValueError, match="ATTNGEN_STAGES"):
         AttentionOp._launch(cfg)
+
+
+def test_torch_compile_of_a_model_does_not_recompile_when_only_the_length_changes():
+    # issue 9: a whole (tiny) model under torch.compile(fullgraph=True); a new sequence
+    # length must reuse the graph (the kernels take T at run time)
+    from torch._dynamo.testing import CompileCounter
+
+    op = attngen.compile("sliding_window", window=5)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = torch.nn.Linear(32, 3 * 32)
+            self.out = torch.nn.Linear(32, 32)
+
+        def forward(self, x):  # x [B, T, 32], two heads of 16
+            b, t, _ = x.shape
+            q, k, v = (y.view(b, t, 2, 16).transpose(1, 2) for y in self.qkv(x).chunk(3, dim=-1))
+            return self.out(op(q, k, v).transpose(1, 2).reshape(b, t, 32))
+
+    torch.manual_seed(0)
+    model = Block().to(DEVICE)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    for t in (16, 24, 9, 40):
+        x = torch.randn(1, t, 32, device=DEVICE)
+        torch._dynamo.mark_dynamic(x, 1)
+        y = compiled(x)
+        y.sum().backward()
+        assert torch.allclose(y, model(x), atol=1e-5)
+    assert counter.frame_count == 1, counter.frame_count
+    torch._dynamo.reset()
+
+
+def test_opcheck_passes_for_every_backward_op():
+    op = attngen.compile({"name": "sp_all", "mask": "k <= q", "recompute": "store_p"})
+    q, k, v = tensors(H=2, H_KV=1, T=12)
+    do = torch.randn_like(q)
+    o, lse, p = torch.ops.attngen.attention_fwd_p(q, k, v, [], op.op_id)
+    torch.library.opcheck(torch.ops.attngen.attention_bwd.default, (do, None, q, k, v, o, lse, [], 0, op.op_id))
+    torch.library.opcheck(torch.ops.attngen.attention_bwd_p.default, (do, None, q, k, v, o, lse, p, [], 0, op.op_id))
+    torch.library.opcheck(torch.ops.attngen.attention_bwd_recompute.default, (do, lse, q, k, v, [], 0, op.op_id))
