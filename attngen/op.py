@@ -122,7 +122,18 @@ class AttentionOp:
             o, lse = _EagerAttention.apply(q, k, v, self.op_id, *ordered)
         return (o, lse) if return_lse else o
 
-    def decode(self, q, k_cache, v_cache, cache_seqlens, *, block_table=None, num_splits=None, query_lens=None, **inputs):
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        *,
+        block_table: torch.Tensor | None = None,
+        num_splits: int | None = None,
+        query_lens: torch.Tensor | None = None,
+        **inputs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of a few new tokens per sequence against a KV cache (streaming inference).
 
         Split-KV decoding ("flash-decoding", Dao et al., 2023): the key tiles each sequence
@@ -160,9 +171,9 @@ class AttentionOp:
                 capacity (``T_max``, or ``max_blocks * block_size``), indexed by position.
 
         Returns:
-            ``(o, lse)``: ``o [B, H, T_Q, D_V]`` in q's dtype and ``lse [B, H, T_Q]`` float32,
-            natural log. Rows that see no key (padding rows, an empty sequence, masked rows)
-            have ``o = 0`` and ``lse = -inf``.
+            ``(o, lse)``: ``o [B, H, T_Q, D_V]`` in q's dtype and ``lse [B, H, T_Q]``
+                float32, natural log. Rows that see no key (padding rows, an empty sequence,
+                masked rows) have ``o = 0`` and ``lse = -inf``.
 
         Inference only: no autograd graph is recorded, and a tensor that requires grad raises
         unless grad mode is off (``torch.no_grad()``). Validation reads ``cache_seqlens``,

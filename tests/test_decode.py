@@ -93,13 +93,15 @@ def assert_three_way(got, spec, q, k, v, seqlens, query_lens=None, **inputs):
         assert err <= bound, f"{name}: error {err:.3g} over the bound {bound:.3g} (reference in {q.dtype}: {ref_err:.3g})"
 
 
-def run_case(spec, *, params=None, B=2, H=4, H_KV=2, T_Q=3, D=16, seqlens=(45, 100), paged=False, num_splits=None,
-             query_lens=None, dtype=torch.float32, seed=0, inputs=None):  # fmt: skip
+def run_case(spec, *, params=None, B=2, H=4, H_KV=2, T_Q=3, D=16, D_V=None, seqlens=(45, 100), paged=False,
+             num_splits=None, query_lens=None, dtype=torch.float32, seed=0, inputs=None, strided_q=False):  # fmt: skip
     op = attngen.compile(spec, **(params or {}))
     gen = torch.Generator().manual_seed(seed)
     T_max = max(seqlens) + 7
     q = torch.randn(B, H, T_Q, D, generator=gen).to(DEVICE, dtype)
-    k, v = make_cache(B, H_KV, T_max, D, seqlens, dtype=dtype, gen=gen)
+    if strided_q:  # [B, T_Q, H, D] storage seen as [B, H, T_Q, D]
+        q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k, v = make_cache(B, H_KV, T_max, D, seqlens, dtype=dtype, gen=gen, D_V=D_V)
     lens = torch.tensor(seqlens, dtype=torch.int32, device=DEVICE)
     qlens = None if query_lens is None else torch.tensor(query_lens, dtype=torch.int32, device=DEVICE)
     inputs = inputs or {}
@@ -109,7 +111,7 @@ def run_case(spec, *, params=None, B=2, H=4, H_KV=2, T_Q=3, D=16, seqlens=(45, 1
         kc, vc, table = k, v, None
     with torch.no_grad():
         got = op.decode(q, kc, vc, lens, block_table=table, num_splits=num_splits, query_lens=qlens, **inputs)
-    assert got[0].shape == (B, H, T_Q, D) and got[0].dtype == dtype and got[1].dtype == torch.float32
+    assert got[0].shape == (B, H, T_Q, D_V or D) and got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_three_way(got, op.spec, q, k, v, seqlens, query_lens, **inputs)
     return got
 
@@ -135,6 +137,16 @@ def test_decode_matches_the_reference(spec, params, inputs, T_Q, paged):
 def test_gqa_groups_are_packed_into_one_program(H, H_KV, T_Q, paged):
     slopes = alibi_slopes(H).to(DEVICE)  # a per-head score: the rows of one program differ in h
     run_case("alibi", H=H, H_KV=H_KV, T_Q=T_Q, paged=paged, seqlens=(20, 77), num_splits=3, inputs={"slopes": slopes})
+
+
+@pytest.mark.parametrize(
+    "H, H_KV, T_Q",
+    [(8, 1, 16), (10, 2, 16)],  # 128 and 80 rows per KV head: two row blocks of 64, the second part padding
+)
+def test_several_row_blocks_odd_head_dims_and_strided_q(H, H_KV, T_Q):
+    run_case("causal", H=H, H_KV=H_KV, T_Q=T_Q, D=12, D_V=20, seqlens=(16, 50), num_splits=2, strided_q=True)
+    run_case("sliding_window", params={"window": 13}, H=H, H_KV=H_KV, T_Q=T_Q, D=12, D_V=20, seqlens=(16, 50),
+             paged=True, num_splits=2, query_lens=(16, 9))  # fmt: skip
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 40, None])
