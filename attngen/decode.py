@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import config
-from .args import KERNEL_DTYPES, MAX_HEAD_DIM, check_inputs
+from .args import KERNEL_DTYPES, MAX_HEAD_DIM, _dtype_name, check_inputs
 from .errors import ShapeError, UnsupportedError
 from .merge import merge_splits
 from .tiles import decode_config, head_block
@@ -52,10 +52,6 @@ class DecodeCall:
     block_table: torch.Tensor | None
     max_seqlen: int
     inputs: list[torch.Tensor]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _int32_vector(name: str, t: Any, B: int, device: torch.device) -> torch.Tensor:
@@ -203,6 +199,7 @@ def choose_num_splits(programs: int, n_tiles: int, processors: int) -> int:
     return max(1, min(-(-processors // programs), -(-n_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
+@torch.compiler.disable  # host-side checks and a raw Triton launch: torch.compile runs it eagerly
 def decode(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, num_splits=None, query_lens=None, **inputs):
     """Split-KV decoding with a compiled attention op; see :meth:`attngen.AttentionOp.decode`."""
     call = check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query_lens, inputs)

@@ -177,7 +177,8 @@ class AttentionOp:
 
         Inference only: no autograd graph is recorded, and a tensor that requires grad raises
         unless grad mode is off (``torch.no_grad()``). Validation reads ``cache_seqlens``,
-        ``query_lens`` and the block table to the host once per call.
+        ``query_lens`` and the block table to the host once per call; under ``torch.compile``
+        the call runs eagerly (a graph break).
 
         Raises:
             ShapeError: mismatched shapes, dtypes or devices, ``T_Q`` outside 1 to 16,

@@ -165,6 +165,13 @@ def test_other_specs_strided_document_softcap():
     run_case("document", seqlens=(40, 61), paged=True, num_splits=2, inputs={"doc": doc})
 
 
+def test_top_left_alignment_and_a_mask_that_reads_t_kv():
+    # top_left: query i sits at position i whatever the cache holds; T_KV in an expression is
+    # the sequence's own cache length
+    run_case({"name": "top_left_causal", "align": "top_left", "mask": "k <= q"}, T_Q=3, seqlens=(5, 40), num_splits=2)
+    run_case({"name": "recent", "mask": "k >= T_KV - 20 and k <= q"}, T_Q=3, seqlens=(12, 90), paged=True, num_splits=3)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision(dtype):
     run_case("streaming_sinks", params={"sinks": 2, "window": 9}, H=6, H_KV=2, T_Q=3, paged=True, num_splits=2, dtype=dtype)
@@ -204,7 +211,7 @@ def test_issue_case_ragged_query_lengths_with_an_empty_sequence():
     k, v = make_cache(3, 3, 8, 16, [3, 0, 5], gen=gen)  # the empty sequence's cache is all NaN
     lens = torch.tensor([3, 0, 5], dtype=torch.int32, device=DEVICE)
     qlens = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEVICE)
-    with torch.no_grad():
+    with torch.inference_mode():
         o, lse = op.decode(q, k, v, lens, query_lens=qlens, num_splits=2)
     assert torch.all(o[1] == 0) and torch.all(lse[1] == -math.inf)
     assert not o.requires_grad and not lse.requires_grad and q.grad is None  # no graph, no gradient
