@@ -203,6 +203,29 @@ def test_bounded_streaming_cache_holds_only_sinks_and_window():
     assert_three_way(got, op.spec, q, k, v, [n])
 
 
+def test_decoding_visits_only_the_sink_and_window_tiles():
+    # the decoding kernel's key-tile ranges (plan.decode), evaluated with torch: 2 new tokens
+    # at positions 298 and 299, 4 sinks and a window of 40, tiles of 32: tiles 0, 8 and 9 of 10
+    from attngen.classify import evaluate_intervals
+
+    ranges = attngen.build("streaming_sinks", sinks=4, window=40).graph.graph["decode_tiles_k"]
+    env = dict(g_first=torch.tensor([298]), g_last=torch.tensor([299]), given_full=torch.tensor([True]),
+               var_min=0, var_max=299, T_Q=2, T_KV=300, b=0, h=0)  # fmt: skip
+    visited = set()
+    for s, fs, fe, e in evaluate_intervals(ranges, env, n_var=300, block_var=32, var_off=0):
+        visited |= set(range(int(s), int(e)))
+    assert visited == {0, 8, 9}
+
+
+def test_a_per_head_bound_is_not_a_scalar_of_the_packed_rows():
+    # win[h] bounds the key tiles of one head in the forward kernel, but a decoding program's
+    # rows span several heads: its tiles must cover every head's window
+    spec = {"name": "head_window", "inputs": {"win": {"dtype": "int32", "shape": ["H"]}}, "mask": "k <= q and q - k < win[h]"}
+    assert not attngen.build(spec).graph.graph["decode_tiles_k"].conjuncts[0].lows
+    win = torch.tensor([3, 70, 5, 40, 1, 90], dtype=torch.int32, device=DEVICE)
+    run_case(spec, H=6, H_KV=2, T_Q=3, seqlens=(60, 100), paged=True, num_splits=2, inputs={"win": win})
+
+
 def test_issue_case_ragged_query_lengths_with_an_empty_sequence():
     # query lengths (1, 0, 1), cache lengths (3, 0, 5), H=9, H_KV=3
     op = attngen.compile("causal")
