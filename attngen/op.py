@@ -197,9 +197,9 @@ class AttentionOp:
         """The split-KV decoding kernel, rendered and loaded on first use (its own module)."""
         if self._decode_module is None:
             from .load import load_module
-            from .render import render_decode
+            from .render import decode_module_name, render_decode
 
-            self._decode_module, _ = load_module(f"{self.spec.name}_decode", render_decode(self.plan))
+            self._decode_module, _ = load_module(decode_module_name(self.spec.name), render_decode(self.plan))
         _check_device(device)
         return getattr(self._decode_module, self.plan.decode.name)
 

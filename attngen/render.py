@@ -50,6 +50,11 @@ def render(plan: ModulePlan) -> RenderedModule:
     return _render(TEMPLATE, plan.spec_name, [dict(plan=part) for part in (plan, plan.perm) if part is not None])
 
 
+def decode_module_name(spec_name: str) -> str:
+    """The name the decoding kernel's module is written and imported under."""
+    return f"{spec_name}_decode"
+
+
 def render_decode(plan: ModulePlan) -> RenderedModule:
     """Render the split-KV decoding kernel of a plan (``plan.decode``), a module of its own.
 
