@@ -69,8 +69,8 @@ def _int32_vector(name: str, t: Any, B: int, device: torch.device) -> torch.Tens
 def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query_lens, inputs) -> DecodeCall:
     """Validate a decoding call (see :meth:`attngen.AttentionOp.decode` for the arguments).
 
-    Reads ``cache_seqlens``, ``query_lens`` and the block table to the host once, to check
-    their values (a device synchronisation on a GPU).
+    Reads ``cache_seqlens``, ``query_lens`` and the block table to the host in one transfer,
+    to check their values (one device synchronisation on a GPU).
 
     Raises:
         ShapeError: naming the argument, what was expected, what came, and the fix.
@@ -154,8 +154,9 @@ def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query
     if query_lens is None:
         query_lens = torch.full((B,), T_Q, dtype=torch.int32, device=q.device)
     query_lens = _int32_vector("query_lens", query_lens, B, q.device)
-    host = [seqlens.cpu(), query_lens.cpu(), *([block_table.cpu()] if paged else [])]
-    lens, qlens = host[0].long(), host[1].long()
+    # one transfer to the host for every value check
+    host = torch.cat([seqlens, query_lens, *([block_table.reshape(-1)] if paged else [])]).cpu().long()
+    lens, qlens = host[:B], host[B : 2 * B]
     bad = (qlens < 0) | (qlens > T_Q)
     if bad.any():
         b = int(bad.nonzero()[0])
@@ -170,7 +171,7 @@ def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query
         )
     if paged:
         used = torch.arange(block_table.shape[1]) < ((lens + page_size - 1) // page_size)[:, None]
-        entries = host[2].long()[used]
+        entries = host[2 * B :].view(B, -1)[used]
         if entries.numel() and (entries.min() < 0 or entries.max() >= k_cache.shape[0]):
             raise ShapeError(
                 f"block_table: entries in use (the first ceil(cache_seqlens / {page_size}) of each row) must index "
