@@ -9,11 +9,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attngen
 from attngen import ShapeError, UnsupportedError
 from attngen.check import FACTOR, FLOOR, alibi_slopes, magnitude, max_error
 from attngen.decode import MAX_SPLITS, choose_num_splits
+from attngen.strategies import masks, scores
 from helpers import DEVICE, with_and_without_skipping
 
 PAGE = 16
@@ -307,6 +310,26 @@ def test_chunked_prefill_through_decode_equals_one_pass(paged):
         exact = attngen.reference(op.spec)(*(t[b : b + 1, :, :n].double() for t in (q, k_all, v_all)))
         assert torch.allclose(out[b : b + 1, :, :n], whole, atol=1e-5)
         assert max_error(out[b : b + 1, :, :n], exact) < 2e-5
+
+
+@settings(max_examples=12)
+@given(
+    mask=masks(),
+    score=scores(),
+    align=st.sampled_from(["bottom_right", "top_left"]),
+    group=st.sampled_from([(1, 1), (3, 1), (6, 2)]),
+    lens=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 70)), min_size=1, max_size=3),
+    paged=st.booleans(),
+    num_splits=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_random_specs_and_caches_match_the_reference(mask, score, align, group, lens, paged, num_splits, seed):
+    spec = {"name": "fuzz_decode", "mask": mask, "align": align, **({"score": score} if score else {})}
+    query_lens = [q_len if n else 0 for q_len, n in lens]
+    seqlens = [max(n, q_len) for q_len, n in zip(query_lens, (n for _, n in lens))]
+    H, H_KV = group
+    run_case(spec, B=len(lens), H=H, H_KV=H_KV, T_Q=max(max(query_lens), 1), D=8, seqlens=tuple(seqlens),
+             paged=paged, num_splits=num_splits, query_lens=tuple(query_lens), seed=seed)  # fmt: skip
 
 
 def test_choose_num_splits():
