@@ -152,9 +152,9 @@ def test_several_row_blocks_odd_head_dims_and_strided_q(H, H_KV, T_Q):
              paged=True, num_splits=2, query_lens=(16, 9))  # fmt: skip
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 40, None])
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 7, 12, None])
 def test_any_number_of_splits_gives_the_same_result(num_splits):
-    # 100 positions are 4 key tiles of 32 (float32): 7 and 40 splits leave some splits empty
+    # 100 positions are 4 key tiles of 32 (float32): 7 and 12 splits leave some splits empty
     o, lse = run_case("sliding_window", params={"window": 50}, T_Q=2, paged=True, num_splits=num_splits)
     o1, lse1 = run_case("sliding_window", params={"window": 50}, T_Q=2, paged=True, num_splits=1)
     assert torch.allclose(o, o1, atol=1e-6) and torch.allclose(lse, lse1, atol=1e-6)
