@@ -19,7 +19,7 @@ from .errors import (
     TuneError,
     UnsupportedError,
 )
-from .merge import merge_states
+from .merge import merge_splits, merge_states
 from .op import AttentionOp
 from .reference import reference
 from .schema import AttentionSpec, InputSpec, TileSpace, load_spec
@@ -41,6 +41,7 @@ __all__ = [
     "build",
     "compile",
     "load_spec",
+    "merge_splits",
     "merge_states",
     "reference",
 ]

@@ -92,7 +92,35 @@ def check_call(
         if not 1 <= d <= MAX_HEAD_DIM:
             raise ShapeError(f"{name}={d}: head dims from 1 to {MAX_HEAD_DIM} are supported")
     dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": T_KV, "D_QK": D_QK, "D_V": D_V}
+    return dims, check_inputs(spec, inputs, dims, q.device, constant_reads=constant_reads, grad_inputs=grad_inputs)
 
+
+def check_inputs(
+    spec: AttentionSpec,
+    inputs: Mapping[str, Any],
+    dims: Mapping[str, int],
+    device: torch.device,
+    *,
+    constant_reads: list[tuple[str, int, int]] = (),
+    grad_inputs: frozenset[str] | None = frozenset(),
+) -> list[torch.Tensor]:
+    """Validate the runtime inputs of a call against the spec's declarations.
+
+    Args:
+        spec: the validated spec.
+        inputs: the runtime inputs passed by keyword.
+        dims: the call's named dimensions (``B, H, H_KV, T_Q, T_KV, D_QK, D_V``), which
+            declared shapes may name.
+        device: where q lives; every input must live there too.
+        constant_reads, grad_inputs: as for :func:`check_call`.
+
+    Returns:
+        The runtime inputs in the spec's declaration order.
+
+    Raises:
+        ShapeError: a missing, unknown or misshaped input, or one of the wrong kind or device.
+        UnsupportedError: an input requires grad that cannot take one.
+    """
     declared = {i.name: i for i in spec.inputs}
     unknown = [name for name in inputs if name not in declared]
     if unknown:
@@ -110,8 +138,8 @@ def check_call(
         t = inputs[name]
         if not isinstance(t, torch.Tensor):
             raise ShapeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.device != q.device:
-            raise ShapeError(f"{name}: on {t.device} but q is on {q.device}; move it with {name}.to(q.device)")
+        if t.device != device:
+            raise ShapeError(f"{name}: on {t.device} but q is on {device}; move it with {name}.to(q.device)")
         if tuple(t.shape) != expected:
             raise ShapeError(
                 f"{name}: expected shape [{', '.join(map(str, decl.shape))}] = {list(expected)}, got {list(t.shape)}"
@@ -138,4 +166,4 @@ def check_call(
         size = inputs[name].shape[dim]
         if not 0 <= index < size:
             raise ShapeError(f"{name}: the spec reads index {index} of dimension {dim}, which has size {size}")
-    return dims, ordered
+    return ordered

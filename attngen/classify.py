@@ -101,6 +101,7 @@ def classify(
     scalar_loads: Iterable[str] = (),
     position_loads: dict[str, str] | None = None,
     batch_loads: Iterable[str] = (),
+    row_symbols: Iterable[str] = (),
 ) -> TileRanges:
     """Classify ``mask`` for a loop over ``var`` (``"k"`` or ``"q"``).
 
@@ -115,13 +116,16 @@ def classify(
             :class:`RuntimeAtom` s, decided per tile from device-side metadata.
         batch_loads: the scalar loads that depend on nothing but ``b``, which the metadata
             kernel can read (and so runtime atoms may compare against).
+        row_symbols: position-free symbols that still vary across the rows of the kernel's
+            tile, so bounds and guards may not use them (``h`` in the decoding kernel, whose
+            rows are every query head of one KV head); an atom using one is inexact.
     """
     given = "q" if var == "k" else "k"
     if mask is None or mask is sympy.true:
         return TileRanges(var, given, (Conjunct((), (), (), True),))
     if mask is sympy.false:
         return TileRanges(var, given, (Conjunct((), (), (Guard(sympy.Integer(1), "<", 0),), True),))
-    allowed = SCALAR_SYMBOLS | set(scalar_loads) | {given}
+    allowed = (SCALAR_SYMBOLS - set(row_symbols)) | set(scalar_loads) | {given}
     expanded = _expand_abs(mask)
     if len(expanded.atoms(sympy.core.relational.Relational)) > MAX_ATOMS:
         return TileRanges(var, given, (Conjunct((), (), (), False),))

@@ -219,6 +219,7 @@ def _show_tiles(args) -> int:
 def _show(args) -> int:
     from .compiler import build
     from .load import write_kernel
+    from .render import decode_module_name, render_decode
 
     if args.png and not args.tiles:
         raise UsageError("--png draws the tile map: add --tiles")
@@ -242,6 +243,8 @@ def _show(args) -> int:
             continue
         names += [part.fwd.name] + (["attn_bwd_preprocess"] if not part.perm_stride else []) + [part.dkdv.name, part.dq.name]
         names += [r.meta.name for r in (part.fwd_ranges, part.dkdv_ranges) if r.meta is not None]
+    decode = render_decode(compiled.plan)  # its own module, for op.decode
+    print(f"  {compiled.plan.decode.name:<24} {write_kernel(decode_module_name(compiled.spec.name), decode)}")
     for name in names:
         print(f"  {name:<24} {path}")
     if args.source:

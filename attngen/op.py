@@ -63,6 +63,14 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _check_device(device: torch.device) -> None:
+    if device.type == "cpu" and not config.interpret_all():
+        raise UnsupportedError(
+            "CPU tensors run under Triton's interpreter, which Triton fixes when it is first "
+            "imported: start Python with TRITON_INTERPRET=1, or move q, k and v to a CUDA device"
+        )
+
+
 def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A fresh output tensor; NaN-filled when ``ATTNGEN_POISON=1`` so unwritten elements show."""
     if config.poison_outputs():
@@ -110,6 +118,7 @@ class AttentionOp:
         self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}-{_OPS_REVISION}"
         self._constant_reads = spec.constant_reads()
         self._grad_inputs = frozenset(plan.grad_inputs)
+        self._decode_module: ModuleType | None = None
         _ensure_registered()
         _REGISTRY[self.op_id] = self
 
@@ -131,6 +140,87 @@ class AttentionOp:
             o, lse = _EagerAttention.apply(q, k, v, self.op_id, *ordered)
         return (o, lse) if return_lse else o
 
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        *,
+        block_table: torch.Tensor | None = None,
+        num_splits: int | None = None,
+        query_lens: torch.Tensor | None = None,
+        **inputs: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of a few new tokens per sequence against a KV cache (streaming inference).
+
+        Split-KV decoding ("flash-decoding", Dao et al., 2023): the key tiles each sequence
+        must visit (the spec's tile classification at the sequence's own positions, never past
+        ``cache_seqlens[b]``) are divided among ``num_splits`` programs per KV head, whose
+        partial outputs merge by log-sum-exp (:func:`attngen.merge.merge_splits`). One
+        program's rows are every query head of its KV head times every new token (GQA
+        packed). The cache is contiguous, or paged behind a block table (PagedAttention, Kwon
+        et al., 2023; the vLLM / FlashAttention layout).
+
+        Sequence ``b`` gets exactly what ``self(q[b:b+1, :, :n_q], k[:, :, :n_kv], v[:, :, :n_kv])``
+        would give on its valid cache (``n_q = query_lens[b]``, ``n_kv = cache_seqlens[b]``):
+        with the default ``align: bottom_right`` query ``i`` sits at absolute position
+        ``cache_seqlens[b] - query_lens[b] + i``, and the mask, the score modification and
+        runtime inputs see absolute positions, ``T_Q = query_lens[b]`` and
+        ``T_KV = cache_seqlens[b]``.
+
+        Args:
+            q: ``[B, H, T_Q, D_QK]``, float16, bfloat16 or float32; 1 to 16 new tokens per
+                sequence (shorter sequences padded at the end, see ``query_lens``).
+            k_cache: contiguous ``[B, H_KV, T_max, D_QK]``, or paged
+                ``[num_blocks, block_size, H_KV, D_QK]`` with ``block_table``; q's dtype.
+            v_cache: ``[B, H_KV, T_max, D_V]`` or ``[num_blocks, block_size, H_KV, D_V]``.
+            cache_seqlens: int32 ``[B]``, valid positions per sequence, the new tokens'
+                keys and values already appended (``query_lens[b] <= cache_seqlens[b]``).
+            block_table: int32 ``[B, max_blocks]``: position ``p`` of sequence ``b`` lives at
+                ``k_cache[block_table[b, p // block_size], p % block_size]``. Only the first
+                ``ceil(cache_seqlens[b] / block_size)`` entries of a row are read.
+            num_splits: splits of each sequence's key tiles; ``None`` picks one from the
+                longest cache and the number of (sequence, KV head) programs
+                (:func:`attngen.decode.choose_num_splits`).
+            query_lens: optional int32 ``[B]``, new tokens per sequence, 0 to ``T_Q`` (default:
+                ``T_Q`` each); q rows at and past ``query_lens[b]`` are padding.
+            **inputs: the spec's runtime inputs; a declared ``T_KV`` dimension is the cache's
+                capacity (``T_max``, or ``max_blocks * block_size``), indexed by position.
+
+        Returns:
+            ``(o, lse)``: ``o [B, H, T_Q, D_V]`` in q's dtype and ``lse [B, H, T_Q]``
+                float32, natural log. Rows that see no key (padding rows, an empty sequence,
+                masked rows) have ``o = 0`` and ``lse = -inf``.
+
+        Inference only: no autograd graph is recorded, and a tensor that requires grad raises
+        unless grad mode is off (``torch.no_grad()``). Validation reads ``cache_seqlens``,
+        ``query_lens`` and the block table to the host once per call; under ``torch.compile``
+        the call runs eagerly (a graph break).
+
+        Raises:
+            ShapeError: mismatched shapes, dtypes or devices, ``T_Q`` outside 1 to 16,
+                ``cache_seqlens`` smaller than the new tokens or larger than the cache, a
+                block table of the wrong shape or dtype or with entries outside the cache, a
+                bad ``num_splits``; each message names the argument and the fix.
+            UnsupportedError: a normaliser other than softmax (sigmoid attention has no
+                log-sum-exp to merge splits by); tensors that require grad under grad mode.
+        """
+        from .decode import decode
+
+        return decode(self, q, k_cache, v_cache, cache_seqlens, block_table=block_table, num_splits=num_splits,
+                      query_lens=query_lens, **inputs)  # fmt: skip
+
+    def decode_kernel(self, device: torch.device):
+        """The split-KV decoding kernel, rendered and loaded on first use (its own module)."""
+        if self._decode_module is None:
+            from .load import load_module
+            from .render import decode_module_name, render_decode
+
+            self._decode_module, _ = load_module(decode_module_name(self.spec.name), render_decode(self.plan))
+        _check_device(device)
+        return getattr(self._decode_module, self.plan.decode.name)
+
     # -- kernel access -------------------------------------------------------------------
     def kernel(self, name: str, device: torch.device):
         """The kernel ``name`` for tensors on ``device``.
@@ -138,11 +228,7 @@ class AttentionOp:
         Raises:
             UnsupportedError: CPU tensors while Triton's interpreter is off.
         """
-        if device.type == "cpu" and not config.interpret_all():
-            raise UnsupportedError(
-                "CPU tensors run under Triton's interpreter, which Triton fixes when it is first "
-                "imported: start Python with TRITON_INTERPRET=1, or move q, k and v to a CUDA device"
-            )
+        _check_device(device)
         return getattr(self.module, name)
 
     # -- launch configs ------------------------------------------------------------------

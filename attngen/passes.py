@@ -177,14 +177,17 @@ def classify_tiles(g: nx.DiGraph) -> nx.DiGraph:
     dQ kernels) and ``tiles_q`` (query tiles per key tile, for the dK/dV kernel);
     with a periodic split also ``natural_tiles_*`` and ``perm_tiles_*`` (in ``j``);
     ``position_loads`` (integer reads at one position, ``doc[b, k]``, whose per-tile
-    minimum and maximum the metadata kernels compute on the device) and ``batch_loads``.
+    minimum and maximum the metadata kernels compute on the device) and ``batch_loads``;
+    ``decode_tiles_k``: key tiles of the whole mask for the split-KV decoding kernel, whose
+    rows hold every query head of a KV head (so ``h`` and reads that depend on it are not
+    scalars there) and which has no metadata kernel (runtime atoms stay inexact).
     """
     mask = g.nodes["mask"]["expr"] if "mask" in g else None
-    scalar_loads = [
-        d["symbol"].name
-        for _, d in g.nodes(data=True)
-        if d.get("op") == "load_input" and not (d["deps"] & {"q", "k"})
-    ]
+
+    def loads_free_of(deps: set[str]) -> list[str]:
+        return [d["symbol"].name for _, d in g.nodes(data=True) if d.get("op") == "load_input" and not (d["deps"] & deps)]
+
+    scalar_loads = loads_free_of({"q", "k"})
     position_loads = {}
     for _, d in g.nodes(data=True):
         if d.get("op") != "load_input" or not d["symbol"].is_integer:
@@ -197,6 +200,7 @@ def classify_tiles(g: nx.DiGraph) -> nx.DiGraph:
     ]
     g.graph["position_loads"] = position_loads
     g.graph["batch_loads"] = batch_loads
+    g.graph["decode_tiles_k"] = classify(mask, "k", loads_free_of({"q", "k", "h"}), row_symbols=("h",))
     for var in ("k", "q"):
         g.graph[f"tiles_{var}"] = classify(mask, var, scalar_loads, position_loads, batch_loads)
         split = g.graph.get("periodic")

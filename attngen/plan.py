@@ -103,6 +103,23 @@ class MetaPlan:
 
 
 @dataclass(frozen=True)
+class DecodePlan:
+    """The split-KV decoding kernel (``templates/decode.py.j2``, :mod:`attngen.decode`): one
+    program per (split, KV head, sequence) whose rows are every query head of the KV head
+    times every new token, over a contiguous or paged KV cache.
+
+    It applies the whole mask (a strided part included, element-wise), so ``mask_code`` may
+    differ from the forward kernel's; ``ranges`` classify its key tiles with ``h`` as a row
+    variable (:func:`attngen.classify.classify`'s ``row_symbols``) and no metadata kernel."""
+
+    name: str
+    mask_code: str
+    outer_loads: tuple[LoadPlan, ...]
+    inner_loads: tuple[LoadPlan, ...]
+    ranges: RangePlan
+
+
+@dataclass(frozen=True)
 class ModulePlan:
     """Everything the attention template renders: one module with the forward kernel, the
     backward preprocess, the dK/dV kernel and the dQ kernel."""
@@ -132,6 +149,8 @@ class ModulePlan:
     perm: "ModulePlan | None" = None
     #: float inputs read in the score, which may require grad (learnable score parameters)
     grad_loads: tuple[GradLoad, ...] = ()
+    #: the split-KV decoding kernel, rendered into a module of its own (natural part only)
+    decode: DecodePlan | None = None
     #: this module's forward also writes P and its backward kernels read it (recompute: store_p)
     store_p: bool = False
     #: the store_p variant of this module (kernel names ending in ``_sp``), rendered after it
@@ -210,9 +229,17 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
             grad_loads=tuple(grad_loads),
         )
 
+    decode_loads = split("k", "attn_decode")  # its loop runs over key tiles, as the forward's
+    decode = DecodePlan(
+        name=decode_loads.name,
+        mask_code=code("mask"),
+        outer_loads=decode_loads.outer_loads,
+        inner_loads=decode_loads.inner_loads,
+        ranges=_ranges(g.graph["decode_tiles_k"], pr, loads, {}, ()),
+    )
     split_ = g.graph.get("periodic")
     if not split_:
-        main = module(code("mask"), "tiles_")
+        main = dataclasses.replace(module(code("mask"), "tiles_"), decode=decode)
         if g.graph["recompute"] != "store_p":
             return main
         renamed = {f: dataclasses.replace(getattr(main, f), name=getattr(main, f).name + "_sp") for f in ("fwd", "dkdv", "dq")}
@@ -225,7 +252,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     natural_code = "(pos_k < 0)" if natural is sympy.false else pr(natural)
     main = module(natural_code, "natural_tiles_")
     perm = module(pr(split_["perm"]), "perm_tiles_", perm_stride=split_["stride"], suffix="_perm")
-    return dataclasses.replace(main, perm=perm)
+    return dataclasses.replace(main, perm=perm, decode=decode)
 
 
 def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads) -> RangePlan:

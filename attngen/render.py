@@ -17,6 +17,7 @@ from .errors import CodegenError
 from .plan import ModulePlan
 
 TEMPLATE = "attention.py.j2"
+DECODE_TEMPLATE = "decode.py.j2"
 
 
 @dataclass(frozen=True)
@@ -45,15 +46,34 @@ def render(plan: ModulePlan) -> RenderedModule:
     Raises:
         CodegenError: the template failed to render or produced text that is not Python.
     """
+    # a strided mask's residue-order kernels, or recompute: store_p's kernels, follow in the
+    # same module
+    parts = (plan, plan.perm, plan.stored)
+    return _render(TEMPLATE, plan.spec_name, [dict(plan=part) for part in parts if part is not None])
+
+
+def decode_module_name(spec_name: str) -> str:
+    """The name the decoding kernel's module is written and imported under."""
+    return f"{spec_name}_decode"
+
+
+def render_decode(plan: ModulePlan) -> RenderedModule:
+    """Render the split-KV decoding kernel of a plan (``plan.decode``), a module of its own.
+
+    Raises:
+        CodegenError: the template failed to render or produced text that is not Python.
+    """
+    return _render(DECODE_TEMPLATE, plan.spec_name, [dict(plan=plan, decode=plan.decode)])
+
+
+def _render(name: str, spec_name: str, contexts: list[dict]) -> RenderedModule:
     try:
-        template = _environment().get_template(TEMPLATE)
-        # a strided mask's residue-order kernels, or recompute: store_p's kernels, follow in
-        # the same module
-        source = "".join(template.render(plan=part) for part in (plan, plan.perm, plan.stored) if part is not None)
+        template = _environment().get_template(name)
+        source = "".join(template.render(**context) for context in contexts)
     except jinja2.TemplateError as exc:
-        raise CodegenError(f"rendering {TEMPLATE} for spec {plan.spec_name!r} failed: {exc}") from exc
+        raise CodegenError(f"rendering {name} for spec {spec_name!r} failed: {exc}") from exc
     try:
-        compile(source, f"<attngen {plan.spec_name}>", "exec")  # syntax check only; nothing runs
+        compile(source, f"<attngen {spec_name}>", "exec")  # syntax check only; nothing runs
     except SyntaxError as exc:
-        raise CodegenError(f"rendered kernel for {plan.spec_name!r} is not valid Python: {exc}") from exc
+        raise CodegenError(f"rendered kernel for {spec_name!r} is not valid Python: {exc}") from exc
     return RenderedModule(source=source, digest=hashlib.sha256(source.encode()).hexdigest())

@@ -63,3 +63,22 @@ def default_config(kernel: str, d_max: int, dtype: torch.dtype) -> LaunchConfig:
     if wide:
         cfg = LaunchConfig(max(16, cfg.block_q // 2), max(16, cfg.block_kv // 2), cfg.num_warps, 1)
     return cfg
+
+
+def decode_config(d_max: int, dtype: torch.dtype, rows: int) -> LaunchConfig:
+    """The launch config of the split-KV decoding kernel (:mod:`attngen.decode`).
+
+    Args:
+        d_max: the larger of ``D_QK`` and ``D_V``.
+        dtype: the dtype of q and the cache; float32 key tiles are halved.
+        rows: query rows per KV head (``H // H_KV`` times the new tokens per sequence).
+
+    Returns:
+        ``block_q`` is the row block ``BLOCK_R`` (the next power of two >= ``rows``, at least
+        16 for ``tl.dot``, at most 64, more row blocks beyond), ``block_kv`` the key tile.
+    """
+    block_r = min(64, max(16, 1 << (rows - 1).bit_length()))
+    block_kv = 64 if d_max <= 128 else 32
+    if dtype == torch.float32:
+        block_kv //= 2
+    return LaunchConfig(block_r, block_kv, 4, 2)

@@ -49,6 +49,7 @@ def test_usage_errors_say_what_to_change():
 def test_show_lists_metadata_and_residue_order_kernels():
     doc = run_cli("show", "document").stdout
     assert "attn_tile_ranges_k" in doc and "attn_tile_ranges_q" in doc
+    assert "attn_decode" in doc and "document_decode_" in doc  # the split-KV decoding kernel's own file
     strided = run_cli("show", "strided").stdout
     assert "attn_fwd_perm" in strided and "attn_bwd_dkdv_perm" in strided and "attn_bwd_dq_perm" in strided
     tiles = run_cli("show", "strided", "--tiles", "--t-q", "1024").stdout
