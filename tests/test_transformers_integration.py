@@ -79,23 +79,31 @@ def layer_kinds(model, ids, mask):
     return seen
 
 
+DECODERS = {
+    "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **SMALL),
+    "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **SMALL),
+}
+
+
 @pytest.mark.parametrize("pad", [None, "left", "right"])
 def test_llama_gqa_matches_eager(pad):
-    config = transformers.LlamaConfig(num_key_value_heads=2, **SMALL)  # GQA: 4 query heads share 2 KV heads
-    eager, ours = twins(config, transformers.AutoModelForCausalLM)
+    eager, ours = twins(DECODERS["llama"](), transformers.AutoModelForCausalLM)  # GQA: 4 query heads share 2 KV heads
     ids, mask = batch(pad=pad)
     run_both(eager, ours, ids, mask)
     kinds = set(layer_kinds(ours, ids, mask))
     assert kinds == {integration.LayerAttention(causal=True, scale=8**-0.5, padded=pad is not None)}
 
 
-@pytest.mark.parametrize("static", [False, True])
-@pytest.mark.parametrize("pad", [None, "left"])
-def test_llama_decoding_with_a_kv_cache_matches_eager(pad, static):
-    """Prefill, then two decoding steps (T_Q = 1 < T_KV, bottom-right aligned). A static
-    cache hands the prefill all its 16 slots (T_Q = 10 < T_KV = 16, queries top-left)."""
-    config = transformers.LlamaConfig(num_key_value_heads=2, **SMALL)
-    eager, ours = twins(config, transformers.AutoModelForCausalLM)
+@pytest.mark.parametrize(
+    "family, pad, static",
+    [("llama", None, False), ("llama", "left", False), ("llama", None, True), ("llama", "left", True),
+     ("mistral", "left", False), ("mistral", "left", True)],
+)  # fmt: skip
+def test_decoding_with_a_kv_cache_matches_eager(family, pad, static):
+    """Prefill 10 tokens, then three decoding steps (T_Q = 1 < T_KV, bottom-right aligned;
+    Mistral's window of 5 slides past the prompt). A static cache hands the prefill all its
+    16 slots (T_Q = 10 < T_KV = 16, queries top-left)."""
+    eager, ours = twins(DECODERS[family](), transformers.AutoModelForCausalLM)
     ids, mask = batch(T=10, pad=pad)
 
     def cache(model):
@@ -105,7 +113,7 @@ def test_llama_decoding_with_a_kv_cache_matches_eager(pad, static):
         e_out = eager(input_ids=ids, attention_mask=mask, cache=cache(eager), use_cache=True)
         o_out = ours(input_ids=ids, attention_mask=mask, cache=cache(ours), use_cache=True)
         assert_matches(o_out.logits, e_out.logits, mask)
-        for step in range(2):
+        for step in range(3):
             nxt = e_out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
             e_out = eager(input_ids=nxt, attention_mask=mask, cache=e_out.cache, use_cache=True)
@@ -115,8 +123,7 @@ def test_llama_decoding_with_a_kv_cache_matches_eager(pad, static):
 
 @pytest.mark.parametrize("pad", [None, "right"])
 def test_mistral_sliding_window_matches_eager(pad):
-    config = transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **SMALL)
-    eager, ours = twins(config, transformers.AutoModelForCausalLM)
+    eager, ours = twins(DECODERS["mistral"](), transformers.AutoModelForCausalLM)
     ids, mask = batch(pad=pad)  # T = 20 > window: the window matters
     run_both(eager, ours, ids, mask)
     assert {(k.causal, k.window) for k in layer_kinds(ours, ids, mask)} == {(True, 5)}
@@ -145,8 +152,7 @@ def test_bert_with_padding_matches_eager():
 
 
 def test_specs_compile_once_per_layer_kind():
-    config = transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **SMALL)
-    _, ours = twins(config)
+    _, ours = twins(DECODERS["mistral"]())
     ids, mask = batch(pad="left")
     with torch.no_grad():
         ours(input_ids=ids, attention_mask=mask)
