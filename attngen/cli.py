@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
 
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
-    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring", "recompute"), default="anchors")
+    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring", "recompute", "llama"), default="anchors")
     bench.add_argument("--gpus", type=int, default=2, help="ring suite: GPUs (processes) the sequence is sharded over")
     bench.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME-d<D>.png here (e.g. docs/benchmarks)")
     bench.add_argument("--variants", nargs="+", default=None)
@@ -572,6 +572,11 @@ def _bench(args) -> int:
     if args.suite == "long":
         print(bench.long_window())
         return 0
+    if args.suite == "llama":  # a transformers training step per attention implementation
+        from . import model_bench
+
+        result = model_bench.training_step(t=args.seqs[0] if args.seqs else 8192)
+        return _print_and_write(args, "llama", result, model_bench.markdown(result))
     if args.suite == "recompute":  # time and peak memory per recompute policy
         result = bench.recompute_table(tuple(args.seqs) if args.seqs else (1024, 4096, 16384))
         return _print_and_write(args, "recompute", result, bench.recompute_markdown(result))

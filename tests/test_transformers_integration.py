@@ -270,3 +270,16 @@ def test_minilm_real_weights_sentence_embeddings_match_eager(monkeypatch):
     ours, eager = embed("attngen"), embed("eager")
     cosine = (ours * eager).sum(-1)
     assert cosine.min().item() >= 0.9999, cosine.tolist()
+
+
+def test_llama_training_step_benchmark_runs_on_a_tiny_model():
+    # the H200 benchmark's code path (issue 9), on the CPU with a tiny model: every system
+    # either runs and matches SDPA's loss or is reported unavailable, never silently skipped
+    from attngen.model_bench import markdown, training_step
+
+    result = training_step(layers=1, heads=2, kv_heads=1, head_dim=16, t=16, vocab=64, device="cpu", dtype="float32",
+                           systems=("attngen", "sdpa"), warmup=0, iters=1)
+    rows = {r["system"]: r for r in result["rows"]}
+    assert rows["attngen"]["status"] == "ok" and rows["sdpa"]["status"] == "ok"
+    assert rows["attngen"]["loss_vs_sdpa"] < 1e-4
+    assert "| attngen |" in markdown(result)
