@@ -535,3 +535,84 @@ def recompute_markdown(result: dict) -> str:
         lines.append(f"| {r['T']} | {r['B']} | {r['policy']} | {r['ms']} | {r['peak_gib']} | {'yes' if r['stores_p'] else 'no'} | "
                      f"{r['max_grad_diff_vs_lse']:.2e} |")
     return "\n".join(lines) + "\n"
+
+
+def decode_suite(b: int = 8, h: int = 32, h_kv: int = 8, d: int = 128, t_kv: int = 32768, t_q: int = 1,
+                 block_size: int = 256, spec: str = "causal", device: str = "cuda", with_flex: bool = True, timing: bool = True) -> dict:
+    """Decoding time of ``op.decode`` (contiguous and paged caches) against FlexAttention's
+    decoding path (``torch.compile(flex_attention)`` with ``T_Q`` new tokens, GQA) and the
+    memory floor: the bytes of K and V read, over the card's bandwidth (4.27 TB/s measured
+    for the H200 device-to-device, counting reads and writes).
+
+    Outputs are compared with FlexAttention's before timing. Times are ``do_bench`` medians
+    (ms); ``x_floor`` is time / floor. ``with_flex=False`` and ``timing=False`` leave out
+    FlexAttention and the timing (the layout and correctness checks still run, e.g. on the CPU).
+    """
+    import attngen
+
+    from .timing import bench as median_ms
+
+    op = attngen.compile(spec)
+    gen = torch.Generator(device=device).manual_seed(0)
+    dt = torch.bfloat16
+    q = torch.randn(b, h, t_q, d, device=device, dtype=dt, generator=gen)
+    k, v = (torch.randn(b, h_kv, t_kv, d, device=device, dtype=dt, generator=gen) for _ in range(2))
+    lens = torch.full((b,), t_kv, dtype=torch.int32, device=device)
+    # the paged layout: every sequence's blocks, shuffled over the pool
+    n_blocks = t_kv // block_size
+    perm = torch.randperm(b * n_blocks, generator=torch.Generator().manual_seed(0)).to(device)
+    table = perm.view(b, n_blocks).to(torch.int32)
+    k_pages = torch.empty(b * n_blocks, block_size, h_kv, d, device=device, dtype=dt)
+    v_pages = torch.empty_like(k_pages)
+    k_pages[perm] = k.view(b, h_kv, n_blocks, block_size, d).permute(0, 2, 3, 1, 4).reshape(-1, block_size, h_kv, d)
+    v_pages[perm] = v.view(b, h_kv, n_blocks, block_size, d).permute(0, 2, 3, 1, 4).reshape(-1, block_size, h_kv, d)
+    runs = {
+        "attngen-contiguous": lambda: op.decode(q, k, v, lens)[0],
+        "attngen-paged": lambda: op.decode(q, k_pages, v_pages, lens, block_table=table)[0],
+    }
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        if not with_flex:
+            raise RuntimeError("left out (with_flex=False)")
+        flex = _compiled_flex()
+        offset = t_kv - t_q
+        mask = create_block_mask(lambda bb, hh, qi, ki: qi + offset >= ki, b, None, t_q, t_kv, device=device)
+        runs["flex"] = lambda: flex(q, k, v, block_mask=mask, enable_gqa=True)
+    except Exception as exc:  # reported, not hidden
+        runs["flex"] = exc
+    floor_ms = 2 * b * h_kv * t_kv * d * 2 / 4.27e12 * 1e3
+    rows, want = [], None
+    with torch.no_grad():
+        for name in ("flex", "attngen-contiguous", "attngen-paged"):
+            fn = runs[name]
+            if isinstance(fn, Exception):
+                rows.append(dict(system=name, status=f"unavailable: {type(fn).__name__}: {str(fn)[:100]}"))
+                continue
+            out = fn().float()
+            want = out if want is None else want
+            err = (out - want).abs().max().item()
+            if err > 2e-2:  # against the first system that ran (FlexAttention when it runs)
+                rows.append(dict(system=name, status=f"WRONG: max |out - first| = {err:.3g}"))
+                continue
+            if not timing:
+                rows.append(dict(system=name, status="ok", max_err_vs_first=err))
+                continue
+            ms = median_ms(fn)
+            rows.append(dict(system=name, status="ok", ms=round(ms, 4), x_floor=round(ms / floor_ms, 3), max_err_vs_first=err))
+    card = torch.cuda.get_device_name() if device == "cuda" else device
+    meta = dict(card=card, torch=torch.__version__, B=b, H=h, H_KV=h_kv, D=d, T_KV=t_kv, T_Q=t_q,
+                block_size=block_size, spec=spec, floor_ms=round(floor_ms, 4), command=" ".join(sys.argv))
+    return {"meta": meta, "rows": rows}
+
+
+def decode_markdown(result: dict) -> str:
+    """The decoding table as Markdown."""
+    m = result["meta"]
+    lines = [f"{m['card']}; torch {m['torch']}; {m['spec']} decoding, B={m['B']}, H={m['H']}, H_KV={m['H_KV']}, D={m['D']}, "
+             f"T_KV={m['T_KV']}, T_Q={m['T_Q']}, bf16, paged block size {m['block_size']}; memory floor (K and V bytes at "
+             f"4.27 TB/s) {m['floor_ms']} ms. Command: `{m['command']}`.", "",
+             "| system | time (ms) | × floor |", "|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['system']} | {r.get('ms', r['status'])} | {r.get('x_floor', '')} |")
+    return "\n".join(lines) + "\n"

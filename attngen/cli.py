@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
 
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
-    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring", "recompute", "llama"), default="anchors")
+    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring", "recompute", "llama", "decode"), default="anchors")
     bench.add_argument("--gpus", type=int, default=2, help="ring suite: GPUs (processes) the sequence is sharded over")
     bench.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME-d<D>.png here (e.g. docs/benchmarks)")
     bench.add_argument("--variants", nargs="+", default=None)
@@ -572,6 +572,9 @@ def _bench(args) -> int:
     if args.suite == "long":
         print(bench.long_window())
         return 0
+    if args.suite == "decode":  # split-KV decoding against Flex's decoding path and the memory floor
+        result = bench.decode_suite(t_kv=args.seqs[0] if args.seqs else 32768)
+        return _print_and_write(args, "decode", result, bench.decode_markdown(result))
     if args.suite == "llama":  # a transformers training step per attention implementation
         from . import model_bench
 

@@ -72,3 +72,17 @@ def test_markdown_names_the_suite_cases_a_stopped_run_did_not_measure():
         {"system": "attngen", "variant": v, "D": 128, "T": 16384, "mode": "compile", "ms": None, "tflops": None, "status": "ok",
          "cold_compile_s": 1.0, "warm_compile_ms": 1.0} for v in ("causal", "sliding_window", "document", "prefix_lm", "strided")]}
     assert "Not measured" not in markdown(done)
+
+
+def test_decode_suite_builds_a_paged_cache_equal_to_the_contiguous_one():
+    # the H200 decode benchmark's layout code (shuffled pages behind a block table), run tiny
+    # on this device without timing: paged and contiguous decoding must agree
+    from attngen.bench import decode_markdown, decode_suite
+    from helpers import DEVICE
+
+    result = decode_suite(b=2, h=4, h_kv=2, d=16, t_kv=64, t_q=1, block_size=16, device=DEVICE, with_flex=False, timing=False)
+    rows = {r["system"]: r for r in result["rows"]}
+    assert rows["flex"]["status"].startswith("unavailable")
+    assert rows["attngen-contiguous"]["status"] == "ok" and rows["attngen-paged"]["status"] == "ok"
+    assert rows["attngen-paged"]["max_err_vs_first"] < 1e-2  # bf16 outputs of the same cache
+    assert "attngen-paged" in decode_markdown(result)
