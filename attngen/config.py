@@ -6,6 +6,8 @@
                         element (a debug switch; results must not change).
 ``ATTNGEN_STAGES``      an integer forces every kernel's software-pipelining depth (``num_stages``)
                         whatever the config says (a debug switch for compiler faults).
+``ATTNGEN_MIN_HEAD_BLOCK`` a power of two raises the smallest padded head-dim block (default 16), a
+                        debug switch for compiler faults with narrow tiles.
 ``ATTNGEN_POISON``      ``1`` fills fresh outputs with NaN before the kernels write them, so an
                         element a kernel forgets to write cannot pass a test.
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
@@ -61,6 +63,20 @@ def forced_stages() -> int | None:
         return None
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"ATTNGEN_STAGES={text!r}: give a positive integer, or unset it")
+    return int(text)
+
+
+def min_head_block() -> int:
+    """The smallest padded head-dim block forced by ``ATTNGEN_MIN_HEAD_BLOCK`` (0: none).
+
+    Raises:
+        ValueError: the variable is set but is not a power of two.
+    """
+    text = os.environ.get("ATTNGEN_MIN_HEAD_BLOCK", "").strip()
+    if not text:
+        return 0
+    if not text.isdigit() or int(text) < 1 or int(text) & (int(text) - 1):
+        raise ValueError(f"ATTNGEN_MIN_HEAD_BLOCK={text!r}: give a power of two such as 32, or unset it")
     return int(text)
 
 

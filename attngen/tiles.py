@@ -22,8 +22,12 @@ class LaunchConfig:
 
 
 def head_block(d: int) -> int:
-    """The padded head-dim block: the next power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, 1 << (d - 1).bit_length())
+    """The padded head-dim block: the next power of two, at least 16 (``tl.dot``'s minimum),
+    or at least ``ATTNGEN_MIN_HEAD_BLOCK`` when set (a debug switch for compiler faults with
+    narrow tiles)."""
+    from .config import min_head_block
+
+    return max(16, min_head_block(), 1 << (d - 1).bit_length())
 
 
 def default_config(kernel: str, d_max: int, dtype: torch.dtype) -> LaunchConfig:

@@ -174,3 +174,18 @@ def test_opcheck_passes_for_every_backward_op():
     torch.library.opcheck(torch.ops.attngen.attention_bwd.default, (do, None, q, k, v, o, lse, [], 0, op.op_id))
     torch.library.opcheck(torch.ops.attngen.attention_bwd_p.default, (do, None, q, k, v, o, lse, p, [], 0, op.op_id))
     torch.library.opcheck(torch.ops.attngen.attention_bwd_recompute.default, (do, lse, q, k, v, [], 0, op.op_id))
+
+
+def test_attngen_min_head_block_pads_narrow_head_dims(monkeypatch):
+    from attngen.tiles import head_block
+
+    assert (head_block(5), head_block(24), head_block(80)) == (16, 32, 128)
+    monkeypatch.setenv("ATTNGEN_MIN_HEAD_BLOCK", "32")
+    assert (head_block(5), head_block(24), head_block(80)) == (32, 32, 128)
+    op = attngen.compile("causal")  # results do not change with the padding
+    q, k, v = tensors(H=2, H_KV=1, T=10, D=8)
+    ref = attngen.reference("causal")(q.double(), k.double(), v.double())
+    assert (op(q, k, v).double() - ref).abs().max() < 1e-5
+    monkeypatch.setenv("ATTNGEN_MIN_HEAD_BLOCK", "24")
+    with pytest.raises(ValueError, match="power of two"):
+        head_block(5)
