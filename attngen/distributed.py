@@ -159,10 +159,18 @@ def _check(op: AttentionOp, q, k, v, inputs: dict, layout: str, group) -> tuple[
     whole = {"q": q.new_empty(1).as_strided(q.shape[:2] + (t, q.shape[3]), (0, 0, 0, 0)),
              "k": k.new_empty(1).as_strided(k.shape[:2] + (t, k.shape[3]), (0, 0, 0, 0)),
              "v": v.new_empty(1).as_strided(v.shape[:2] + (t, v.shape[3]), (0, 0, 0, 0))}
-    _, ordered = check_call(op.spec, whole["q"], whole["k"], whole["v"], inputs,
+    _, ordered = check_call(op.spec, whole["q"], whole["k"], whole["v"], inputs, grad_inputs=None,
                             constant_reads=op.spec.constant_reads())  # runtime inputs span the whole sequence
-    if any(x.requires_grad for x in ordered):
-        raise UnsupportedError("context_parallel: runtime inputs that require grad are not supported; pass them detached")
+    wanting = [name for name, x in inputs.items() if isinstance(x, torch.Tensor) and x.requires_grad]
+    if wanting:
+        raise UnsupportedError(f"context_parallel: {wanting[0]} requires grad; learnable score parameters are not "
+                               f"supported across ranks; pass {wanting[0]}.detach()")
+    # every rank must hold a shard of the same length, else the ring's transfers mismatch
+    lengths = [torch.zeros(1, dtype=torch.int64, device=q.device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([q.shape[2]], dtype=torch.int64, device=q.device), group=group)
+    if len({int(x) for x in lengths}) > 1:
+        raise ShapeError(f"context_parallel: the ranks hold shards of {[int(x) for x in lengths]} positions; every rank "
+                         "needs an equal shard of one sequence (shard_sequence makes them)")
     return world, rank, t, ordered
 
 
@@ -258,12 +266,15 @@ class _RingAttention(torch.autograd.Function):
                 dkv[0][:, :, ks] += dk_p.float()
                 dkv[1][:, :, ks] += dv_p.float()
             # the accumulators travel with their block; after the last step one more hop
-            # brings each home to its owner
-            pending_grad, incoming_grad = ring.start(dkv, tag=2)
+            # brings each home to its owner (a single rank holds its own all along)
+            if world > 1:
+                pending_grad, incoming_grad = ring.start(dkv, tag=2)
             ring.wait(pending_kv)
             kv = incoming_kv
-        ring.wait(pending_grad)
-        dk, dv = incoming_grad
+        if world > 1:
+            ring.wait(pending_grad)
+            dkv = incoming_grad
+        dk, dv = dkv
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)) + (None,) * (6 + len(inputs))
 
 

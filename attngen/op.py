@@ -132,12 +132,13 @@ class AttentionOp:
         learnable = any(t.requires_grad for t in ordered)
         if learnable:  # the gradient is added at the inputs' own strides: make them dense
             ordered = [t.contiguous() if t.requires_grad else t for t in ordered]
-        if torch.compiler.is_compiling() and self.plan.stored is not None:  # recompute: store_p
+        wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *ordered))
+        if torch.compiler.is_compiling() and self.plan.stored is not None and wants_grad:  # recompute: store_p
             o, lse, _ = torch.ops.attngen.attention_fwd_p(q, k, v, ordered, self.op_id)
         elif torch.compiler.is_compiling():  # the custom op: traceable, with a fake implementation
             o, lse = torch.ops.attngen.attention_fwd(q, k, v, ordered, self.op_id)
         else:  # eager: the same implementations without the dispatcher's per-call host cost
-            o, lse = _EagerAttention.apply(q, k, v, self.op_id, *ordered)
+            o, lse = _EagerAttention.apply(q, k, v, (self.op_id, wants_grad), *ordered)
         return (o, lse) if return_lse else o
 
     def decode(
@@ -558,9 +559,15 @@ class _EagerAttention(torch.autograd.Function):
     are used, so graphs stay traceable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, op_id, *ins):
+    def forward(ctx, q, k, v, call, *ins):
+        # call: (op_id, whether a backward can follow); P is stored only then, so no_grad and
+        # inference calls of a store_p spec skip its pass and its memory
+        op_id, wants_grad = call
         op = _REGISTRY[op_id]
-        o, lse, p = op.forward_impl(q, k, v, list(ins), want_p=True)
+        if wants_grad:
+            o, lse, p = op.forward_impl(q, k, v, list(ins), want_p=True)
+        else:
+            (o, lse), p = op.forward_impl(q, k, v, list(ins)), None
         ctx.set_materialize_grads(False)
         _save(ctx, op_id, q, k, v, o, lse, ins, p=p)
         return o, lse

@@ -53,6 +53,41 @@ def _worker(rank: int, world: int, init: str, results: str) -> None:
         f.write("\n".join(lines))
 
 
+def _single_rank(rank: int, init: str, results: str) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import attngen
+    from attngen.distributed import context_parallel
+    from attngen.errors import UnsupportedError
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=1)
+    op = attngen.compile("causal")
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 1, 16, 16, generator=gen) for _ in range(3))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    context_parallel(op, *leaves).sum().backward()  # a ring of one: no transfer to itself
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    op(*ref).sum().backward()
+    errs = [(a.grad - b.grad).abs().max().item() for a, b in zip(leaves, ref)]
+    alibi = attngen.compile("alibi")
+    try:
+        context_parallel(alibi, q, k, v, slopes=torch.tensor([0.5], requires_grad=True))
+        msg = "no error"
+    except UnsupportedError as exc:
+        msg = str(exc)
+    dist.destroy_process_group()
+    with open(results, "w") as f:
+        f.write(f"{max(errs)}\n{msg}")
+
+
+@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+def test_a_ring_of_one_rank_gives_one_process_gradients_and_learnable_inputs_are_refused_clearly(tmp_path):
+    results = str(tmp_path / "one")
+    mp.spawn(_single_rank, args=(f"file://{tmp_path / 'rendezvous'}", results), nprocs=1, join=True)
+    err, msg = open(results).read().split("\n", 1)
+    assert float(err) < 1e-6
+    assert "slopes requires grad" in msg and "slopes.detach()" in msg
+
+
 @pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
 def test_ring_attention_on_two_gloo_ranks_matches_one_process(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"

@@ -85,6 +85,27 @@ def test_store_p_saves_p_and_reads_it_back_in_half_precision():
     assert (1, 2, 24, 24) in sizes  # P, [B, H, T_Q, T_KV]
 
 
+def test_store_p_stores_nothing_when_no_backward_can_follow():
+    # inference with a store_p spec costs what lse costs: no P pass, no P memory
+    op = attngen.compile({"name": "sp_inf", "mask": "k <= q", "recompute": "store_p"})
+    q = torch.randn(1, 2, 20, 16).to(DEVICE)
+    calls = []
+    real = op.forward_impl
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(kwargs.get("want_p", False) and out[2] is not None)
+        return out
+
+    op.forward_impl = spy
+    with torch.no_grad():
+        op(q, q, q)
+    op(q, q, q)  # nothing requires grad
+    leaf = q.clone().requires_grad_()
+    op(leaf, q, q)
+    assert calls == [False, False, True]
+
+
 def test_store_p_is_refused_where_it_cannot_apply():
     from attngen.errors import SpecError, UnsupportedError
 

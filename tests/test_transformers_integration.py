@@ -151,6 +151,17 @@ def test_bert_with_padding_matches_eager():
     assert {(k.causal, k.window, k.padded) for k in layer_kinds(ours, ids, mask)} == {(False, None, True)}
 
 
+def test_modernbert_inclusive_window_matches_eager():
+    # ModernBERT passes sliding_window = w + 1 (FlashAttention's inclusive convention) while
+    # its mask keeps |q - k| <= w; every input longer than w must still map (it raised before)
+    config = transformers.ModernBertConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=4, local_attention=6, global_attn_every_n_layers=3, pad_token_id=0)
+    eager, ours = twins(config)
+    ids, mask = batch(B=2, T=12, pad="right")
+    run_both(eager, ours, ids, mask, out="last_hidden_state")
+    assert {k.window for k in layer_kinds(ours, ids, mask)} == {None, 3}
+
+
 def test_specs_compile_once_per_layer_kind():
     _, ours = twins(DECODERS["mistral"]())
     ids, mask = batch(pad="left")

@@ -32,7 +32,9 @@ its mask builder; a user's 4-D boolean or additive float mask; a 2-D padding mas
 against the layer's pattern: a 4-D mask must equal the pattern, in one of the two alignments,
 with some keys of each batch entry removed, else the call raises. A query row that
 sees no key (a padding row of a left-padded batch) returns zeros where eager attention returns
-an average of all values; no later token reads that row.
+an average of all values. No later token reads that row, but a causal-LM loss can: with left
+padding, the last padding position predicts the first real token, so set that label to -100
+(ignored) to train exactly as with eager or SDPA attention.
 
 What cannot be mapped raises :class:`~attngen.errors.UnsupportedError` (or
 :class:`~attngen.errors.ShapeError` for a misshapen mask), never a silent fallback: attention
@@ -278,12 +280,18 @@ def match_mask(
     if shape[1] > 1 and not bool((visible == visible[:, :1]).all()):
         raise UnsupportedError(f"attention_mask: the mask differs between heads; attngen maps one mask for all heads; {_FIX}")
     visible = visible[:, 0]
-    for align in ("bottom_right", "top_left") if t_q != t_kv else ("bottom_right",):
-        aligned = replace(layer, align=align)
-        pattern = _pattern(aligned, t_q, t_kv, str(visible.device))
-        keep = visible.any(dim=1) | ~pattern.any(dim=0)
-        if torch.equal(visible, pattern & keep[:, None, :]):
-            return _padded(aligned, keep.expand(batch, t_kv))
+    shapes = [layer]
+    if layer.window is not None and not layer.causal and layer.window > 1:
+        # some bidirectional models (ModernBERT) pass FlashAttention's inclusive window,
+        # one more than the |q - k| <= w their mask uses
+        shapes.append(replace(layer, window=layer.window - 1))
+    for shaped in shapes:
+        for align in ("bottom_right", "top_left") if t_q != t_kv else ("bottom_right",):
+            aligned = replace(shaped, align=align)
+            pattern = _pattern(aligned, t_q, t_kv, str(visible.device))
+            keep = visible.any(dim=1) | ~pattern.any(dim=0)
+            if torch.equal(visible, pattern & keep[:, None, :]):
+                return _padded(aligned, keep.expand(batch, t_kv))
     raise UnsupportedError(
         f"attention_mask: this {list(shape)} mask is not the layer's pattern ({_describe(layer)}, query rows at the "
         "bottom right or top left of the keys) with padding keys removed; packed sequences, prefix-LM or image-token "
