@@ -63,6 +63,20 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def kernel_of(module: ModuleType, name: str, device: torch.device):
+    """The kernel ``name`` of a loaded kernel module, for tensors on ``device``.
+
+    Raises:
+        UnsupportedError: CPU tensors while Triton's interpreter is off.
+    """
+    if device.type == "cpu" and not config.interpret_all():
+        raise UnsupportedError(
+            "CPU tensors run under Triton's interpreter, which Triton fixes when it is first "
+            "imported: start Python with TRITON_INTERPRET=1, or move q, k and v to a CUDA device"
+        )
+    return getattr(module, name)
+
+
 def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A fresh output tensor; NaN-filled when ``ATTNGEN_POISON=1`` so unwritten elements show."""
     if config.poison_outputs():
@@ -136,12 +150,7 @@ class AttentionOp:
         Raises:
             UnsupportedError: CPU tensors while Triton's interpreter is off.
         """
-        if device.type == "cpu" and not config.interpret_all():
-            raise UnsupportedError(
-                "CPU tensors run under Triton's interpreter, which Triton fixes when it is first "
-                "imported: start Python with TRITON_INTERPRET=1, or move q, k and v to a CUDA device"
-            )
-        return getattr(self.module, name)
+        return kernel_of(self.module, name, device)
 
     # -- launch configs ------------------------------------------------------------------
     @staticmethod

@@ -17,6 +17,7 @@ from .errors import CodegenError
 from .plan import ModulePlan
 
 TEMPLATE = "attention.py.j2"
+LINEAR_TEMPLATE = "linear.py.j2"
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,26 @@ def render(plan: ModulePlan) -> RenderedModule:
         source = "".join(template.render(plan=part) for part in (plan, plan.perm) if part is not None)
     except jinja2.TemplateError as exc:
         raise CodegenError(f"rendering {TEMPLATE} for spec {plan.spec_name!r} failed: {exc}") from exc
+    return _checked(plan.spec_name, source)
+
+
+def render_linear(plan) -> RenderedModule:
+    """Render the linear-attention template for a :class:`~attngen.linear.LinearPlan`.
+
+    Raises:
+        CodegenError: the template failed to render or produced text that is not Python.
+    """
     try:
-        compile(source, f"<attngen {plan.spec_name}>", "exec")  # syntax check only; nothing runs
+        source = _environment().get_template(LINEAR_TEMPLATE).render(plan=plan)
+    except jinja2.TemplateError as exc:
+        raise CodegenError(f"rendering {LINEAR_TEMPLATE} for spec {plan.spec_name!r} failed: {exc}") from exc
+    return _checked(plan.spec_name, source)
+
+
+def _checked(spec_name: str, source: str) -> RenderedModule:
+    """The rendered module, after a syntax check of its text."""
+    try:
+        compile(source, f"<attngen {spec_name}>", "exec")  # syntax check only; nothing runs
     except SyntaxError as exc:
-        raise CodegenError(f"rendered kernel for {plan.spec_name!r} is not valid Python: {exc}") from exc
+        raise CodegenError(f"rendered kernel for {spec_name!r} is not valid Python: {exc}") from exc
     return RenderedModule(source=source, digest=hashlib.sha256(source.encode()).hexdigest())

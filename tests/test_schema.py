@@ -79,8 +79,6 @@ def test_missing_file_and_unknown_zoo_name():
 
 
 def test_planned_features_raise_unsupported():
-    with pytest.raises(UnsupportedError, match="linear"):
-        load_spec({"name": "x", "normalizer": "linear"})
     with pytest.raises(UnsupportedError, match="store_p"):
         load_spec({"name": "x", "recompute": "store_p"})
 

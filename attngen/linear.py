@@ -1,0 +1,250 @@
+"""Linear attention: the plan, and the compiled operator over ``templates/linear.py.j2``.
+
+Linear attention (``normalizer: linear``) replaces softmax weights by ``a_ij = φ(q_i)·φ(k_j)``
+(Katharopoulos et al., 2020, "Transformers are RNNs: Fast Autoregressive Transformers with
+Linear Attention"), so that
+
+    o_i = Σ_j a_ij v_j / (Σ_j a_ij + eps)        (normalize: true)
+    o_i = Σ_j a_ij v_j                           (normalize: false)
+
+over the keys ``j`` the mask lets query ``i`` see. Associativity turns the sum into a state
+``S = Σ_j φ(k_j)ᵀ v_j`` (``[F, D_V]``) and ``z = Σ_j φ(k_j)`` (``[F]``), so the work grows
+linearly in the sequence length. The kernels never form a ``[T_Q, T_KV]`` matrix:
+
+* non-causal (``mask: null``): one pass over the keys builds S and z, a second applies them;
+* causal (``k <= q``) and chunk-local causal (``q // W == k // W and k <= q``): chunks of
+  ``tiles.chunk`` positions, quadratic inside a chunk (``(φ(Q_c) φ(K_c)ᵀ ∘ M) V_c``), plus
+  ``φ(Q_c) S`` for the keys of earlier chunks; the backward walks the chunks forwards for dQ
+  and backwards for dK/dV with the reverse state ``R = Σ φ(q)ᵀ dnum``, ``r = Σ φ(q) dden``.
+
+The softmax IR (lower, passes, tile classification) does not apply: a linear spec's plan is
+made straight from the spec by :func:`make_linear_plan`.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import config
+from .args import check_call, position_offset
+from .errors import ShapeError, UnsupportedError
+from .features import TAYLOR2_MAX_DIM, feature_count, feature_scale, performer_features
+from .op import _new_output, _NoSecondDerivative, kernel_of
+from .schema import DEFAULT_EPS, AttentionSpec, linear_mask_form
+from .tiles import head_block
+
+#: warps per program of the linear kernels (no tuner for them yet)
+NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """Everything the linear template renders, decided from the spec.
+
+    Attributes:
+        spec_name, spec_digest: as in :class:`attngen.plan.ModulePlan`.
+        feature_map: the feature map's kind.
+        causal: whether key ``k`` is visible only to queries at positions ``q >= k``.
+        local: chunk-local masks: the width ``W`` of ``q // W == k // W``; 0 otherwise.
+        normalize: divide by the denominator ``Σ a_ij + eps``.
+        eps: the denominator's ``eps`` (runtime argument).
+        chunk: positions per chunk (``tiles.chunk``'s first candidate).
+        features: performer only: ``m``.
+        performer_norm: ``1/sqrt(m)`` as Python source (``1.0`` for other maps).
+    """
+
+    spec_name: str
+    spec_digest: str
+    feature_map: str
+    causal: bool
+    local: int
+    normalize: bool
+    eps: float
+    chunk: int
+    features: int | None
+    performer_norm: str
+
+
+def make_linear_plan(spec: AttentionSpec) -> LinearPlan:
+    """The plan of a validated linear spec.
+
+    Raises:
+        UnsupportedError: a mask the linear kernels cannot honour.
+    """
+    causal, local = linear_mask_form(spec)
+    fm = spec.feature_map
+    return LinearPlan(
+        spec_name=spec.name,
+        spec_digest=spec.digest(),
+        feature_map=fm.kind,
+        causal=causal,
+        local=local,
+        normalize=spec.normalize is not False,
+        eps=spec.eps if spec.eps is not None else DEFAULT_EPS,
+        chunk=spec.tiles.chunk[0],
+        features=fm.features,
+        performer_norm=repr(1.0 / math.sqrt(fm.features)) if fm.kind == "performer" else "1.0",
+    )
+
+
+class LinearAttentionOp:
+    """A compiled linear-attention spec: call it like a function.
+
+    ``op(q, k, v, *, return_lse=False)``
+
+    Args (of a call):
+        q: ``[B, H, T_Q, D_QK]``, float16, bfloat16 or float32, any strides.
+        k: ``[B, H_KV, T_KV, D_QK]``, q's dtype; ``H % H_KV == 0`` (GQA: query head ``h``
+            reads KV head ``h // (H // H_KV)``, and dK, dV sum over the group).
+        v: ``[B, H_KV, T_KV, D_V]``, q's dtype.
+        return_lse: not available: linear attention has no log-sum-exp.
+
+    A call returns ``o [B, H, T_Q, D_V]`` in q's dtype and is differentiable in q, k and v
+    (a ``torch.autograd.Function``; no second derivative). Positions follow the spec's
+    ``align``; a query that sees no key returns 0. Features, states and accumulators are
+    float32; dot operands are bfloat16 for bfloat16 inputs and float32 otherwise.
+
+    The performer map's random features ``W [m, D_QK]`` are drawn on the host from
+    ``seed + draw`` (:func:`attngen.features.performer_features`): ``draw`` is 0 on every
+    call with ``redraw: never`` and counts the calls with ``redraw: per_call``;
+    ``op.last_draw`` is the draw of the latest call (pass it to the reference as
+    ``draw=``), and the backward uses the features of its own forward.
+
+    Raises (at call time):
+        ShapeError: as :class:`~attngen.op.AttentionOp`; also ``D_QK`` over 32 with taylor2
+            (``1 + D + D²`` features).
+        UnsupportedError: ``return_lse=True``; CPU tensors without ``TRITON_INTERPRET=1``.
+    """
+
+    def __init__(self, spec: AttentionSpec, module: ModuleType, kernel_file: Path, plan: LinearPlan, source_digest: str) -> None:
+        self.spec = spec
+        self.module = module
+        self.kernel_file = kernel_file
+        self.plan = plan
+        self.source_digest = source_digest
+        self.last_draw: int | None = None
+        self._calls = 0
+        self._lock = threading.Lock()
+        self._features: dict[tuple[str, int, int], torch.Tensor] = {}
+
+    def __repr__(self) -> str:
+        return f"LinearAttentionOp({self.spec.name!r}, kernels={str(self.kernel_file)!r})"
+
+    def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
+        if return_lse:
+            raise UnsupportedError("return_lse: linear attention has no log-sum-exp; call without return_lse")
+        dims, _ = check_call(self.spec, q, k, v, inputs)
+        if self.plan.feature_map == "taylor2" and dims["D_QK"] > TAYLOR2_MAX_DIM:
+            raise ShapeError(
+                f"D_QK={dims['D_QK']}: the taylor2 feature map expands a head dim D to 1 + D + D² features and supports "
+                f"D_QK up to {TAYLOR2_MAX_DIM}; project q and k to a small dim first (Based uses 16)"
+            )
+        w = self._draw_features(dims["D_QK"], q.device)
+        return _LinearAttention.apply(q, k, v, w, self)
+
+    def _draw_features(self, d_qk: int, device: torch.device) -> torch.Tensor | None:
+        """The performer's ``sqrt(s) W`` for this call (float32, contiguous), else None."""
+        fm = self.spec.feature_map
+        if fm.kind != "performer":
+            return None
+        with self._lock:
+            draw = self._calls if fm.redraw == "per_call" else 0
+            self._calls += 1
+            self.last_draw = draw
+            key = (str(device), d_qk, draw)
+            w = self._features.get(key)
+            if w is None:
+                w = performer_features(fm.features, d_qk, (fm.seed or 0) + draw, device=device)
+                w = (w * math.sqrt(feature_scale(self.spec, d_qk))).contiguous()
+                if fm.redraw != "per_call":  # a per-call draw is used once
+                    self._features[key] = w
+            return w
+
+    def kernel(self, name: str, device: torch.device):
+        """The kernel ``name`` for tensors on ``device``.
+
+        Raises:
+            UnsupportedError: CPU tensors while Triton's interpreter is off.
+        """
+        return kernel_of(self.module, name, device)
+
+    def _launch_args(self, q, k, v, w) -> tuple[list[Any], dict[str, Any]]:
+        import triton.language as tl  # not at import: TRITON_INTERPRET is read when Triton loads
+
+        B, H, T_Q, D_QK = q.shape
+        H_KV, T_KV, D_V = k.shape[1], k.shape[2], v.shape[3]
+        F = feature_count(self.plan.feature_map, D_QK, self.plan.features)
+        bf16 = q.dtype == torch.bfloat16
+        runtime = [H, T_Q, T_KV, position_offset(self.spec, T_Q, T_KV), feature_scale(self.spec, D_QK), self.plan.eps]
+        constexprs = dict(
+            GROUP=H // H_KV, D_QK=D_QK, D_V=D_V, F=F,
+            BLOCK_DQK=head_block(D_QK), BLOCK_DV=head_block(D_V), BLOCK_F=head_block(F), CHUNK=self.plan.chunk,
+            DOT_DTYPE=tl.bfloat16 if bf16 else tl.float32, DOT_PRECISION="ieee",
+            EMULATE_BF16_DOT=bf16 and config.interpret_all(), num_warps=NUM_WARPS,
+        )  # fmt: skip
+        return runtime, constexprs
+
+    def forward_impl(self, q, k, v, w):
+        """Run the forward kernel; return ``o [B, H, T_Q, D_V]`` (q's dtype) and the
+        denominator ``[B, H, T_Q]`` (float32; an empty tensor without ``normalize``)."""
+        B, H, T_Q, _ = q.shape
+        o = _new_output((B, H, T_Q, v.shape[3]), q.dtype, q.device)
+        den = _new_output((B, H, T_Q) if self.plan.normalize else (0,), torch.float32, q.device)
+        runtime, constexprs = self._launch_args(q, k, v, w)
+        self.kernel("linear_fwd", q.device)[(H, B)](
+            q, k, v, o, den, den if w is None else w,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            *runtime, **constexprs,
+        )  # fmt: skip
+        return o, den
+
+    def backward_impl(self, do, q, k, v, o, den, w):
+        """dq, dk, dv (in the inputs' dtypes) for the output gradient ``do``."""
+        H, H_KV = q.shape[1], k.shape[1]
+        runtime, constexprs = self._launch_args(q, k, v, w)
+        fw = den if w is None else w
+        dq = _new_output(q.shape, q.dtype, q.device)
+        self.kernel("linear_bwd_dq", q.device)[(H, q.shape[0])](
+            q, k, v, o, den, fw, do, dq,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+            *runtime, **constexprs,
+        )  # fmt: skip
+        if H == H_KV:
+            dk, dv = _new_output(k.shape, k.dtype, k.device), _new_output(v.shape, v.dtype, v.device)
+        else:  # the group's query heads add their shares with float32 atomics
+            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        self.kernel("linear_bwd_dkdv", q.device)[(H, q.shape[0])](
+            q, k, v, o, den, fw, do, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            *runtime, **constexprs,
+        )  # fmt: skip
+        return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _LinearAttention(torch.autograd.Function):
+    """Forward and backward of :class:`LinearAttentionOp`: saves q, k, v, o, the denominator
+    and the performer features of the call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, op):
+        o, den = op.forward_impl(q, k, v, w)
+        ctx.op = op
+        ctx.has_w = w is not None
+        ctx.save_for_backward(q, k, v, o, den, *((w,) if w is not None else ()))
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, den, *rest = ctx.saved_tensors
+        dq, dk, dv = ctx.op.backward_impl(do, q, k, v, o, den, rest[0] if ctx.has_w else None)
+        if torch.is_grad_enabled():  # create_graph=True: a second derivative must fail loudly
+            dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v)
+        return dq, dk, dv, None, None
