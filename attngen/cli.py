@@ -227,6 +227,8 @@ def _show(args) -> int:
     compiled = build(args.spec, **_params(args.param))
     print("# spec (normalised)")
     print(compiled.spec.to_yaml().rstrip())
+    if compiled.spec.normalizer == "linear":  # no IR: the plan comes straight from the spec
+        return _show_linear(compiled, args.source)
     print("\n# IR after the pass pipeline")
     for key in ("exp2", "fold_scale", "acc_dtype", "saved"):
         print(f"graph.{key} = {compiled.graph.graph.get(key)}")
@@ -245,6 +247,24 @@ def _show(args) -> int:
     for name in names:
         print(f"  {name:<24} {path}")
     if args.source:
+        print()
+        print(compiled.rendered.source)
+    return 0
+
+
+def _show_linear(compiled, source: bool) -> int:
+    from dataclasses import asdict
+
+    from .load import write_kernel
+
+    print("\n# linear plan (no IR graph: attngen.linear.make_linear_plan)")
+    for key, value in asdict(compiled.plan).items():
+        print(f"plan.{key} = {value}")
+    path = write_kernel(compiled.spec.name, compiled.rendered)
+    print("\n# rendered kernels")
+    for name in ("linear_fwd", "linear_bwd_dq", "linear_bwd_dkdv"):
+        print(f"  {name:<24} {path}")
+    if source:
         print()
         print(compiled.rendered.source)
     return 0

@@ -87,7 +87,9 @@ def apply_feature_map(kind: str, x: torch.Tensor, *, scale: float = 1.0, w: torc
     if kind == "relu":
         return torch.relu(x)
     if kind == "elu1":
-        return torch.nn.functional.elu(x) + 1.0
+        # exp(x) for x <= 0, not elu(x) + 1 = (exp(x) - 1) + 1, which cancels to 0 once exp(x)
+        # drops below the dtype's epsilon (x < -6 in bfloat16, x < -37 in float64)
+        return torch.where(x > 0, x + 1.0, torch.exp(torch.clamp(x, max=0.0)))
     if kind == "taylor2":
         root = math.sqrt(scale)
         outer = (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2) * (scale / math.sqrt(2.0))
