@@ -23,6 +23,7 @@ made straight from the spec by :func:`make_linear_plan`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ from .tiles import head_block
 
 #: warps per program of the linear kernels (no tuner for them yet)
 NUM_WARPS = 4
+
+_REGISTRY: dict[str, "LinearAttentionOp"] = {}
+_REGISTER_LOCK = threading.Lock()
+_REGISTERED = False
+_REVISION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,10 @@ class LinearAttentionOp:
         return_lse: not available: linear attention has no log-sum-exp.
 
     A call returns ``o [B, H, T_Q, D_V]`` in q's dtype and is differentiable in q, k and v
-    (a ``torch.autograd.Function``; no second derivative). Positions follow the spec's
+    (no second derivative). Under ``torch.compile`` it calls the custom ops
+    ``attngen::linear_fwd`` / ``attngen::linear_bwd`` (fake implementations and registered
+    autograd, so ``fullgraph=True`` traces through it); eager calls run the same
+    implementations through a plain autograd function. Positions follow the spec's
     ``align``; a query that sees no key returns 0. Features, states and accumulators are
     float32; dot operands are bfloat16 for bfloat16 inputs and float32 otherwise.
 
@@ -120,7 +129,8 @@ class LinearAttentionOp:
     Raises (at call time):
         ShapeError: as :class:`~attngen.op.AttentionOp`; also ``D_QK`` over 32 with taylor2
             (``1 + D + D²`` features).
-        UnsupportedError: ``return_lse=True``; CPU tensors without ``TRITON_INTERPRET=1``.
+        UnsupportedError: ``return_lse=True``; CPU tensors without ``TRITON_INTERPRET=1``;
+            ``redraw: per_call`` under ``torch.compile`` (a traced graph would keep one draw).
     """
 
     def __init__(self, spec: AttentionSpec, module: ModuleType, kernel_file: Path, plan: LinearPlan, source_digest: str) -> None:
@@ -133,6 +143,9 @@ class LinearAttentionOp:
         self._calls = 0
         self._lock = threading.Lock()
         self._features: dict[tuple[str, int, int], torch.Tensor] = {}
+        self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}-{_REVISION}"
+        _ensure_registered()
+        _REGISTRY[self.op_id] = self
 
     def __repr__(self) -> str:
         return f"LinearAttentionOp({self.spec.name!r}, kernels={str(self.kernel_file)!r})"
@@ -146,11 +159,17 @@ class LinearAttentionOp:
                 f"D_QK={dims['D_QK']}: the taylor2 feature map expands a head dim D to 1 + D + D² features and supports "
                 f"D_QK up to {TAYLOR2_MAX_DIM}; project q and k to a small dim first (Based uses 16)"
             )
-        w = self._draw_features(dims["D_QK"], q.device)
-        return _LinearAttention.apply(q, k, v, w, self)
+        if torch.compiler.is_compiling():  # the custom op: traceable, with a fake implementation
+            if self.spec.feature_map.redraw == "per_call":
+                raise UnsupportedError("feature_map.redraw: per_call draws new features on the host at every call, which a "
+                                       "compiled graph would freeze; use redraw: never under torch.compile")
+            # w=None: the op's implementation fetches the fixed draw itself, outside the trace
+            o, _ = torch.ops.attngen.linear_fwd(q, k, v, None, self.op_id)
+            return o
+        return _LinearAttention.apply(q, k, v, self._draw_features(dims["D_QK"], q.device), self.op_id)
 
     def _draw_features(self, d_qk: int, device: torch.device) -> torch.Tensor | None:
-        """The performer's ``sqrt(s) W`` for this call (float32, contiguous), else None."""
+        """The performer's ``sqrt(s) W`` for this eager call (float32, contiguous), else None."""
         fm = self.spec.feature_map
         if fm.kind != "performer":
             return None
@@ -158,14 +177,21 @@ class LinearAttentionOp:
             draw = self._calls if fm.redraw == "per_call" else 0
             self._calls += 1
             self.last_draw = draw
-            key = (str(device), d_qk, draw)
+        return self._features_for(d_qk, device, draw)
+
+    def _features_for(self, d_qk: int, device: torch.device, draw: int) -> torch.Tensor:
+        """``sqrt(s) W`` of one draw; draw 0 (``redraw: never``) is kept per head dim and device."""
+        fm = self.spec.feature_map
+        key = (str(device), d_qk, draw)
+        with self._lock:
             w = self._features.get(key)
-            if w is None:
-                w = performer_features(fm.features, d_qk, (fm.seed or 0) + draw, device=device)
-                w = (w * math.sqrt(feature_scale(self.spec, d_qk))).contiguous()
-                if fm.redraw != "per_call":  # a per-call draw is used once
+        if w is None:
+            w = performer_features(fm.features, d_qk, (fm.seed or 0) + draw, device=device)
+            w = (w * math.sqrt(feature_scale(self.spec, d_qk))).contiguous()
+            if fm.redraw != "per_call":  # a per-call draw is used once
+                with self._lock:
                     self._features[key] = w
-            return w
+        return w
 
     def kernel(self, name: str, device: torch.device):
         """The kernel ``name`` for tensors on ``device``.
@@ -174,6 +200,12 @@ class LinearAttentionOp:
             UnsupportedError: CPU tensors while Triton's interpreter is off.
         """
         return kernel_of(self.module, name, device)
+
+    def _fixed(self, w, q) -> torch.Tensor | None:
+        """``w``, or for a performer call made through the custom op (``w`` None) the fixed draw."""
+        if w is None and self.plan.feature_map == "performer":
+            return self._features_for(q.shape[3], q.device, 0)
+        return w
 
     def _launch_args(self, q, k, v, w) -> tuple[list[Any], dict[str, Any]]:
         import triton.language as tl  # not at import: TRITON_INTERPRET is read when Triton loads
@@ -195,6 +227,7 @@ class LinearAttentionOp:
         """Run the forward kernel; return ``o [B, H, T_Q, D_V]`` (q's dtype) and the
         denominator ``[B, H, T_Q]`` (float32; an empty tensor without ``normalize``)."""
         B, H, T_Q, _ = q.shape
+        w = self._fixed(w, q)
         o = _new_output((B, H, T_Q, v.shape[3]), q.dtype, q.device)
         den = _new_output((B, H, T_Q) if self.plan.normalize else (0,), torch.float32, q.device)
         runtime, constexprs = self._launch_args(q, k, v, w)
@@ -208,6 +241,7 @@ class LinearAttentionOp:
     def backward_impl(self, do, q, k, v, o, den, w):
         """dq, dk, dv (in the inputs' dtypes) for the output gradient ``do``."""
         H, H_KV = q.shape[1], k.shape[1]
+        w = self._fixed(w, q)
         runtime, constexprs = self._launch_args(q, k, v, w)
         fw = den if w is None else w
         dq = _new_output(q.shape, q.dtype, q.device)
@@ -230,21 +264,75 @@ class LinearAttentionOp:
 
 
 class _LinearAttention(torch.autograd.Function):
-    """Forward and backward of :class:`LinearAttentionOp`: saves q, k, v, o, the denominator
-    and the performer features of the call."""
+    """Eager calls of :class:`LinearAttentionOp`: the custom ops' implementations as a plain
+    autograd function (no dispatcher cost per call). Saves q, k, v, o, the denominator and
+    the performer features of the call."""
 
     @staticmethod
-    def forward(ctx, q, k, v, w, op):
-        o, den = op.forward_impl(q, k, v, w)
-        ctx.op = op
-        ctx.has_w = w is not None
-        ctx.save_for_backward(q, k, v, o, den, *((w,) if w is not None else ()))
+    def forward(ctx, q, k, v, w, op_id):
+        o, den = _REGISTRY[op_id].forward_impl(q, k, v, w)
+        _save(ctx, op_id, q, k, v, o, den, w)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, den, *rest = ctx.saved_tensors
-        dq, dk, dv = ctx.op.backward_impl(do, q, k, v, o, den, rest[0] if ctx.has_w else None)
+        q, k, v, o, den, w = ctx.saved_tensors
+        dq, dk, dv = _REGISTRY[ctx.op_id].backward_impl(do, q, k, v, o, den, w)
         if torch.is_grad_enabled():  # create_graph=True: a second derivative must fail loudly
             dq, dk, dv = _NoSecondDerivative.apply(dq, dk, dv, q, k, v)
         return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library registration (once, on the first compile of a linear spec)
+
+
+def _save(ctx, op_id: str, q, k, v, o, den, w) -> None:
+    ctx.op_id = op_id
+    ctx.save_for_backward(q, k, v, o, den, w)
+
+
+def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, op_id: str):
+    return _REGISTRY[op_id].forward_impl(q, k, v, w)
+
+
+def _fwd_fake(q, k, v, w, op_id):
+    B, H, T_Q, _ = q.shape
+    den = q.new_empty((B, H, T_Q) if _REGISTRY[op_id].plan.normalize else (0,), dtype=torch.float32)
+    return q.new_empty((B, H, T_Q, v.shape[3])), den
+
+
+def _bwd(do, q, k, v, o, den, w, op_id):
+    return _REGISTRY[op_id].backward_impl(do, q, k, v, o, den, w)
+
+
+def _bwd_fake(do, q, k, v, o, den, w, op_id):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, w, op_id = inputs
+    _save(ctx, op_id, q, k, v, *output, w)
+
+
+def _backward(ctx, do, dden):
+    q, k, v, o, den, w = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attngen.linear_bwd(do, q, k, v, o, den, w, ctx.op_id)
+    return dq, dk, dv, None, None
+
+
+def _ensure_registered() -> None:
+    global _REGISTERED
+    with _REGISTER_LOCK:
+        if _REGISTERED:
+            return
+        fwd = torch.library.custom_op("attngen::linear_fwd", _fwd, mutates_args=(),
+                                      schema="(Tensor q, Tensor k, Tensor v, Tensor? w, str op_id) -> (Tensor, Tensor)")
+        fwd.register_fake(_fwd_fake)
+        bwd = torch.library.custom_op(
+            "attngen::linear_bwd", _bwd, mutates_args=(),
+            schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, Tensor? w, str op_id) -> (Tensor, Tensor, Tensor)",
+        )  # fmt: skip
+        bwd.register_fake(_bwd_fake)
+        fwd.register_autograd(_backward, setup_context=_setup_context)
+        _REGISTERED = True

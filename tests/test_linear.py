@@ -235,3 +235,20 @@ def test_masks_a_linear_kernel_cannot_honour(mask):
     with pytest.raises(UnsupportedError) as info:
         attngen.load_spec(linear_spec("elu1", mask=mask))
     assert "normalizer 'linear'" in str(info.value) and repr(mask) in str(info.value)
+
+
+def test_custom_op_passes_opcheck_and_compiles_fullgraph():
+    op = attngen.compile(linear_spec("performer"))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    torch.library.opcheck(torch.ops.attngen.linear_fwd.default, (q, k, v, None, op.op_id))
+
+    def layer(q, k, v):
+        return (op(q * 2.0, k, v) ** 2).sum()
+
+    loss = torch.compile(layer, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_eager = layer(q, k, v)
+    assert torch.allclose(loss, loss_eager)
+    for a, b in zip(grads, torch.autograd.grad(loss_eager, (q, k, v))):
+        assert torch.allclose(a, b)
