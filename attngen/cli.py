@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
 
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
-    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring"), default="anchors")
+    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring", "linear"), default="anchors")
     bench.add_argument("--gpus", type=int, default=2, help="ring suite: GPUs (processes) the sequence is sharded over")
     bench.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME-d<D>.png here (e.g. docs/benchmarks)")
     bench.add_argument("--variants", nargs="+", default=None)
@@ -587,6 +587,19 @@ def _bench(args) -> int:
             write_atomic(Path(args.out) / f"{args.name or 'ring'}.json", json.dumps(result, indent=1))
             write_atomic(Path(args.out) / f"{args.name or 'ring'}.md", ring_bench.report(result) + f"\n\nCommand: `{result['command']}`\n")
         print(ring_bench.report(result))
+        return 0
+    if args.suite == "linear":  # linear attention against flash-linear-attention (if installed)
+        from . import linear_bench
+
+        result = linear_bench.run_linear_suite(dims=args.dims, seqs=args.seqs)
+        result["meta"]["command"] = "python -m attngen " + " ".join(sys.argv[1:])
+        text = linear_bench.report(result) + f"\n\nCommand: `{result['meta']['command']}`\n"
+        if args.out:
+            from .load import write_atomic
+
+            write_atomic(Path(args.out) / f"{args.name or 'linear'}.json", json.dumps(result, indent=1))
+            write_atomic(Path(args.out) / f"{args.name or 'linear'}.md", text)
+        print(text)
         return 0
     selection = dict(variants=args.variants, dims=args.dims, seqs=args.seqs)
     if args.warm_shard:  # one worker of --warm-jobs

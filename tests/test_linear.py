@@ -252,3 +252,16 @@ def test_custom_op_passes_opcheck_and_compiles_fullgraph():
     assert torch.allclose(loss, loss_eager)
     for a, b in zip(grads, torch.autograd.grad(loss_eager, (q, k, v))):
         assert torch.allclose(a, b)
+
+
+def test_linear_bench_reports_fla_unavailable_and_formats_rows():
+    from attngen.linear_bench import fla_kernel, report
+
+    kernel, status = fla_kernel()
+    if kernel is None:
+        assert status.startswith("unavailable: ")
+    rows = [{"D": 64, "T": 2048, "B": 8, "H": 16, "mode": "fwd", "attngen_ms": 0.5, "fla_ms": None, "fla": status},
+            {"D": 64, "T": 2048, "B": 8, "H": 16, "mode": "fwd+bwd", "attngen_ms": 1.0, "fla_ms": 2.0, "fla": "available"}]  # fmt: skip
+    text = report({"meta": {"gpu": "H200", "dtype": "bfloat16", "tokens": 16384, "spec": "linear_elu"}, "rows": rows})
+    assert f"| 64 | 2048 | 8 | 16 | fwd | 0.500 | — | — | {status} |" in text
+    assert "| 64 | 2048 | 8 | 16 | fwd+bwd | 1.000 | 2.000 | 2.00 | available |" in text
