@@ -118,7 +118,9 @@ class LinearAttentionOp:
     autograd, so ``fullgraph=True`` traces through it); eager calls run the same
     implementations through a plain autograd function. Positions follow the spec's
     ``align``; a query that sees no key returns 0. Features, states and accumulators are
-    float32; dot operands are bfloat16 for bfloat16 inputs and float32 otherwise.
+    float32; dot operands are bfloat16 for bfloat16 inputs and float32 otherwise (TF32 on
+    the GPU for float16 inputs). With GQA the group's dK and dV shares are added with
+    float32 atomics, so their last bits may vary run to run on a GPU.
 
     The performer map's random features ``W [m, D_QK]`` are drawn on the host from
     ``seed + draw`` (:func:`attngen.features.performer_features`): ``draw`` is 0 on every
@@ -218,7 +220,9 @@ class LinearAttentionOp:
         constexprs = dict(
             GROUP=H // H_KV, D_QK=D_QK, D_V=D_V, F=F,
             BLOCK_DQK=head_block(D_QK), BLOCK_DV=head_block(D_V), BLOCK_F=head_block(F), CHUNK=self.plan.chunk,
-            DOT_DTYPE=tl.bfloat16 if bf16 else tl.float32, DOT_PRECISION="ieee",
+            # as the softmax kernels: IEEE float32 for float32 inputs, TF32 (as precise as
+            # float16) for the float32 operands of float16 inputs; bfloat16 operands ignore it
+            DOT_DTYPE=tl.bfloat16 if bf16 else tl.float32, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
             EMULATE_BF16_DOT=bf16 and config.interpret_all(), num_warps=NUM_WARPS,
         )  # fmt: skip
         return runtime, constexprs
