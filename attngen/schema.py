@@ -104,8 +104,8 @@ class TileSpace:
     block_kv: tuple[int, ...] = (32, 64, 128)
     num_warps: tuple[int, ...] = (4, 8)
     num_stages: tuple[int, ...] = (2, 3, 4)
-    #: linear attention only: positions per chunk of the chunked causal form
-    chunk: tuple[int, ...] = (64,)
+    #: linear attention only: positions per chunk (a GPU call takes the first that fits)
+    chunk: tuple[int, ...] = (64, 32, 16)
 
 
 @dataclass(frozen=True)

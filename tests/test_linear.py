@@ -265,3 +265,20 @@ def test_linear_bench_reports_fla_unavailable_and_formats_rows():
     text = report({"meta": {"gpu": "H200", "dtype": "bfloat16", "tokens": 16384, "spec": "linear_elu"}, "rows": rows})
     assert f"| 64 | 2048 | 8 | 16 | fwd | 0.500 | — | — | {status} |" in text
     assert "| 64 | 2048 | 8 | 16 | fwd+bwd | 1.000 | 2.000 | 2.00 | available |" in text
+
+
+def test_gpu_chunk_is_the_first_candidate_that_fits_shared_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from attngen.linear import shared_memory_estimate
+
+    # Triton 3.6's shared memory of the dK/dV kernel compiled for sm_90 (measured without a GPU)
+    dims = {"H": 4, "H_KV": 2, "D_QK": 128, "D_V": 128}
+    assert abs(shared_memory_estimate("elu1", dims, torch.float16, 64) / 295936 - 1) < 0.05
+    assert abs(shared_memory_estimate("taylor2", {**dims, "H_KV": 4, "D_QK": 16, "D_V": 64}, torch.float16, 32) / 385024 - 1) < 0.05
+    op = attngen.compile(linear_spec("elu1", tiles={"chunk": [64, 32, 16]}))
+    assert op.chunk_for(dims, torch.float16, torch.device("cpu")) == 64  # the interpreter: the first
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(shared_memory_per_block_optin=232448))
+    gpu = torch.device("cuda")
+    assert op.chunk_for(dims, torch.bfloat16, gpu) == 64
+    assert op.chunk_for(dims, torch.float16, gpu) == 32
