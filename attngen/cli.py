@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
 
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
-    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring", "recompute", "llama", "decode"), default="anchors")
+    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring", "recompute", "llama", "decode", "linear"), default="anchors")
     bench.add_argument("--gpus", type=int, default=2, help="ring suite: GPUs (processes) the sequence is sharded over")
     bench.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME-d<D>.png here (e.g. docs/benchmarks)")
     bench.add_argument("--variants", nargs="+", default=None)
@@ -228,6 +228,8 @@ def _show(args) -> int:
     compiled = build(args.spec, **_params(args.param))
     print("# spec (normalised)")
     print(compiled.spec.to_yaml().rstrip())
+    if compiled.spec.normalizer == "linear":  # no IR: the plan comes straight from the spec
+        return _show_linear(compiled, args.source)
     print("\n# IR after the pass pipeline")
     for key in ("exp2", "fold_scale", "acc_dtype", "saved"):
         print(f"graph.{key} = {compiled.graph.graph.get(key)}")
@@ -248,6 +250,24 @@ def _show(args) -> int:
     for name in names:
         print(f"  {name:<24} {path}")
     if args.source:
+        print()
+        print(compiled.rendered.source)
+    return 0
+
+
+def _show_linear(compiled, source: bool) -> int:
+    from dataclasses import asdict
+
+    from .load import write_kernel
+
+    print("\n# linear plan (no IR graph: attngen.linear.make_linear_plan)")
+    for key, value in asdict(compiled.plan).items():
+        print(f"plan.{key} = {value}")
+    path = write_kernel(compiled.spec.name, compiled.rendered)
+    print("\n# rendered kernels")
+    for name in ("linear_fwd", "linear_bwd_dq", "linear_bwd_dkdv"):
+        print(f"  {name:<24} {path}")
+    if source:
         print()
         print(compiled.rendered.source)
     return 0
@@ -589,6 +609,12 @@ def _bench(args) -> int:
         result = ring_bench.ring_scaling(args.seqs[0] if args.seqs else 262_144, args.gpus)
         result["command"] = "python -m attngen " + " ".join(sys.argv[1:])
         return _print_and_write(args, "ring", result, ring_bench.report(result) + f"\n\nCommand: `{result['command']}`\n")
+    if args.suite == "linear":  # linear attention against flash-linear-attention (if installed)
+        from . import linear_bench
+
+        result = linear_bench.run_linear_suite(dims=args.dims, seqs=args.seqs)
+        result["meta"]["command"] = "python -m attngen " + " ".join(sys.argv[1:])
+        return _print_and_write(args, "linear", result, linear_bench.report(result) + f"\n\nCommand: `{result['meta']['command']}`\n")
     selection = dict(variants=args.variants, dims=args.dims, seqs=args.seqs)
     if args.warm_shard:  # one worker of --warm-jobs
         i, n = (int(x) for x in args.warm_shard.split("/"))

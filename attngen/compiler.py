@@ -8,22 +8,26 @@ from typing import Any
 
 import networkx as nx
 
+from .linear import LinearAttentionOp, LinearPlan, make_linear_plan
 from .load import load_module
 from .lower import lower
 from .op import AttentionOp
 from .passes import run_pipeline
 from .plan import ModulePlan, make_plan
-from .render import RenderedModule, render
+from .render import RenderedModule, render, render_linear
 from .schema import AttentionSpec, load_spec, with_params
 
 
 @dataclass(frozen=True)
 class Compiled:
-    """Every stage's output for one spec, as ``python -m attngen show`` prints it."""
+    """Every stage's output for one spec, as ``python -m attngen show`` prints it.
+
+    A linear spec skips the IR: its ``graph`` has no nodes (graph attributes ``normalizer``
+    and ``saved`` only) and its ``plan`` is a :class:`~attngen.linear.LinearPlan`."""
 
     spec: AttentionSpec
     graph: nx.DiGraph
-    plan: ModulePlan
+    plan: ModulePlan | LinearPlan
     rendered: RenderedModule
 
 
@@ -35,12 +39,16 @@ def build(spec: Any, **params: int | float) -> Compiled:
         IRVerifyError, CodegenError: a compiler bug.
     """
     spec = with_params(load_spec(spec), params)
+    if spec.normalizer == "linear":
+        plan = make_linear_plan(spec)
+        graph = nx.DiGraph(spec=spec, normalizer="linear", saved=("q", "k", "v", "o", "den"))
+        return Compiled(spec, graph, plan, render_linear(plan))
     graph = run_pipeline(lower(spec))
     plan = make_plan(graph)
     return Compiled(spec, graph, plan, render(plan))
 
 
-def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> AttentionOp:  # noqa: A001 - the product's verb
+def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> AttentionOp | LinearAttentionOp:  # noqa: A001 - the product's verb
     """Compile an attention spec into a differentiable operator.
 
     Args:
@@ -52,7 +60,9 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
         **params: overrides of the spec's compile-time params, e.g. ``window=1024``.
 
     Returns:
-        An :class:`~attngen.op.AttentionOp`; see its docstring for the calling convention.
+        An :class:`~attngen.op.AttentionOp`, or for ``normalizer: linear`` a
+        :class:`~attngen.linear.LinearAttentionOp` (no tuning: ``autotune`` is ignored); see
+        their docstrings for the calling convention.
         Kernels are rendered into ``<cache dir>/kernels/<name>_<hash>.py`` (written atomically)
         and compiled by Triton on first use for each dtype and head dim.
 
@@ -62,4 +72,6 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
     """
     compiled = build(spec, **params)
     module, path = load_module(compiled.spec.name, compiled.rendered)
+    if isinstance(compiled.plan, LinearPlan):
+        return LinearAttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest)
     return AttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest, autotune=autotune)

@@ -140,6 +140,9 @@ def _check(op: AttentionOp, q, k, v, inputs: dict, layout: str, group) -> tuple[
     if not dist.is_available() or not dist.is_initialized():
         raise UnsupportedError("context_parallel: torch.distributed is not initialised; call "
                                "torch.distributed.init_process_group first (nccl on GPUs, gloo on the CPU)")
+    if op.spec.normalizer == "linear":
+        raise UnsupportedError(f"context_parallel: spec {op.spec.name!r} is linear attention, which carries a state "
+                               "along the sequence instead of merging blocks by log-sum-exp; this is not built")
     if op.plan.sigmoid:
         raise UnsupportedError(f"context_parallel: spec {op.spec.name!r} uses the sigmoid normalizer, which has no "
                                "log-sum-exp to merge ring steps by; use a softmax spec")

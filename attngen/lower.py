@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import networkx as nx
 
+from .errors import UnsupportedError
 from .schema import AttentionSpec
 
 
@@ -34,7 +35,13 @@ def lower(spec: AttentionSpec) -> nx.DiGraph:
 
     Returns:
         The graph described in this module's docstring.
+
+    Raises:
+        UnsupportedError: a linear spec, which has no score graph (its plan comes from
+            :func:`attngen.linear.make_linear_plan`; :func:`attngen.build` routes it there).
     """
+    if spec.normalizer == "linear":
+        raise UnsupportedError(f"spec {spec.name!r}: linear attention is planned by attngen.linear.make_linear_plan, not lowered; use attngen.build")
     g = nx.DiGraph(
         spec=spec,
         params=spec.param_values,

@@ -63,12 +63,18 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_device(device: torch.device) -> None:
+def kernel_of(module: ModuleType, name: str, device: torch.device):
+    """The kernel ``name`` of a loaded kernel module, for tensors on ``device``.
+
+    Raises:
+        UnsupportedError: CPU tensors while Triton's interpreter is off.
+    """
     if device.type == "cpu" and not config.interpret_all():
         raise UnsupportedError(
             "CPU tensors run under Triton's interpreter, which Triton fixes when it is first "
             "imported: start Python with TRITON_INTERPRET=1, or move q, k and v to a CUDA device"
         )
+    return getattr(module, name)
 
 
 def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -219,8 +225,7 @@ class AttentionOp:
             from .render import decode_module_name, render_decode
 
             self._decode_module, _ = load_module(decode_module_name(self.spec.name), render_decode(self.plan))
-        _check_device(device)
-        return getattr(self._decode_module, self.plan.decode.name)
+        return kernel_of(self._decode_module, self.plan.decode.name, device)
 
     # -- kernel access -------------------------------------------------------------------
     def kernel(self, name: str, device: torch.device):
@@ -229,8 +234,7 @@ class AttentionOp:
         Raises:
             UnsupportedError: CPU tensors while Triton's interpreter is off.
         """
-        _check_device(device)
-        return getattr(self.module, name)
+        return kernel_of(self.module, name, device)
 
     # -- launch configs ------------------------------------------------------------------
     @staticmethod

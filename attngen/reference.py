@@ -46,10 +46,15 @@ def reference(spec: Any, **params: int | float) -> Callable[..., Any]:
         or float64 for float64 inputs). All arithmetic runs in q's dtype, so a float64 call is
         the exact answer and a bfloat16 call shows what bfloat16 arithmetic alone costs.
 
+    Linear specs (``normalizer: linear``) get the quadratic form of
+    :func:`_linear_reference` instead, with ``f(q, k, v, *, return_lse=False, draw=0)``.
+
     Raises:
         SpecError, ShapeError: as :func:`attngen.compile` and the operator do.
     """
     spec = with_params(load_spec(spec), params)
+    if spec.normalizer == "linear":
+        return _linear_reference(spec)
     mask = spec.parsed_mask()
     score = spec.parsed_score()
     values = spec.param_values
@@ -103,6 +108,48 @@ def reference(spec: Any, **params: int | float) -> Callable[..., Any]:
 
     return run
 
+
+
+def _linear_reference(spec) -> Callable[..., Any]:
+    """The quadratic form of linear attention (Katharopoulos et al., 2020, eq. 4-6):
+    materialise ``A = φ(Q) φ(K)ᵀ`` (``[B, H, T_Q, T_KV]``), zero the pairs the mask hides,
+    and return ``A V / (A 1 + eps)`` (``normalize``) or ``A V``, all in q's dtype.
+
+    The returned ``f(q, k, v, *, return_lse=False, draw=0)`` takes the operator's shapes;
+    ``draw`` picks the performer's random features (seed ``seed + draw``; the operator
+    reports the draw of its last call as ``op.last_draw``). ``return_lse`` raises
+    ``UnsupportedError``: linear attention has no log-sum-exp.
+    """
+    from .features import apply_feature_map, feature_scale, performer_features
+    from .schema import DEFAULT_EPS
+
+    fm = spec.feature_map
+    mask = spec.parsed_mask()
+    normalize = spec.normalize is not False
+    eps = spec.eps if spec.eps is not None else DEFAULT_EPS
+
+    def run(q, k, v, *, return_lse: bool = False, draw: int = 0, **inputs):
+        if return_lse:
+            raise UnsupportedError("return_lse: linear attention has no log-sum-exp; call without return_lse")
+        dims, _ = check_call(spec, q, k, v, inputs, allow_float64=True, grad_inputs=None)
+        group = dims["H"] // dims["H_KV"]
+        k_full = k.repeat_interleave(group, dim=1) if group > 1 else k
+        v_full = v.repeat_interleave(group, dim=1) if group > 1 else v
+        scale = feature_scale(spec, dims["D_QK"])
+        w = None
+        if fm.kind == "performer":
+            w = performer_features(fm.features, dims["D_QK"], (fm.seed or 0) + draw, device=q.device)
+        a = apply_feature_map(fm.kind, q, scale=scale, w=w) @ apply_feature_map(fm.kind, k_full, scale=scale, w=w).transpose(-1, -2)
+        if mask is not None:
+            ev = _evaluator(spec, q.dtype, q.device, dims, {})
+            visible = torch.as_tensor(ev(bind_params(mask.sym, spec.param_values)), device=q.device)
+            a = torch.where(visible, a, torch.zeros((), dtype=a.dtype, device=a.device))
+        num = a @ v_full
+        if not normalize:
+            return num
+        return num / (a.sum(-1, keepdim=True) + eps)
+
+    return run
 
 
 def _evaluator(spec, dtype, device, dims, tensors, *, s=None, b=None, h=None) -> TorchEvaluator:

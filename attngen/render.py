@@ -18,6 +18,7 @@ from .plan import ModulePlan
 
 TEMPLATE = "attention.py.j2"
 DECODE_TEMPLATE = "decode.py.j2"
+LINEAR_TEMPLATE = "linear.py.j2"
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,15 @@ def render_decode(plan: ModulePlan) -> RenderedModule:
         CodegenError: the template failed to render or produced text that is not Python.
     """
     return _render(DECODE_TEMPLATE, plan.spec_name, [dict(plan=plan, decode=plan.decode)])
+
+
+def render_linear(plan) -> RenderedModule:
+    """Render the linear-attention template for a :class:`~attngen.linear.LinearPlan`.
+
+    Raises:
+        CodegenError: the template failed to render or produced text that is not Python.
+    """
+    return _render(LINEAR_TEMPLATE, plan.spec_name, [dict(plan=plan)])
 
 
 def _render(name: str, spec_name: str, contexts: list[dict]) -> RenderedModule:

@@ -38,8 +38,16 @@ INPUT_DTYPES = {
 #: Names a runtime input's shape may use, resolved from q, k and v at call time.
 DIM_NAMES = ("B", "H", "H_KV", "T_Q", "T_KV", "D_QK", "D_V")
 
-NORMALIZERS = ("softmax", "sigmoid")
-PLANNED_NORMALIZERS = {"linear": "issue #6"}
+NORMALIZERS = ("softmax", "sigmoid", "linear")
+PLANNED_NORMALIZERS: dict[str, str] = {}
+#: Feature maps of linear attention (see :mod:`attngen.features`).
+FEATURE_MAPS = ("identity", "elu1", "relu", "taylor2", "performer")
+#: Feature maps whose kernel approximates ``exp(scale * q·k)`` and so read ``scale``.
+SCALED_FEATURE_MAPS = ("taylor2", "performer")
+REDRAW_POLICIES = ("never", "per_call")
+FEATURE_MAP_KEYS = ("kind", "features", "seed", "redraw")
+#: ``eps`` of a normalised linear spec when the spec leaves it null.
+DEFAULT_EPS = 1e-6
 RECOMPUTE_POLICIES = ("lse", "store_p", "full")
 PLANNED_RECOMPUTE: dict[str, str] = {}
 #: store_p keeps P only while T_Q * T_KV is at most this (16M pairs: 32 MiB per head in bf16)
@@ -63,7 +71,12 @@ SPEC_KEYS = (
     "tiles",
     "recompute",
     "store_p_limit",
+    "feature_map",
+    "normalize",
+    "eps",
 )
+#: Keys only linear attention reads.
+LINEAR_KEYS = ("feature_map", "normalize", "eps")
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,28 @@ class TileSpace:
     block_kv: tuple[int, ...] = (32, 64, 128)
     num_warps: tuple[int, ...] = (4, 8)
     num_stages: tuple[int, ...] = (2, 3, 4)
+    #: linear attention only: positions per chunk (a GPU call takes the first that fits)
+    chunk: tuple[int, ...] = (64, 32, 16)
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """The feature map ``φ`` of linear attention, applied to every row of q and k.
+
+    Attributes:
+        kind: one of :data:`FEATURE_MAPS`: ``identity``, ``elu1`` (``elu(x) + 1``),
+            ``relu``, ``taylor2`` (second-order Taylor expansion of ``exp``) or
+            ``performer`` (FAVOR+ positive orthogonal random features).
+        features: performer only: the number of random features ``m``.
+        seed: performer only: the seed the random features are drawn from.
+        redraw: performer only: ``never`` (one draw per op) or ``per_call`` (a new draw,
+            seed ``seed + call index``, on every forward call).
+    """
+
+    kind: str
+    features: int | None = None
+    seed: int | None = None
+    redraw: str | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +158,9 @@ class AttentionSpec:
             (store only the inputs; the backward reruns the forward first).
         store_p_limit: ``store_p`` only: the largest ``T_Q * T_KV`` whose P is stored
             (per batch and head); longer calls behave as ``lse``.
+        feature_map: linear only: the feature map ``φ`` (:class:`FeatureMap`).
+        normalize: linear only: divide by ``Σ φ(q)·φ(k) + eps`` (default true).
+        eps: linear only, with ``normalize``: added to the denominator (default 1e-6).
     """
 
     name: str
@@ -138,6 +176,9 @@ class AttentionSpec:
     tiles: TileSpace = field(default_factory=TileSpace)
     recompute: str = "lse"
     store_p_limit: int = STORE_P_LIMIT
+    feature_map: FeatureMap | None = None
+    normalize: bool | None = None
+    eps: float | None = None
 
     @property
     def param_values(self) -> dict[str, int | float]:
@@ -149,7 +190,7 @@ class AttentionSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data, in the YAML layout."""
-        return {
+        data = {
             "name": self.name,
             "description": self.description,
             "params": dict(self.params),
@@ -164,6 +205,14 @@ class AttentionSpec:
             "recompute": self.recompute,
             "store_p_limit": self.store_p_limit,
         }
+        if self.normalizer != "linear":  # keys added for linear attention: other specs hash as before
+            del data["tiles"]["chunk"]
+            return data
+        fm = self.feature_map
+        data["feature_map"] = None if fm is None else {k: getattr(fm, k) for k in FEATURE_MAP_KEYS if getattr(fm, k) is not None}
+        data["normalize"] = self.normalize
+        data["eps"] = self.eps
+        return data
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -298,6 +347,19 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
         value = data.get(key)
         return default if value is None else value
 
+    feature_map = data.get("feature_map")
+    if isinstance(feature_map, str):
+        feature_map = FeatureMap(feature_map)
+    elif isinstance(feature_map, Mapping):
+        extra = [key for key in feature_map if key not in FEATURE_MAP_KEYS]
+        if extra:
+            raise SpecError(f"feature_map.{extra[0]}", f"unknown key; a feature map has {', '.join(FEATURE_MAP_KEYS)}")
+        if "kind" not in feature_map:
+            raise SpecError("feature_map.kind", f"missing; one of {', '.join(FEATURE_MAPS)}")
+        feature_map = FeatureMap(**{k: feature_map.get(k) for k in FEATURE_MAP_KEYS})
+    elif feature_map is not None:
+        raise SpecError("feature_map", f"expected a name such as elu1 or a mapping {{kind: performer, features: 64}}, got {feature_map!r}")
+
     return AttentionSpec(
         name=data["name"],
         description=get("description", ""),
@@ -312,6 +374,9 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
         tiles=TileSpace(**tiles),
         recompute=get("recompute", "lse"),
         store_p_limit=get("store_p_limit", STORE_P_LIMIT),
+        feature_map=feature_map,
+        normalize=data.get("normalize"),
+        eps=data.get("eps"),
     )
 
 
@@ -387,6 +452,14 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
         )
     if spec.normalizer not in NORMALIZERS:
         raise SpecError("normalizer", f"{spec.normalizer!r} is not one of {', '.join(NORMALIZERS)}")
+    if spec.normalizer == "linear":
+        _validate_linear(spec)
+    else:
+        for key in LINEAR_KEYS:
+            if getattr(spec, key) is not None:
+                raise SpecError(key, f"only the linear normalizer reads {key}; remove it or set normalizer: linear")
+        if spec.tiles.chunk != TileSpace().chunk:
+            raise SpecError("tiles.chunk", "only the linear normalizer has chunks; remove it or set normalizer: linear")
     if spec.bias is not None:
         if spec.normalizer != "sigmoid":
             raise SpecError("bias", "only the sigmoid normalizer takes a bias; put a softmax bias in 'score'")
@@ -408,9 +481,100 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
         raise SpecError("store_p_limit", f"applies to recompute: store_p only (this spec has {spec.recompute!r}); drop it")
     if spec.recompute == "store_p" and spec.normalizer != "softmax":
         raise UnsupportedError(f"recompute: store_p with normalizer {spec.normalizer!r}: P is stored for softmax only; "
-                               "use 'lse' (sigmoid attention recomputes only an elementwise sigmoid)")
+                               "use 'lse'")
     _validate_tiles(spec.tiles)
     return spec
+
+
+def _validate_linear(spec: AttentionSpec) -> None:
+    """The fields of a linear-attention spec: feature map, normalisation, mask form, and the
+    fields linear attention has no use for."""
+    fm = spec.feature_map
+    kinds = ", ".join(FEATURE_MAPS)
+    if fm is None:
+        raise SpecError("feature_map", f"missing; linear attention needs a feature map, one of {kinds} (e.g. feature_map: elu1)")
+    if fm.kind not in FEATURE_MAPS:
+        raise SpecError("feature_map.kind", f"{fm.kind!r} is not one of {kinds}")
+    if fm.kind == "performer":
+        if isinstance(fm.features, bool) or not isinstance(fm.features, int) or not 1 <= fm.features <= 256:
+            raise SpecError("feature_map.features", f"performer needs the number of random features, an integer from 1 to 256; got {fm.features!r}")
+        if fm.seed is not None and (isinstance(fm.seed, bool) or not isinstance(fm.seed, int) or not 0 <= fm.seed < 2**31):
+            raise SpecError("feature_map.seed", f"expected an integer from 0 to 2^31 - 1 (null means 0), got {fm.seed!r}")
+        if fm.redraw is not None and fm.redraw not in REDRAW_POLICIES:
+            raise SpecError("feature_map.redraw", f"{fm.redraw!r} is not one of {', '.join(REDRAW_POLICIES)}")
+    else:
+        for key in ("features", "seed", "redraw"):
+            if getattr(fm, key) is not None:
+                raise SpecError(f"feature_map.{key}", f"only the performer feature map takes {key}; remove it")
+    if spec.normalize is not None and not isinstance(spec.normalize, bool):
+        raise SpecError("normalize", f"expected true or false, got {spec.normalize!r}")
+    if spec.eps is not None:
+        if spec.normalize is False:
+            raise SpecError("eps", "eps is added to the denominator, and normalize: false has none; remove eps")
+        if not _is_number(spec.eps) or not math.isfinite(spec.eps) or spec.eps <= 0:
+            hint = " (YAML reads 1e-6 as text: write 1.0e-6)" if isinstance(spec.eps, str) else ""
+            raise SpecError("eps", f"expected a positive number (null means {DEFAULT_EPS}), got {spec.eps!r}{hint}")
+    if spec.score is not None:
+        raise SpecError("score", "linear attention has no score to modify (it never forms q·k scores); remove score")
+    if spec.bias is not None:
+        raise SpecError("bias", "only the sigmoid normalizer takes a bias; remove it")
+    if spec.scale is not None and fm.kind not in SCALED_FEATURE_MAPS:
+        raise SpecError("scale", f"the {fm.kind} feature map reads q and k unscaled; remove scale (taylor2 and performer take one)")
+    if spec.recompute != "lse":
+        raise SpecError("recompute", "linear attention always saves q, k, v, o and the denominator; remove recompute")
+    if spec.inputs:
+        raise SpecError("inputs", "linear attention reads no runtime inputs (its mask is null, causal or chunk-local); remove inputs")
+    for value in spec.tiles.chunk:
+        if isinstance(value, bool) or value not in BLOCK_SIZES:
+            raise SpecError("tiles.chunk", f"{value!r} is not one of {', '.join(map(str, BLOCK_SIZES))}")
+    linear_mask_form(spec)
+
+
+def linear_mask_form(spec: AttentionSpec) -> tuple[bool, int]:
+    """The mask of a linear spec as ``(causal, local)``: ``(False, 0)`` for ``null``,
+    ``(True, 0)`` for ``k <= q`` and ``(True, W)`` for the chunk-local causal mask
+    ``q // W == k // W and k <= q``.
+
+    Raises:
+        UnsupportedError: any other mask, naming the normaliser and the mask.
+    """
+    import sympy
+
+    from .expr import FloorDiv, SYMBOLS
+
+    if spec.mask is None:
+        return False, 0
+    expr = bind_params(spec.parsed_mask().sym, spec.param_values)
+    q, k = SYMBOLS["q"], SYMBOLS["k"]
+    atoms = list(expr.args) if isinstance(expr, sympy.And) else [expr]
+    causal, local = False, 0
+    for atom in atoms:
+        if atom is sympy.true:
+            continue
+        if isinstance(atom, sympy.Rel) and atom.rel_op in ("<=", "<", ">=", ">"):
+            small, big = (atom.lhs, atom.rhs) if atom.rel_op in ("<=", "<") else (atom.rhs, atom.lhs)
+            gap = sympy.expand(big - small) - (1 if atom.rel_op in ("<", ">") else 0)  # small <= big - ...
+            if sympy.expand(gap - (q - k)) == 0:  # k <= q
+                causal = True
+                continue
+        if isinstance(atom, sympy.Eq):
+            sides = {atom.lhs, atom.rhs}
+            if all(isinstance(x, FloorDiv) for x in sides):
+                widths = {x.args[1] for x in sides}
+                if {x.args[0] for x in sides} == {q, k} and len(widths) == 1:
+                    (width,) = widths
+                    if width.is_Integer and int(width) >= 1:
+                        local = int(width)
+                        continue
+        local = -1
+        break
+    if local == -1 or (local and not causal):
+        raise UnsupportedError(
+            f"mask: normalizer 'linear' cannot honour the mask {spec.mask!r}: linear attention carries one state "
+            "along the sequence, so it supports only mask: null (non-causal), 'k <= q' (causal) and "
+            "'q // W == k // W and k <= q' (chunk-local causal); use one of those or normalizer: softmax"
+        )
+    return causal, local
 
 
 def _check_divisors(field_name: str, expr, params: Mapping[str, int | float]) -> None:

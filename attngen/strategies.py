@@ -118,10 +118,16 @@ class Case:
 @st.composite
 def cases(draw, dtypes=("float32",), max_t: int = 80, spec: dict | None = None) -> Case:
     """A full fuzz case. ``scale`` multiplies q and k (30 makes fp16 logits overflow if a
-    kernel forms them naively)."""
+    kernel forms them naively). A taylor2 spec draws head dims it supports (up to 32)."""
+    from .features import TAYLOR2_MAX_DIM
+
+    feature_map = (spec or {}).get("feature_map")
+    head_dims = (8, 16, 5, 24, 33, 64, 80)
+    if (feature_map.get("kind") if isinstance(feature_map, dict) else feature_map) == "taylor2":
+        head_dims = tuple(d for d in head_dims if d <= TAYLOR2_MAX_DIM)
     return Case(
         spec=spec if spec is not None else draw(specs()),
-        dims=draw(shapes(max_t=max_t)),
+        dims=draw(shapes(max_t=max_t, head_dims=head_dims)),
         dtype=draw(st.sampled_from(dtypes)),
         layout=draw(st.sampled_from(LAYOUTS)),
         scale=draw(st.sampled_from((1.0, 4.0, 30.0))),

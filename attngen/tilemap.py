@@ -45,6 +45,11 @@ class TileCounts:
 
 def _graph(spec: Any, params: dict):
     compiled = build(spec, **params)
+    if compiled.spec.normalizer == "linear":
+        raise UnsupportedError(
+            f"spec {compiled.spec.name!r} is linear attention, which has no tiles of query-key pairs: its kernels run "
+            "chunks of tiles.chunk positions with a carried state (docs/architecture.md, Linear attention)"
+        )
     return compiled.spec, compiled.graph
 
 
@@ -169,6 +174,9 @@ def write_zoo_page(docs: str | Path, t: int = 16384, block: int = 128) -> Path:
     for path in sorted(resources.zoo_dir().glob("*.yaml")):
         spec = load_spec(path)
         lines += [f"## `{spec.name}`", "", " ".join(spec.description.split()), "", "```yaml", path.read_text().strip(), "```", ""]
+        if spec.normalizer == "linear":
+            lines += ["Linear attention has no tile map: its kernels run chunks of positions with a carried state.", ""]
+            continue
         try:
             c = tile_counts(spec, t, t, block, block)
         except UnsupportedError:

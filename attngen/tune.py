@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import torch
 
 from . import config
-from .errors import TuneError
+from .errors import TuneError, UnsupportedError
 from .schema import BLOCK_SIZES, WARPS
 from .tiles import LaunchConfig, default_config, head_block
 
@@ -227,7 +227,11 @@ def tune(
 
     Raises:
         TuneError: every candidate of a kernel failed (the message lists each reason).
+        UnsupportedError: a linear-attention op (its kernels have no tuner yet).
     """
+    if getattr(op.spec, "normalizer", None) == "linear":
+        raise UnsupportedError(f"tune: spec {op.spec.name!r} is linear attention, whose kernels have no tuner yet; "
+                               "set its chunk with tiles.chunk in the spec")
     from .check import make_inputs
     from .timing import bench
 

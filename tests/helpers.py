@@ -42,6 +42,14 @@ def check_spec(spec, shape, dtype=torch.float32, *, params=None, seed=0, layout=
     return rows
 
 
+def non_contiguous(q, k, v):
+    """q from a [B, T, H, D] buffer, k broadcast over batch with stride 0, v transposed storage."""
+    q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    k = k[:1].expand(k.shape[0], -1, -1, -1)
+    v = v.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return q, k, v
+
+
 def with_and_without_skipping(run):
     """``run()`` with tile skipping, then with ``ATTNGEN_NO_SKIP=1``; both results."""
     import os

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SMALL_PARAMS, check_spec, dims
+from helpers import SMALL_PARAMS, check_spec, dims, non_contiguous
 
 ZOO = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
 
@@ -40,14 +40,7 @@ def test_top_left_alignment():
 
 
 def test_non_contiguous_and_expanded_inputs():
-    def layout(q, k, v):
-        # q from a [B, T, H, D] buffer, k broadcast over batch with stride 0, v transposed storage
-        q = q.transpose(1, 2).contiguous().transpose(1, 2)
-        k = k[:1].expand(k.shape[0], -1, -1, -1)
-        v = v.transpose(-1, -2).contiguous().transpose(-1, -2)
-        return q, k, v
-
-    check_spec("gemma2_local", dims(B=2, H=4, H_KV=2, T_Q=21, T_KV=26), params={"window": 7, "cap": 3.0}, layout=layout)
+    check_spec("gemma2_local", dims(B=2, H=4, H_KV=2, T_Q=21, T_KV=26), params={"window": 7, "cap": 3.0}, layout=non_contiguous)
 
 
 def test_non_contiguous_output_gradient():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import attngen
-from attngen import ShapeError, UnsupportedError
+from attngen import ShapeError
 from helpers import DEVICE
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import attngen
-from attngen import SpecError, UnsupportedError, load_spec
+from attngen import SpecError, load_spec
 from attngen.schema import with_params
 
 ZOO = sorted((Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
@@ -78,10 +78,10 @@ def test_missing_file_and_unknown_zoo_name():
         load_spec("/nonexistent/x.yaml")
 
 
-def test_planned_features_raise_unsupported():
-    with pytest.raises(UnsupportedError, match="linear"):
-        load_spec({"name": "x", "normalizer": "linear"})
-    assert load_spec({"name": "x", "recompute": "store_p"}).store_p_limit == 1 << 24  # built now
+def test_store_p_and_linear_specs_load_with_their_defaults():
+    assert load_spec({"name": "x", "recompute": "store_p"}).store_p_limit == 1 << 24
+    linear = load_spec({"name": "x", "normalizer": "linear", "feature_map": "elu1", "mask": "k <= q"})
+    assert linear.normalizer == "linear" and linear.feature_map.kind == "elu1"
 
 
 def test_param_overrides_keep_types():

@@ -1,0 +1,284 @@
+"""Linear attention (issue #6): o_i = sum_j phi(q_i).phi(k_j) v_j / (sum_j phi(q_i).phi(k_j) + eps).
+
+Every kernel result is checked by the three-way rule against the float64 quadratic reference
+(forward and the gradients of q, k and v through autograd on that reference).
+"""
+
+import math
+
+import pytest
+import torch
+
+import attngen
+from attngen import ShapeError, SpecError, UnsupportedError
+from attngen.check import compare, format_rows
+from attngen.features import apply_feature_map, performer_features
+from helpers import DEVICE, non_contiguous
+
+MAPS = ["identity", "elu1", "relu", "taylor2", "performer"]
+
+
+def linear_spec(kind, mask="k <= q", normalize=True, chunk=16, **extra):
+    fmap = {"kind": "performer", "features": 24, "seed": 7} if kind == "performer" else kind
+    return {"name": f"lin_{kind}", "normalizer": "linear", "feature_map": fmap, "mask": mask, "normalize": normalize,
+            "tiles": {"chunk": [chunk]}, **extra}  # fmt: skip
+
+
+def check_linear(spec, B=1, H=2, H_KV=1, T_Q=37, T_KV=37, D_QK=12, D_V=8, dtype=torch.float32, seed=0, positive=False, layout=None):
+    """Compile ``spec``, run it on random inputs, assert the three-way rule for o, dq, dk, dv."""
+    op = attngen.compile(spec)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(*s, generator=gen) for s in ((B, H, T_Q, D_QK), (B, H_KV, T_KV, D_QK), (B, H_KV, T_KV, D_V)))
+    if positive:  # identity features with a denominator: keep phi(q).phi(k) away from 0
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    q, k, v = (t.to(device=DEVICE, dtype=dtype) for t in (q, k, v))
+    if layout is not None:
+        q, k, v = layout(q, k, v)
+    rows = compare(op, attngen.reference(op.spec), q, k, v, {}, generator=gen)
+    assert [r.name for r in rows] == ["o", "dq", "dk", "dv"]
+    assert all(r.ok for r in rows), f"{spec}\n{format_rows(rows)}"
+    return op
+
+
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "plain"])
+@pytest.mark.parametrize("mask", ["k <= q", None], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("kind", MAPS)
+def test_every_feature_map_matches_reference(kind, mask, normalize):
+    # T = 37 is not a multiple of the chunk of 16; T_Q != T_KV puts queries at an offset
+    check_linear(linear_spec(kind, mask, normalize), T_Q=37, T_KV=45, positive=kind == "identity" and normalize)
+
+
+@pytest.mark.parametrize("t_q, t_kv, align", [(1, 1, "bottom_right"), (1, 45, "bottom_right"), (45, 20, "bottom_right"),
+                                              (20, 45, "top_left"), (64, 64, "bottom_right")])  # fmt: skip
+def test_lengths_and_alignment(t_q, t_kv, align):
+    check_linear(linear_spec("elu1", align=align), T_Q=t_q, T_KV=t_kv)
+
+
+@pytest.mark.parametrize("width", [5, 16, 24, 40])
+def test_chunk_local_masks(width):
+    # chunk-local widths below, equal to, between and above the kernel chunk of 16
+    spec = linear_spec("elu1", mask="q // w == k // w and k <= q", params={"w": width})
+    check_linear(spec, T_Q=50, T_KV=50)
+
+
+@pytest.mark.parametrize("kind", ["elu1", "taylor2"])
+@pytest.mark.parametrize("h, h_kv", [(4, 2), (3, 1)])
+def test_gqa(kind, h, h_kv):
+    check_linear(linear_spec(kind), B=2, H=h, H_KV=h_kv, T_Q=30, T_KV=30)
+
+
+@pytest.mark.parametrize("kind, d_qk, d_v", [("elu1", 16, 16), ("elu1", 24, 8), ("relu", 80, 80), ("performer", 5, 3),
+                                             ("taylor2", 16, 24)])  # fmt: skip
+def test_head_dims(kind, d_qk, d_v):
+    check_linear(linear_spec(kind, mask=None if kind == "relu" else "k <= q"), T_Q=25, T_KV=25, D_QK=d_qk, D_V=d_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["elu1", "taylor2", "performer"])
+def test_half_precision(kind, dtype):
+    check_linear(linear_spec(kind), H=4, H_KV=2, T_Q=40, T_KV=40, D_QK=16, D_V=16, dtype=dtype)
+
+
+def test_non_contiguous_inputs():
+    check_linear(linear_spec("elu1"), B=2, H=2, H_KV=2, T_Q=21, T_KV=21, layout=non_contiguous)
+
+
+def test_chunk_size_does_not_change_results():
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=gen).to(DEVICE) for _ in range(3))
+    outs = []
+    for chunk in (16, 32, 64):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = attngen.compile(linear_spec("elu1", chunk=chunk))(*leaves)
+        outs.append((o, *torch.autograd.grad(o.sum(), leaves)))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shift", [8.0, 40.0, 100.0])
+def test_bf16_elu1_with_vanishing_features_stays_finite(shift):
+    # large negative q and k: elu(x) + 1 = (exp(x) - 1) + 1 cancels in bf16 (and in float32 past
+    # x = -17), phi(q).phi(k) vanishes against eps and underflows at the larger shifts; outputs
+    # and gradients must stay finite and agree with the float32 reference on the same inputs
+    op = attngen.compile(linear_spec("elu1"))
+    gen = torch.Generator().manual_seed(2)
+    q = (torch.randn(1, 2, 40, 16, generator=gen) * 0.5 - shift).to(torch.bfloat16)
+    k = (torch.randn(1, 1, 40, 16, generator=gen) * 0.5 - shift).to(torch.bfloat16)
+    v = torch.randn(1, 1, 40, 16, generator=gen).to(torch.bfloat16)
+    do = torch.randn(1, 2, 40, 16, generator=gen)
+    leaves = [t.clone().to(DEVICE).requires_grad_() for t in (q, k, v)]
+    o = op(*leaves)
+    got = (o, *torch.autograd.grad(o, leaves, do.to(DEVICE, torch.bfloat16)))
+    wide = [t.float().requires_grad_() for t in (q, k, v)]
+    o32 = attngen.reference(op.spec)(*wide)
+    want = (o32, *torch.autograd.grad(o32, wide, do))
+    for name, x, ref in zip(("o", "dq", "dk", "dv"), got, want):
+        x = x.detach().float().cpu()
+        assert torch.isfinite(x).all(), f"{name} has inf or nan at shift {shift}"
+        ref = ref.detach()
+        scale = max(float(ref.abs().max()), 1e-30)
+        assert float((x - ref).abs().max()) <= 3e-2 * scale, f"{name}: {float((x - ref).abs().max())} vs max {scale}"
+
+
+def test_reference_is_the_quadratic_form():
+    spec = linear_spec("elu1")
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 9, 4, generator=gen, dtype=torch.float64) for _ in range(3))
+    a = (torch.nn.functional.elu(q) + 1) @ (torch.nn.functional.elu(k) + 1).transpose(-1, -2)
+    a = a * torch.ones(9, 9, dtype=torch.bool).tril()
+    want = (a @ v) / (a.sum(-1, keepdim=True) + 1e-6)
+    assert torch.allclose(attngen.reference(spec)(q, k, v), want)
+
+
+def test_taylor2_features_expand_exp_to_second_order():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 6, generator=gen, dtype=torch.float64)
+    s = 1 / math.sqrt(6)
+    dot = float(apply_feature_map("taylor2", x, scale=s) @ apply_feature_map("taylor2", y, scale=s))
+    t = s * float(x @ y)
+    assert abs(dot - (1 + t + t * t / 2)) < 1e-12
+
+
+def test_performer_features_estimate_exp():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 8, generator=gen, dtype=torch.float64) * 0.5
+    s = 1 / math.sqrt(8)
+    estimates = []
+    for seed in range(4):
+        w = performer_features(4096, 8, seed=seed).double()
+        off_diagonal = w[:8] @ w[:8].T * (1 - torch.eye(8, dtype=torch.float64))  # one orthogonal block
+        assert float(off_diagonal.abs().max()) < 1e-5
+        estimates.append(float(apply_feature_map("performer", x, scale=s, w=w) @ apply_feature_map("performer", y, scale=s, w=w)))
+    assert abs(sum(estimates) / len(estimates) / math.exp(s * float(x @ y)) - 1) < 0.05
+
+
+def test_performer_redraw_per_call_uses_each_call_features():
+    spec = {"name": "perf_redraw", "normalizer": "linear", "mask": "k <= q", "tiles": {"chunk": 16},
+            "feature_map": {"kind": "performer", "features": 16, "seed": 5, "redraw": "per_call"}}  # fmt: skip
+    op = attngen.compile(spec)
+    ref = attngen.reference(spec)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 20, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    leaves = [t.float().to(DEVICE).requires_grad_() for t in (q, k, v)]
+    o_first = op(*leaves)
+    assert op.last_draw == 0
+    o_second = op(*leaves)
+    assert op.last_draw == 1
+    assert not torch.allclose(o_first, o_second)
+    for o, draw in ((o_first, 0), (o_second, 1)):
+        wide = [t.clone().requires_grad_() for t in (q, k, v)]
+        o64 = ref(*wide, draw=draw)
+        assert torch.allclose(o.double().cpu(), o64, atol=1e-5)
+        # the backward of each call uses that call's features
+        grads = torch.autograd.grad(o.sum(), leaves)
+        for g, g64 in zip(grads, torch.autograd.grad(o64.sum(), wide)):
+            assert torch.allclose(g.double().cpu(), g64, atol=1e-4)
+
+
+def test_return_lse_and_second_derivative_are_refused():
+    op = attngen.compile(linear_spec("relu"))
+    q, k, v = (torch.randn(1, 1, 8, 16, device=DEVICE).requires_grad_() for _ in range(3))
+    with pytest.raises(UnsupportedError, match="no log-sum-exp"):
+        op(q, k, v, return_lse=True)
+    with pytest.raises(UnsupportedError, match="no log-sum-exp"):
+        attngen.reference(op.spec)(q, k, v, return_lse=True)
+    (dq,) = torch.autograd.grad(op(q, k, v).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        dq.sum().backward()
+
+
+def test_taylor2_refuses_large_head_dims():
+    op = attngen.compile(linear_spec("taylor2"))
+    q, k, v = (torch.randn(1, 1, 4, 40, device=DEVICE) for _ in range(3))
+    with pytest.raises(ShapeError, match="D_QK=40.*taylor2.*up to 32"):
+        op(q, k, v)
+
+
+@pytest.mark.parametrize(
+    "change, field, message",
+    [
+        ({"feature_map": None}, "feature_map", "missing"),
+        ({"feature_map": "softplus"}, "feature_map.kind", "not one of identity, elu1"),
+        ({"feature_map": {"kind": "performer"}}, "feature_map.features", "number of random features"),
+        ({"feature_map": {"kind": "performer", "features": 8, "redraw": "sometimes"}}, "feature_map.redraw", "never, per_call"),
+        ({"feature_map": {"kind": "elu1", "features": 8}}, "feature_map.features", "only the performer"),
+        ({"feature_map": {"kind": "elu1", "size": 8}}, "feature_map.size", "unknown key"),
+        ({"score": "s * 2.0"}, "score", "no score"),
+        ({"scale": 0.5}, "scale", "unscaled"),
+        ({"normalize": False, "eps": 1e-3}, "eps", "remove eps"),
+        ({"eps": -1.0}, "eps", "positive"),
+        ({"normalize": "yes"}, "normalize", "true or false"),
+        ({"recompute": "full"}, "recompute", "remove recompute"),
+        ({"tiles": {"chunk": [48]}}, "tiles.chunk", "not one of"),
+    ],
+)  # fmt: skip
+def test_spec_errors_name_the_field(change, field, message):
+    spec = {**linear_spec("elu1"), **change}
+    with pytest.raises(SpecError) as info:
+        attngen.load_spec(spec)
+    assert info.value.field == field
+    assert message in str(info.value)
+
+
+def test_linear_fields_on_other_normalizers_are_rejected():
+    for key, value in (("feature_map", "elu1"), ("normalize", True), ("eps", 1e-6)):
+        with pytest.raises(SpecError) as info:
+            attngen.load_spec({"name": "x", key: value})
+        assert info.value.field == key
+    with pytest.raises(SpecError, match="only the linear normalizer has chunks"):
+        attngen.load_spec({"name": "x", "tiles": {"chunk": 16}})
+
+
+@pytest.mark.parametrize("mask", ["k <= q and q - k < 8", "k < q", "q // 8 == k // 8", "q != k"])
+def test_masks_a_linear_kernel_cannot_honour(mask):
+    with pytest.raises(UnsupportedError) as info:
+        attngen.load_spec(linear_spec("elu1", mask=mask))
+    assert "normalizer 'linear'" in str(info.value) and repr(mask) in str(info.value)
+
+
+def test_custom_op_passes_opcheck_and_compiles_fullgraph():
+    op = attngen.compile(linear_spec("performer"))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 20, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    torch.library.opcheck(torch.ops.attngen.linear_fwd.default, (q, k, v, None, op.op_id))
+
+    def layer(q, k, v):
+        return (op(q * 2.0, k, v) ** 2).sum()
+
+    loss = torch.compile(layer, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_eager = layer(q, k, v)
+    assert torch.allclose(loss, loss_eager)
+    for a, b in zip(grads, torch.autograd.grad(loss_eager, (q, k, v))):
+        assert torch.allclose(a, b)
+
+
+def test_linear_bench_reports_fla_unavailable_and_formats_rows():
+    from attngen.linear_bench import fla_kernel, report
+
+    kernel, status = fla_kernel()
+    if kernel is None:
+        assert status.startswith("unavailable: ")
+    rows = [{"D": 64, "T": 2048, "B": 8, "H": 16, "mode": "fwd", "attngen_ms": 0.5, "fla_ms": None, "fla": status},
+            {"D": 64, "T": 2048, "B": 8, "H": 16, "mode": "fwd+bwd", "attngen_ms": 1.0, "fla_ms": 2.0, "fla": "available"}]  # fmt: skip
+    text = report({"meta": {"gpu": "H200", "dtype": "bfloat16", "tokens": 16384, "spec": "linear_elu"}, "rows": rows})
+    assert f"| 64 | 2048 | 8 | 16 | fwd | 0.500 | — | — | {status} |" in text
+    assert "| 64 | 2048 | 8 | 16 | fwd+bwd | 1.000 | 2.000 | 2.00 | available |" in text
+
+
+def test_gpu_chunk_is_the_first_candidate_that_fits_shared_memory(monkeypatch):
+    from types import SimpleNamespace
+
+    from attngen.linear import shared_memory_estimate
+
+    # Triton 3.6's shared memory of the dK/dV kernel compiled for sm_90 (measured without a GPU)
+    dims = {"H": 4, "H_KV": 2, "D_QK": 128, "D_V": 128}
+    assert abs(shared_memory_estimate("elu1", dims, torch.float16, 64) / 295936 - 1) < 0.05
+    assert abs(shared_memory_estimate("taylor2", {**dims, "H_KV": 4, "D_QK": 16, "D_V": 64}, torch.float16, 32) / 385024 - 1) < 0.05
+    op = attngen.compile(linear_spec("elu1", tiles={"chunk": [64, 32, 16]}))
+    assert op.chunk_for(dims, torch.float16, torch.device("cpu")) == 64  # the interpreter: the first
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(shared_memory_per_block_optin=232448))
+    gpu = torch.device("cuda")
+    assert op.chunk_for(dims, torch.bfloat16, gpu) == 64
+    assert op.chunk_for(dims, torch.float16, gpu) == 32
