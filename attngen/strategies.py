@@ -67,10 +67,25 @@ def scores():
     return st.sampled_from(SCORES)
 
 
+LINEAR_MASKS = (None, "k <= q", "q // 4 == k // 4 and k <= q", "q // 7 == k // 7 and k <= q")
+
+
+@st.composite
+def linear_specs(draw) -> dict:
+    """A linear-attention spec: the masks a linear kernel honours (none, causal, chunk-local
+    causal), a feature map (elu1, relu, or performer with a few features), normalised or not."""
+    kind = draw(st.sampled_from(["elu1", "relu", "performer"]))
+    feature_map = {"kind": "performer", "features": draw(st.sampled_from([8, 16])), "seed": draw(st.integers(0, 3))} if kind == "performer" else kind
+    return {"name": "fuzz_linear", "normalizer": "linear", "feature_map": feature_map, "mask": draw(st.sampled_from(LINEAR_MASKS)),
+            "normalize": kind != "relu" or draw(st.booleans()), "align": draw(st.sampled_from(["bottom_right", "top_left"]))}
+
+
 @st.composite
 def specs(draw) -> dict:
-    """A spec dict: mask, optional score modification, alignment, normaliser (softmax, or
-    sigmoid a quarter of the time)."""
+    """A spec dict: mask, optional score modification, alignment, normaliser (softmax; sigmoid
+    a quarter of the time; linear attention, with its own masks, one time in eight)."""
+    if draw(st.integers(0, 7)) == 0:
+        return draw(linear_specs())
     spec = {"name": "fuzz", "mask": draw(masks()), "align": draw(st.sampled_from(["bottom_right", "top_left"]))}
     score = draw(scores())
     if score is not None:

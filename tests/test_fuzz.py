@@ -69,3 +69,36 @@ def test_fuzz_jobs_runs_the_workers_and_adds_up_their_examples(tmp_path, monkeyp
     assert main(["fuzz", "causal", "--examples", "3", "--jobs", "2", "--max-t", "12", "--device", "cpu"]) == 0
     assert "3 examples passed" in capsys.readouterr().out
     assert main(["fuzz", "causal", "--examples", "2", "--jobs", "0"]) == 2
+
+
+def test_random_specs_include_every_normaliser_and_linear_ones_compile():
+    # issue 8: the spec strategy grows with the normalisers; every drawn spec must compile
+    import attngen
+    from hypothesis import HealthCheck, find, settings
+
+    from attngen.strategies import linear_specs, specs
+
+    for normalizer in ("softmax", "sigmoid", "linear"):
+        found = find(specs(), lambda s, n=normalizer: s.get("normalizer", "softmax") == n,
+                     settings=settings(database=None, suppress_health_check=list(HealthCheck)))
+        assert found.get("normalizer", "softmax") == normalizer
+
+    @settings(max_examples=15, deadline=None, database=None)
+    @given(linear_specs())
+    def compiles(spec):
+        attngen.compile(spec)
+
+    compiles()
+
+
+def test_random_linear_specs_match_the_reference():
+    from hypothesis import settings
+
+    from attngen.strategies import linear_specs
+
+    @settings(max_examples=6, deadline=None, database=None)
+    @given(spec=linear_specs(), t_q=st.integers(1, 20), t_kv=st.integers(1, 20), seed=st.integers(0, 2**16))
+    def check(spec, t_q, t_kv, seed):
+        check_spec(spec, dims(B=1, H=2, H_KV=1, T_Q=t_q, T_KV=t_kv, D_QK=8, D_V=8), torch.float32, seed=seed)
+
+    check()
