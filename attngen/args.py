@@ -103,6 +103,7 @@ def check_inputs(
     *,
     constant_reads: list[tuple[str, int, int]] = (),
     grad_inputs: frozenset[str] | None = frozenset(),
+    call: str = "op(q, k, v, ...)",
 ) -> list[torch.Tensor]:
     """Validate the runtime inputs of a call against the spec's declarations.
 
@@ -113,6 +114,7 @@ def check_inputs(
             declared shapes may name.
         device: where q lives; every input must live there too.
         constant_reads, grad_inputs: as for :func:`check_call`.
+        call: how the caller's call reads, for the missing-input message.
 
     Returns:
         The runtime inputs in the spec's declaration order.
@@ -133,7 +135,7 @@ def check_inputs(
         if name not in inputs:
             raise ShapeError(
                 f"{name}: missing runtime input; the spec declares {name} ({decl.dtype}, shape "
-                f"[{', '.join(map(str, decl.shape))}] = {list(expected)}); pass it as op(q, k, v, {name}=...)"
+                f"[{', '.join(map(str, decl.shape))}] = {list(expected)}); pass it as {call.replace('...', name + '=...')}"
             )
         t = inputs[name]
         if not isinstance(t, torch.Tensor):

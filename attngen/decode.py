@@ -178,7 +178,8 @@ def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query
                 f"k_cache's {k_cache.shape[0]} blocks, found {int(entries.min())} to {int(entries.max())}"
             )
     dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": capacity, "D_QK": D_QK, "D_V": D_V}
-    ordered = check_inputs(op.spec, inputs, dims, q.device, constant_reads=op._constant_reads, grad_inputs=None)
+    ordered = check_inputs(op.spec, inputs, dims, q.device, constant_reads=op._constant_reads, grad_inputs=None,
+                           call="op.decode(q, k_cache, v_cache, cache_seqlens, ...)")
     return DecodeCall(dims, capacity, page_size, seqlens, query_lens, block_table if paged else None, int(lens.max()), ordered)
 
 
