@@ -273,10 +273,13 @@ def _show_linear(compiled, source: bool) -> int:
     return 0
 
 
-def _pick_device(requested: str | None) -> str:
-    """The device to run on; switches the interpreter on for the CPU (before Triton loads)."""
+def _pick_device(requested: str | None, command: str | None = None) -> str:
+    """The device to run on; switches the interpreter on for the CPU (before Triton loads).
+    ``command``: a subcommand that runs only on a GPU (it has no ``--device``)."""
     import torch
 
+    if command and not torch.cuda.is_available():
+        raise UsageError(f"{command} times kernels and needs a CUDA GPU; on the CPU use run, zoo or fuzz")
     device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu" and not config.interpret_all():
         config.enable_interpreter()
@@ -545,7 +548,7 @@ def _tune(args) -> int:
 
     import torch
 
-    _pick_device("cuda")
+    _pick_device("cuda", "tune")
     from . import compile as compile_spec
     from .tune import tune
 
@@ -588,7 +591,7 @@ def _bench(args) -> int:
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out DIR: the suite's JSON there (NAME.json) says which cases are done")
-    _pick_device("cuda")
+    _pick_device("cuda", "bench")
     if args.suite == "long":
         print(bench.long_window())
         return 0

@@ -74,7 +74,20 @@ def kernel_of(module: ModuleType, name: str, device: torch.device):
             "CPU tensors run under Triton's interpreter, which Triton fixes when it is first "
             "imported: start Python with TRITON_INTERPRET=1, or move q, k and v to a CUDA device"
         )
+    if device.type == "cpu" and not _triton_interprets():
+        raise UnsupportedError(
+            "TRITON_INTERPRET=1 was set after Triton was imported, so Triton's own helpers were built for a GPU; "
+            "set it before anything imports triton (at the top of the script, or TRITON_INTERPRET=1 python ...)"
+        )
     return getattr(module, name)
+
+
+def _triton_interprets() -> bool:
+    """Whether Triton was imported in interpreter mode (its library functions are then
+    interpreted; setting the variable later changes only kernels defined afterwards)."""
+    import triton.language as tl
+
+    return type(tl.zeros).__name__ != "JITFunction"
 
 
 def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

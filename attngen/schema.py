@@ -215,7 +215,7 @@ class AttentionSpec:
         return data
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
     def digest(self) -> str:
         """A hash of everything that changes the generated kernels (not the description)."""

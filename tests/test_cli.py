@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -54,3 +57,13 @@ def test_show_lists_metadata_and_residue_order_kernels():
     assert "attn_fwd_perm" in strided and "attn_bwd_dkdv_perm" in strided and "attn_bwd_dq_perm" in strided
     tiles = run_cli("show", "strided", "--tiles", "--t-q", "1024").stdout
     assert "runs in residue order" in tiles
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
+def test_gpu_only_commands_say_so_instead_of_suggesting_a_missing_flag(capsys):
+    from attngen.cli import main
+
+    assert main(["bench", "--suite", "sparse"]) == 2
+    assert "bench times kernels and needs a CUDA GPU; on the CPU use run, zoo or fuzz" in capsys.readouterr().err
+    assert main(["tune", "causal", "--gpu-shapes", "1,2,2,64,16"]) == 2
+    assert "tune times kernels and needs a CUDA GPU" in capsys.readouterr().err

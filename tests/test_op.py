@@ -189,3 +189,16 @@ def test_attngen_min_head_block_pads_narrow_head_dims(monkeypatch):
     monkeypatch.setenv("ATTNGEN_MIN_HEAD_BLOCK", "24")
     with pytest.raises(ValueError, match="power of two"):
         head_block(5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU run under the interpreter")
+def test_interpreter_switched_on_after_triton_was_imported_is_named_not_a_crash():
+    import subprocess
+    import sys
+
+    script = ("import os, torch, triton\nos.environ['TRITON_INTERPRET'] = '1'\nimport attngen\n"
+              "q = torch.randn(1, 1, 8, 16)\ntry:\n    attngen.compile('causal')(q, q, q)\n"
+              "except attngen.UnsupportedError as exc:\n    print(exc)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300).stdout
+    assert "set after Triton was imported" in out and "before anything imports triton" in out
