@@ -294,3 +294,41 @@ def test_llama_training_step_benchmark_runs_on_a_tiny_model():
     assert rows["attngen"]["status"] == "ok" and rows["sdpa"]["status"] == "ok"
     assert rows["attngen"]["loss_vs_sdpa"] < 1e-4
     assert "| attngen |" in markdown(result)
+
+
+def test_torch_compile_fullgraph_over_a_padded_model_matches_eager():
+    # issue 9: torch.compile(fullgraph=True) over a whole transformers model; the traced path
+    # reads no tensor values on the host (padding by tensor ops, the mask checked on the device)
+    from torch._dynamo.testing import CompileCounter
+
+    eager, ours = twins(DECODERS["llama"](), cls=transformers.AutoModelForCausalLM)
+    ids, mask = batch(pad="left")
+    with torch.no_grad():
+        want = eager(input_ids=ids, attention_mask=mask).logits
+        ours(input_ids=ids, attention_mask=mask)  # eager warm-up compiles each layer kind's kernels
+        counter = CompileCounter()
+        got = torch.compile(ours, backend=counter, fullgraph=True)(input_ids=ids, attention_mask=mask).logits
+    assert_matches(got, want, mask)
+    assert counter.frame_count == 1
+    torch._dynamo.reset()
+
+
+def test_traced_calls_refuse_masks_and_missing_kernels_loudly(monkeypatch):
+    layer_module = torch.nn.Module()
+    layer_module.is_causal = True
+    q = torch.randn(1, 2, 8, 16, device=DEVICE)
+    k = v = torch.randn(1, 1, 8, 16, device=DEVICE)
+
+    def call(mask):
+        return integration.attention_forward(layer_module, q, k, v, mask)[0]
+
+    packed = torch.ones(8, 8, dtype=torch.bool, device=DEVICE).tril()
+    packed[4:, :4] = False  # two packed sequences: not causal-with-padding
+    integration.attention_forward(layer_module, q, k, v, None)  # eager: compiles the kinds
+    with pytest.raises(Exception, match="not the layer's pattern"):
+        torch.compile(call, fullgraph=True)(packed[None, None])
+    torch._dynamo.reset()
+    monkeypatch.setattr(integration, "_TRACED_OPS", {})
+    with pytest.raises(Exception, match="run one forward of the model eagerly"):
+        torch.compile(call, fullgraph=True)(None)
+    torch._dynamo.reset()

@@ -45,8 +45,10 @@ additive masks that hold biases, flex attention's ``BlockMask``, relative-positi
 biases or attention sinks passed by the model, head dims above 256 and dtypes other than
 float16, bfloat16 and float32.
 
-Tested with transformers 5.24. The mask checks read tensor values, so ``torch.compile``
-breaks its graph around each attention call.
+Tested with transformers 5.24. Under ``torch.compile`` calls take a traced path
+(:func:`_traced_forward`): padding by tensor operations, the mask checked by a device-side
+assertion, and the kernels those calls use compiled by one eager forward beforehand, so
+``torch.compile(model, fullgraph=True)`` traces the whole model.
 """
 
 from __future__ import annotations
@@ -189,6 +191,11 @@ def layer_attention(module: torch.nn.Module, scaling: float | None, kwargs: dict
     return LayerAttention(causal=bool(causal), window=window, softcap=softcap, scale=scaling)
 
 
+#: Operators by layer kind, for calls traced by torch.compile: a plain dict, which Dynamo reads
+#: as a constant (it would trace into an lru_cache'd compile). Filled by eager calls.
+_TRACED_OPS: dict[LayerAttention, AttentionOp] = {}
+
+
 @lru_cache(maxsize=None)
 def compiled(layer: LayerAttention) -> AttentionOp:
     """The attngen operator of ``layer``, compiled on first use and cached per layer kind.
@@ -196,7 +203,69 @@ def compiled(layer: LayerAttention) -> AttentionOp:
     Raises:
         SpecError: a window too large for the kernels' 32-bit positions (``>= 2**30``).
     """
-    return compile_spec(layer.spec())
+    op = compile_spec(layer.spec())
+    _TRACED_OPS[layer] = op
+    return op
+
+
+def _prepare_traced(layer: LayerAttention) -> None:
+    """Compile, in an eager call, the operators a traced call of the same layer may use:
+    its unpadded and padded forms (a traced call cannot tell padding from values)."""
+    for kind in (replace(layer, padded=False), replace(layer, padded=True)):
+        if kind not in _TRACED_OPS:
+            _TRACED_OPS[kind] = compile_spec(kind.spec())
+
+
+def _pattern_tensor(layer: LayerAttention, t_q: int, t_kv: int, device) -> torch.Tensor:
+    """The layer's structural mask, bool ``[T_Q, T_KV]``, from tensor operations (traceable)."""
+    q = torch.arange(t_q, device=device)[:, None] + (t_kv - t_q if layer.align == "bottom_right" else 0)
+    k = torch.arange(t_kv, device=device)[None, :]
+    keep = torch.ones(t_q, t_kv, dtype=torch.bool, device=device)
+    if layer.causal:
+        keep = keep & (k <= q)
+    if layer.window is not None:
+        keep = keep & ((q - k < layer.window) if layer.causal else ((q - k).abs() <= layer.window))
+    return keep
+
+
+def _traced_forward(module, query, key, value, attention_mask, scaling, dropout, kwargs):
+    """:func:`attention_forward` under ``torch.compile``: no host reads of tensor values.
+
+    Padding always runs through the padded operator (``keep`` derived by tensor operations),
+    and a 4-D mask is checked against the layer's pattern by a device-side assertion
+    (``torch._assert_async``) instead of a host comparison: a mask the layer cannot honour
+    stops the run rather than being replaced by the pattern. Query rows sit at the bottom
+    right of the keys (the top-left prefill of a static cache is refused by the assertion).
+
+    Raises:
+        UnsupportedError: the layer's operator was not compiled by an eager call first.
+    """
+    _check_supported(query, key, value, dropout, kwargs)
+    layer = layer_attention(module, scaling, kwargs)
+    batch, _, t_q, _ = query.shape
+    t_kv = key.shape[2]
+    keep = None
+    if attention_mask is None:
+        if layer.causal and 1 < t_q < t_kv:
+            layer = replace(layer, align="top_left")
+    elif attention_mask.dim() == 2:
+        keep = (attention_mask[:, -t_kv:] != 0).to(torch.int32).contiguous()
+    else:
+        visible = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        visible = visible[:, 0]
+        pattern = _pattern_tensor(layer, t_q, t_kv, query.device)
+        seen = visible.any(dim=1) | ~pattern.any(dim=0)
+        torch._assert_async(torch.all(visible == (pattern & seen[:, None, :])),
+                            "attngen: the attention mask is not the layer's pattern with padding keys removed")
+        keep = seen.expand(batch, t_kv).to(torch.int32).contiguous()
+    if keep is not None:
+        layer = replace(layer, padded=True)
+    op = _TRACED_OPS.get(layer)
+    if op is None:
+        raise UnsupportedError("torch.compile: this layer's attngen kernels are not compiled yet; run one forward of the "
+                               "model eagerly (same padding and cache use) before compiling it, so that tracing finds them")
+    out = op(query, key, value, **({} if keep is None else {"keep": keep.to(query.device)}))
+    return out.transpose(1, 2).contiguous(), None
 
 
 @lru_cache(maxsize=8)
@@ -373,10 +442,13 @@ def attention_forward(
             tensors without ``TRITON_INTERPRET=1``.
         ShapeError: a misshapen mask, or q, k and v that do not fit together.
     """
+    if torch.compiler.is_compiling():
+        return _traced_forward(module, query, key, value, attention_mask, scaling, dropout, kwargs)
     _check_supported(query, key, value, dropout, kwargs)
     layer = layer_attention(module, scaling, kwargs)
     batch, heads, t_q, _ = query.shape
     layer, keep = match_mask(attention_mask, layer, batch, heads, t_q, key.shape[2])
+    _prepare_traced(layer)
     inputs = {} if keep is None else {"keep": keep.to(query.device)}
     out = compiled(layer)(query, key, value, **inputs)
     return out.transpose(1, 2).contiguous(), None
