@@ -75,6 +75,12 @@ class Conjunct:
     exact: bool
     runtime: tuple[RuntimeAtom, ...] = ()
 
+    @property
+    def bound_symbols(self) -> set[str]:
+        """Names the bounds and guards read: besides the given position and params, ``b``,
+        ``h`` or scalar runtime loads (``ld<i>``) make the tile ranges depend on the call."""
+        return {s.name for b in (*self.lows, *self.highs, *self.guards) for s in b.expr.free_symbols}
+
 
 @dataclass(frozen=True)
 class TileRanges:

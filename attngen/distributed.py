@@ -112,7 +112,7 @@ def block_visible(op: AttentionOp, q_start: int, q_len: int, k_start: int, k_len
 
     ranges = _key_ranges(op)
     for conj in ranges.conjuncts:
-        names = {s.name for b in (*conj.lows, *conj.highs, *conj.guards) for s in b.expr.free_symbols}
+        names = conj.bound_symbols
         if names & {"b", "h"} or any(n.startswith("ld") for n in names):
             return True
     env = {
@@ -163,7 +163,7 @@ def _check(op: AttentionOp, q, k, v, inputs: dict, layout: str, group) -> tuple[
              "k": k.new_empty(1).as_strided(k.shape[:2] + (t, k.shape[3]), (0, 0, 0, 0)),
              "v": v.new_empty(1).as_strided(v.shape[:2] + (t, v.shape[3]), (0, 0, 0, 0))}
     _, ordered = check_call(op.spec, whole["q"], whole["k"], whole["v"], inputs, grad_inputs=None,
-                            constant_reads=op.spec.constant_reads())  # runtime inputs span the whole sequence
+                            constant_reads=op._constant_reads)  # runtime inputs span the whole sequence
     wanting = [name for name, x in inputs.items() if isinstance(x, torch.Tensor) and x.requires_grad]
     if wanting:
         raise UnsupportedError(f"context_parallel: {wanting[0]} requires grad; learnable score parameters are not "
@@ -207,8 +207,19 @@ class _Ring:
             req.wait()
 
 
+_BLOCKS: dict[tuple, list] = {}
+
+
 def _blocks(op, t, world, rank, owner, layout):
-    """The visible (local query slice, Shard, key slice) blocks of a ring step."""
+    """The visible (local query slice, Shard, key slice) blocks of a ring step; decided once
+    per spec, length, rank and step (the forward and backward ask for the same blocks)."""
+    key = (op.plan.spec_digest, t, world, rank, owner, layout)
+    if key not in _BLOCKS:
+        _BLOCKS[key] = _visible_blocks(op, t, world, rank, owner, layout)
+    return _BLOCKS[key]
+
+
+def _visible_blocks(op, t, world, rank, owner, layout):
     out = []
     q_off = 0
     for q_start, q_len in chunks(t, world, rank, layout):

@@ -37,7 +37,7 @@ from . import config
 from .args import check_call, position_offset
 from .errors import ShapeError, UnsupportedError
 from .features import TAYLOR2_MAX_DIM, feature_count, feature_scale, performer_features
-from .op import _new_output, _NoSecondDerivative, kernel_of
+from .op import _custom_op, _new_output, _NoSecondDerivative, kernel_of
 from .schema import DEFAULT_EPS, AttentionSpec, linear_mask_form
 from .tiles import head_block
 
@@ -363,13 +363,10 @@ def _ensure_registered() -> None:
     with _REGISTER_LOCK:
         if _REGISTERED:
             return
-        fwd = torch.library.custom_op("attngen::linear_fwd", _fwd, mutates_args=(),
-                                      schema="(Tensor q, Tensor k, Tensor v, Tensor? w, str op_id) -> (Tensor, Tensor)")
-        fwd.register_fake(_fwd_fake)
-        bwd = torch.library.custom_op(
-            "attngen::linear_bwd", _bwd, mutates_args=(),
-            schema="(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, Tensor? w, str op_id) -> (Tensor, Tensor, Tensor)",
+        fwd = _custom_op("linear_fwd", _fwd, _fwd_fake, "(Tensor q, Tensor k, Tensor v, Tensor? w, str op_id) -> (Tensor, Tensor)")
+        _custom_op(
+            "linear_bwd", _bwd, _bwd_fake,
+            "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, Tensor? w, str op_id) -> (Tensor, Tensor, Tensor)",
         )  # fmt: skip
-        bwd.register_fake(_bwd_fake)
         fwd.register_autograd(_backward, setup_context=_setup_context)
         _REGISTERED = True

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
+
+from .timing import wall_times
 
 
 def _config(layers: int, heads: int, kv_heads: int, head_dim: int, t: int, vocab: int):
@@ -83,17 +84,7 @@ def _time_model(system: str, model, tokens, device: str, warmup: int, iters: int
         return dict(system=system, status=f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
     for _ in range(warmup):
         step()
-    times = []
-    for _ in range(iters):
-        model.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    ms = 1e3 * statistics.median(times)
+    ms = statistics.median(wall_times(step, iters, device, before=lambda: model.zero_grad(set_to_none=True)))
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
     b, t = tokens.shape
     return dict(system=system, status="ok", ms=round(ms, 2), tokens_per_s=round(b * t / ms * 1e3), loss=losses[system],

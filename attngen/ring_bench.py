@@ -14,8 +14,9 @@ import json
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
+
+from .timing import wall_times
 
 
 def _pairs(spec_name: str, t: int, params: dict) -> float:
@@ -24,23 +25,6 @@ def _pairs(spec_name: str, t: int, params: dict) -> float:
 
     c = tile_counts(spec_name, t, t, 1024, 1024, params)
     return float(c.visible_pairs if c.visible_pairs is not None else t * t)
-
-
-def _step_times(fn, iters: int, device: str, barrier) -> list[float]:
-    import torch
-
-    times = []
-    for _ in range(iters):
-        barrier()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        barrier()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def _worker(rank: int, world: int, cfg: dict, out: str) -> None:
@@ -72,10 +56,10 @@ def _worker(rank: int, world: int, cfg: dict, out: str) -> None:
         torch.autograd.grad(o, leaves, do)
 
     barrier = (lambda: dist.barrier()) if world > 1 else (lambda: None)
-    _step_times(step, cfg["warmup"], device, barrier)
+    wall_times(step, cfg["warmup"], device, before=barrier, after=barrier)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = _step_times(step, cfg["iters"], device, barrier)
+    times = wall_times(step, cfg["iters"], device, before=barrier, after=barrier)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     Path(f"{out}.{rank}").write_text(json.dumps({"rank": rank, "ms": statistics.median(times), "peak_bytes": peak}))
     if world > 1:

@@ -65,8 +65,7 @@ def intervals(spec: Any, t_q: int, t_kv: int, block_q: int, block_kv: int, param
     spec, g = _graph(spec, params or {})
     ranges = g.graph["tiles_k" if var == "k" else "tiles_q"]
     for conj in ranges.conjuncts:
-        names = {s.name for b in (*conj.lows, *conj.highs, *conj.guards) for s in b.expr.free_symbols}
-        if any(n.startswith("ld") for n in names):
+        if any(n.startswith("ld") for n in conj.bound_symbols):
             raise UnsupportedError(f"the tile map of {spec.name!r} depends on runtime inputs; it has no closed form")
     off = position_offset(spec, t_q, t_kv)
     if var == "k":

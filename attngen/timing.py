@@ -21,6 +21,32 @@ def bench(fn: Callable[[], Any], grads: list[torch.Tensor] | None = None) -> flo
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
+def wall_times(fn: Callable[[], Any], iters: int, device: str, before: Callable[[], Any] | None = None,
+               after: Callable[[], Any] | None = None) -> list[float]:
+    """Wall-clock times (ms) of ``iters`` calls of ``fn``, the device synchronised around each
+    call; ``before`` runs ahead of the clock (a barrier, zeroing gradients) and ``after`` inside
+    it, after the call (a barrier, so the slowest rank sets the time). For whole steps that
+    ``do_bench`` cannot time (several processes, a model's training step)."""
+    import time
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    times = []
+    for _ in range(iters):
+        if before is not None:
+            before()
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if after is not None:
+            after()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def sdpa_mask(spec, dims, inputs, device) -> tuple[dict[str, Any] | None, float]:
     """How SDPA expresses the spec, and the mask's density (of batch 0, head 0).
 

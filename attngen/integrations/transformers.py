@@ -64,7 +64,6 @@ from ..args import KERNEL_DTYPES, MAX_HEAD_DIM
 from ..compiler import compile as compile_spec
 from ..errors import ShapeError, UnsupportedError
 from ..op import AttentionOp
-from ..reference import mask_matrix
 
 #: The ``attn_implementation`` name this module registers.
 NAME = "attngen"
@@ -217,7 +216,8 @@ def _prepare_traced(layer: LayerAttention) -> None:
 
 
 def _pattern_tensor(layer: LayerAttention, t_q: int, t_kv: int, device) -> torch.Tensor:
-    """The layer's structural mask, bool ``[T_Q, T_KV]``, from tensor operations (traceable)."""
+    """The layer's structural mask (no padding), bool ``[T_Q, T_KV]``: the terms of
+    :meth:`LayerAttention.spec`'s mask, as tensor operations (traceable)."""
     q = torch.arange(t_q, device=device)[:, None] + (t_kv - t_q if layer.align == "bottom_right" else 0)
     k = torch.arange(t_kv, device=device)[None, :]
     keep = torch.ones(t_q, t_kv, dtype=torch.bool, device=device)
@@ -270,9 +270,8 @@ def _traced_forward(module, query, key, value, attention_mask, scaling, dropout,
 
 @lru_cache(maxsize=8)
 def _pattern(layer: LayerAttention, t_q: int, t_kv: int, device: str) -> torch.Tensor:
-    """The layer's structural mask (no padding), bool ``[T_Q, T_KV]``, from its own spec."""
-    dims = {"B": 1, "H": 1, "T_Q": t_q, "T_KV": t_kv}
-    return mask_matrix(replace(layer, padded=False).spec(), dims).to(device)
+    """:func:`_pattern_tensor`, cached for eager calls (a layer sees few distinct lengths)."""
+    return _pattern_tensor(layer, t_q, t_kv, device)
 
 
 def _visible(mask: torch.Tensor) -> torch.Tensor:
