@@ -11,7 +11,6 @@ import json
 import math
 import platform
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Callable
 import torch
 
 from .check import alibi_slopes
-from .timing import bench
+from .timing import bench, command_line
 
 TOKENS = 16384
 
@@ -36,6 +35,7 @@ class Variant:
     score_mod: Callable[..., Any] | None = None  # flex score_mod factory(inputs) -> mod
     sdpa: dict | None = None  # how SDPA expresses it, if it can
     inputs: Callable[[int, int, int, str], dict] = lambda b, h, t, dev: {}
+    flex: bool = True  # False: FlexAttention cannot express it (softmax only); checked against the reference
 
 
 def _causal(_):
@@ -75,12 +75,18 @@ VARIANTS = {
         "softcap", "softcap", params=lambda t: {"cap": 30.0}, mask_mod=_causal,
         score_mod=lambda ins: (lambda s, b, h, q, k: 30.0 * torch.tanh(s / 30.0)),
     ),
+    "sigmoid": Variant("sigmoid", "sigmoid_causal", flex=False),
 }  # fmt: skip
 
 SUITES = {
     "anchors": (["dense", "causal", "sliding_window", "prefix_lm", "document", "alibi", "softcap"], (64, 128), (4096, 16384)),
     "sparse": (["causal", "sliding_window", "document", "prefix_lm", "strided"], (128,), (16384,)),
+    # sigmoid attention (issue 6) against attngen's own softmax causal, same process
+    "sigmoid": (["causal", "sigmoid"], (64, 128), (16384,)),
 }
+
+#: query rows (the last ones) of a case without a baseline checked against the float64 reference
+REFERENCE_ROWS = 128
 
 
 def _density(variant: Variant, t: int, inputs: dict) -> float:
@@ -125,7 +131,7 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
         "attngen": attngen.__version__,
         "python": platform.python_version(),
         "suite": suite,
-        "command": command or " ".join(sys.argv),
+        "command": command or command_line(),
         "dtype": "bfloat16",
         "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
     }
@@ -150,10 +156,10 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
 
     flex = _compiled_flex()
     # one case per (variant, D, T), in the suite's order
-    for name, d, t, b, h in _cases(suite, variants, dims, seqs):
-        if (name, d, t) in done:
+    for variant, d, t, b, h in _cases(suite, variants, dims, seqs):
+        if (variant, d, t) in done:
             continue
-        var = VARIANTS[name]
+        var = VARIANTS[variant]
         q, k, v, do, inputs = _case_inputs(var, b, h, t, d, device)
         density = _density(var, t, inputs)
         flops = 4.0 * b * h * t * t * d * density
@@ -166,7 +172,7 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
         cold_compile = time.perf_counter() - start
         fns: dict[str, Callable] = {}
         fns["attngen"] = lambda: op(*leaves, **inputs)
-        if "flex" in systems:
+        if "flex" in systems and var.flex:
             fns["flex"] = _flex_call(flex, var, b, t, inputs, leaves, device)
         if var.sdpa is not None:
             for sys_name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
@@ -181,7 +187,7 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
                 with torch.no_grad():
                     outputs[sys_name] = fn().float()
             except Exception as exc:  # a baseline that cannot run this case
-                rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode="fwd", ms=None, tflops=None,
+                rows.append(dict(system=sys_name, variant=variant, D=d, T=t, mode="fwd", ms=None, tflops=None,
                                  status=f"unavailable: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"))
                 continue
         baseline = next((outputs[s] for s in ("flex", "sdpa-cudnn", "sdpa-flash") if s in outputs), None)
@@ -189,13 +195,16 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
             if sys_name not in outputs:
                 continue
             status = "ok"
-            if sys_name == "attngen" and baseline is not None:
-                err = (outputs["attngen"] - baseline).abs().max().item()
+            if sys_name == "attngen":
+                if baseline is not None:
+                    err = (outputs["attngen"] - baseline).abs().max().item()
+                else:  # no system computes it: the last rows against the float64 reference
+                    err = _reference_rows_error(op, outputs["attngen"], q, k, v, inputs)
                 if not math.isfinite(err) or err > 5e-2:
-                    status = f"WRONG: max |attngen - baseline| = {err:.3g}"
+                    status = f"WRONG: max |attngen - {'baseline' if baseline is not None else 'reference'}| = {err:.3g}"
             for mode in modes:
                 if status != "ok":
-                    rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode=mode, ms=None, tflops=None, status=status))
+                    rows.append(dict(system=sys_name, variant=variant, D=d, T=t, mode=mode, ms=None, tflops=None, status=status))
                     continue
                 if mode == "fwd":
                     ms = bench(fn)
@@ -203,7 +212,7 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
                 else:
                     ms = bench(lambda: fn().backward(do), grads=leaves)
                     work = 3.5 * flops
-                rows.append(dict(system=sys_name, variant=name, D=d, T=t, mode=mode, ms=round(ms, 4),
+                rows.append(dict(system=sys_name, variant=variant, D=d, T=t, mode=mode, ms=round(ms, 4),
                                  tflops=round(work / ms / 1e9, 1), status="ok", density=round(density, 5)))
         start = time.perf_counter()
         attngen.compile(var.spec, **var.params(t))
@@ -212,14 +221,14 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
         if op.plan.fwd_ranges.meta is not None and "fwd" in modes:
             # the device-side tile metadata of the forward, timed alone and as a share of it
             extra["metadata_ms"] = round(_metadata_ms(op, q, k, v, inputs), 4)
-            fwd_ms = next(r["ms"] for r in rows if r["system"] == "attngen" and r["variant"] == name
+            fwd_ms = next(r["ms"] for r in rows if r["system"] == "attngen" and r["variant"] == variant
                           and r["D"] == d and r["T"] == t and r["mode"] == "fwd")
             if fwd_ms:
                 extra["metadata_share"] = round(extra["metadata_ms"] / fwd_ms, 4)
-        rows.append(dict(system="attngen", variant=name, D=d, T=t, mode="compile", ms=None, tflops=None,
+        rows.append(dict(system="attngen", variant=variant, D=d, T=t, mode="compile", ms=None, tflops=None,
                          status="ok", cold_compile_s=round(cold_compile, 3), warm_compile_ms=round(warm_compile * 1e3, 2),
                          **extra))
-        print(_line(rows, name, d, t), flush=True)
+        print(_line(rows, variant, d, t), flush=True)
         if out is not None:
             write_outputs(result, out, name)
     return result
@@ -247,6 +256,19 @@ def _case_inputs(var: Variant, b: int, h: int, t: int, d: int, device: str):
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v, do = (torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, generator=gen) for _ in range(4))
     return q, k, v, do, var.inputs(b, h, t, device)
+
+
+def _reference_rows_error(op, out: torch.Tensor, q, k, v, inputs: dict) -> float:
+    """Max |out - reference| over the last ``REFERENCE_ROWS`` query rows, the reference in
+    float64. With bottom-right alignment the last rows of q are the last query positions, so
+    the reference runs on them alone (O(rows · T) memory, not O(T²))."""
+    import attngen
+
+    if op.spec.align != "bottom_right":
+        raise ValueError(f"{op.spec.name}: a row-sampled check needs bottom-right alignment")
+    rows = min(REFERENCE_ROWS, q.shape[2])
+    ref = attngen.reference(op.spec)(q[:, :, -rows:].double(), k.double(), v.double(), **inputs)
+    return (out[:, :, -rows:].double() - ref).abs().max().item()
 
 
 def _compiled_flex():
@@ -283,6 +305,8 @@ def warm_flex(suite: str, *, shard: tuple[int, int] = (0, 1), variants=None, dim
         if i % shard[1] != shard[0]:
             continue
         var = VARIANTS[name]
+        if not var.flex:
+            continue
         q, k, v, do, inputs = _case_inputs(var, b, h, t, d, "cuda")
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
         _flex_call(flex, var, b, t, inputs, leaves, "cuda")().backward(do)
@@ -357,11 +381,13 @@ def plot(result: dict, d: int, path: Path) -> Path:
 
 
 def _driver() -> str:
+    """The NVIDIA driver version (the first GPU's line: one line per GPU), or ``unknown``."""
     import subprocess
 
     try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=20).stdout.strip()
+        lines = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                               capture_output=True, text=True, timeout=20).stdout.split()
+        return lines[0] if lines else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -422,6 +448,13 @@ def markdown(result: dict) -> str:
     if missing:
         lines += ["", f"Not measured ({len(missing)} of the suite's cases; the run stopped first, `--resume` adds them): "
                   + ", ".join(f"{v} D={d} T={t}" for v, d, t in missing) + "."]
+    for d, t in sorted({(d, t) for v, d, t in keys if v == "sigmoid"}):
+        sig = [cell("attngen", "sigmoid", d, t, m) for m in ("fwd", "fwd+bwd")]
+        soft = [cell("attngen", "causal", d, t, m) for m in ("fwd", "fwd+bwd")]
+        if all(c and c["tflops"] for c in sig + soft):
+            lines += ["", f"Sigmoid against softmax (both causal, attngen, D={d}, T={t}): forward "
+                      f"{sig[0]['tflops'] / soft[0]['tflops']:.2f}×, forward+backward {sig[1]['tflops'] / soft[1]['tflops']:.2f}× "
+                      "the TFLOP/s."]
     metas = [r for r in rows if r["mode"] == "compile" and r.get("metadata_ms") is not None]
     if metas:
         lines += ["", "Tile metadata of masks that read runtime inputs (the forward's metadata kernel alone, GPU time"
@@ -520,7 +553,7 @@ def recompute_table(seqs=(1024, 4096, 16384), spec: str = "causal", h: int = 16,
                              stores_p=bool(policy == "store_p" and op.stores_p(t, t)), max_grad_diff_vs_lse=err))
         del grads
     meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "spec": spec, "H": h, "D": d, "dtype": "bfloat16", "command": " ".join(sys.argv)}
+            "spec": spec, "H": h, "D": d, "dtype": "bfloat16", "command": command_line()}
     return {"meta": meta, "rows": rows}
 
 
@@ -602,7 +635,7 @@ def decode_suite(b: int = 8, h: int = 32, h_kv: int = 8, d: int = 128, t_kv: int
             rows.append(dict(system=name, status="ok", ms=round(ms, 4), x_floor=round(ms / floor_ms, 3), max_err_vs_first=err))
     card = torch.cuda.get_device_name() if device == "cuda" else device
     meta = dict(card=card, torch=torch.__version__, B=b, H=h, H_KV=h_kv, D=d, T_KV=t_kv, T_Q=t_q,
-                block_size=block_size, spec=spec, floor_ms=round(floor_ms, 4), command=" ".join(sys.argv))
+                block_size=block_size, spec=spec, floor_ms=round(floor_ms, 4), command=command_line())
     return {"meta": meta, "rows": rows}
 
 

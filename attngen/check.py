@@ -18,8 +18,13 @@ import torch
 from .schema import AttentionSpec
 
 FACTOR = 4.0
-#: error floor per dtype, relative to max |reference value| (at least 1)
-FLOOR = {torch.float32: 2e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
+#: error floor per dtype, relative to max |reference value| (at least 1). For the half types it is
+#: four unit roundoffs (bf16 2^-8, fp16 2^-11): kernels round their matrix-product operands (P,
+#: or feature maps and the linear-attention state) and their output to the dtype, so where the
+#: same-dtype reference happens to be exact (one key per row gives o = v exactly; gradients that
+#: cancel to zero) a floor of a roundoff or two fails right kernels; four is what the rule's
+#: ``FACTOR`` allows when the reference rounds once
+FLOOR = {torch.float32: 2e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
 
 
 @dataclass(frozen=True)

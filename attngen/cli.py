@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
 
     bench = sub.add_parser("bench", help="time attngen against FlexAttention and SDPA on the GPU")
-    bench.add_argument("--suite", choices=("anchors", "sparse", "long", "ring", "recompute", "llama", "decode", "linear"), default="anchors")
+    bench.add_argument("--suite", choices=("anchors", "sparse", "sigmoid", "long", "ring", "recompute", "llama", "decode", "linear"), default="anchors")
     bench.add_argument("--gpus", type=int, default=2, help="ring suite: GPUs (processes) the sequence is sharded over")
     bench.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME-d<D>.png here (e.g. docs/benchmarks)")
     bench.add_argument("--variants", nargs="+", default=None)
@@ -306,6 +306,11 @@ def _zoo_task(name: str, dims: dict[str, int], dtype_name: str, device: str, see
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def _head_dims(dims: dict[str, int]) -> str:
+    """``D`` of a zoo row, or ``D_QK/D_V`` where they differ."""
+    return str(dims["D_QK"]) if dims["D_QK"] == dims["D_V"] else f"{dims['D_QK']}/{dims['D_V']}"
+
+
 def _zoo(args) -> int:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -316,16 +321,22 @@ def _zoo(args) -> int:
     names = args.spec or sorted(p.stem for p in resources.zoo_dir().glob("*.yaml"))
     base = args.shape or {"B": 2, "H": 8, "H_KV": 2, "T_Q": 1000, "T_KV": 1000, "D_QK": 128}
     head_dims = args.dims or [base["D_QK"]]
+    from .features import TAYLOR2_MAX_DIM
+    from .schema import load_spec
+
+    taylor = {n for n in names if getattr(load_spec(n).feature_map, "kind", None) == "taylor2"}
     tasks = []
     for d in head_dims:
-        dims = {**base, "D_QK": d, "D_V": d}
         for dtype_name in args.dtype:
             for name in names:
-                tasks.append((name, dims, dtype_name))
+                # taylor2 expands D_QK to 1 + D + D² features: such specs project q and k to a few
+                # dims (Based uses 16) and keep the full value head dim
+                d_qk = min(d, 16) if name in taylor and d > TAYLOR2_MAX_DIM else d
+                tasks.append((name, {**base, "D_QK": d_qk, "D_V": d}, dtype_name))
     print(f"checking {len(tasks)} cases on {device}: shape {base} with D in {head_dims}, dtypes {args.dtype}")
     ctx = multiprocessing.get_context("spawn")
     failures = 0
-    header = f"{'spec':<16} {'dtype':<5} {'D':>4}  " + "  ".join(f"{n:>18}" for n in ("o", "lse", "dq", "dk", "dv")) + "  verdict"
+    header = f"{'spec':<16} {'dtype':<5} {'D':>6}  " + "  ".join(f"{n:>18}" for n in ("o", "lse", "dq", "dk", "dv")) + "  verdict"
     lines = [header]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=ctx) as pool:
         futures = [pool.submit(_zoo_task, n, dims, dt, device, args.seed) for n, dims, dt in tasks]
@@ -333,7 +344,7 @@ def _zoo(args) -> int:
             rows, error = fut.result()
             if error is not None:
                 failures += 1
-                lines.append(f"{name:<16} {dtype_name:<5} {dims['D_QK']:>4}  ERROR {error[:120]}")
+                lines.append(f"{name:<16} {dtype_name:<5} {_head_dims(dims):>6}  ERROR {error[:120]}")
                 continue
             ok = all(r.ok for r in rows)
             failures += not ok
@@ -342,7 +353,7 @@ def _zoo(args) -> int:
                 (f"{by_name[n].kernel_err:>8.1e}/{by_name[n].bound:<8.1e}"[:18] if n in by_name else "—").rjust(18)
                 for n in ("o", "lse", "dq", "dk", "dv")
             )
-            lines.append(f"{name:<16} {dtype_name:<5} {dims['D_QK']:>4}  {cells}  {'ok' if ok else 'FAIL'}")
+            lines.append(f"{name:<16} {dtype_name:<5} {_head_dims(dims):>6}  {cells}  {'ok' if ok else 'FAIL'}")
     print("cells: kernel error / bound (max abs error against float64; bound = 4 x same-dtype reference error + floor)")
     print("\n".join(lines))
     print(f"{len(tasks) - failures} passed, {failures} failed")

@@ -70,13 +70,14 @@ def min_head_block() -> int:
     """The smallest padded head-dim block forced by ``ATTNGEN_MIN_HEAD_BLOCK`` (0: none).
 
     Raises:
-        ValueError: the variable is set but is not a power of two.
+        ValueError: the variable is set but is not a power of two of at least 16 (``tl.dot``'s
+            minimum).
     """
     text = os.environ.get("ATTNGEN_MIN_HEAD_BLOCK", "").strip()
     if not text:
         return 0
-    if not text.isdigit() or int(text) < 1 or int(text) & (int(text) - 1):
-        raise ValueError(f"ATTNGEN_MIN_HEAD_BLOCK={text!r}: give a power of two such as 32, or unset it")
+    if not text.isdigit() or int(text) < 16 or int(text) & (int(text) - 1):
+        raise ValueError(f"ATTNGEN_MIN_HEAD_BLOCK={text!r}: give a power of two of at least 16 (tl.dot's minimum), or unset it")
     return int(text)
 
 
@@ -104,3 +105,11 @@ def enable_interpreter() -> None:
     if "triton" in sys.modules:
         raise RuntimeError("Triton is already imported; set TRITON_INTERPRET=1 before starting Python")
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+def fast_sigmoid(dtype) -> bool:
+    """Whether sigmoid attention uses the hardware tanh.approx (bf16/fp16 on a GPU; see the
+    ``_sigmoid`` kernel helper for its error bound). Triton's interpreter has no inline PTX."""
+    import torch
+
+    return dtype in (torch.bfloat16, torch.float16) and not interpret_all()

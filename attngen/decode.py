@@ -24,7 +24,7 @@ from . import config
 from .args import KERNEL_DTYPES, MAX_HEAD_DIM, _dtype_name, check_inputs
 from .errors import ShapeError, UnsupportedError
 from .merge import merge_splits
-from .tiles import decode_config, head_block
+from .tiles import decode_config, head_blocks
 
 #: the most new tokens per sequence a decoding call takes (speculative decoding, chunked
 #: prefill steps); longer chunks go through the operator itself
@@ -236,10 +236,11 @@ def decode(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, num_spli
             scale, scale / math.log(2.0),
             GROUP=group, BOTTOM_RIGHT=op.spec.align == "bottom_right",
             D_QK=D_QK, D_V=D_V, BLOCK_R=cfg.block_q, BLOCK_KV=cfg.block_kv,
-            BLOCK_DQK=head_block(D_QK), BLOCK_DV=head_block(D_V),
+            BLOCK_DQK=head_blocks(D_QK, D_V)[0], BLOCK_DV=head_blocks(D_QK, D_V)[1],
             PAGED=bool(call.page_size), PAGE_SIZE=max(call.page_size, 1),
             DOT_PRECISION=dict(op.plan.dot_precision)[_dtype_name(q.dtype)],
             EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),
+            FAST_SIGMOID=config.fast_sigmoid(q.dtype),
             TILE_SKIP=config.tile_skipping(),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip

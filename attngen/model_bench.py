@@ -10,9 +10,8 @@ Before timing, each implementation's loss is compared with SDPA's on the same ba
 from __future__ import annotations
 
 import statistics
-import sys
 
-from .timing import wall_times
+from .timing import command_line, wall_times
 
 
 def _config(layers: int, heads: int, kv_heads: int, head_dim: int, t: int, vocab: int):
@@ -61,7 +60,7 @@ def training_step(layers: int = 8, heads: int = 32, kv_heads: int = 8, head_dim:
         if row["status"] == "ok" and reference is not None:
             row["loss_vs_sdpa"] = abs(row["loss"] - reference)
     meta = dict(layers=layers, H=heads, H_KV=kv_heads, D=head_dim, T=t, B=b, vocab=vocab, dtype=dtype, device=device,
-                command=" ".join(sys.argv))
+                command=command_line())
     if device == "cuda":
         import triton
 

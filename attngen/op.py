@@ -33,7 +33,7 @@ from . import config
 from .args import check_call, position_offset
 from .errors import UnsupportedError
 from .schema import AttentionSpec
-from .tiles import LaunchConfig, default_config, head_block
+from .tiles import LaunchConfig, default_config, head_blocks
 from .tune import DeviceInfo, TuneCache, cache_key, shape_bucket, tune
 
 _REGISTRY: dict[str, "AttentionOp"] = {}
@@ -296,10 +296,11 @@ class AttentionOp:
             GROUP=H // H_KV,
             D_QK=D_QK,
             D_V=D_V,
-            BLOCK_DQK=head_block(D_QK),
-            BLOCK_DV=head_block(D_V),
+            BLOCK_DQK=head_blocks(D_QK, D_V)[0],
+            BLOCK_DV=head_blocks(D_QK, D_V)[1],
             DOT_PRECISION=dict(self.plan.dot_precision)[str(q.dtype).replace("torch.", "")],
             EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),
+            FAST_SIGMOID=config.fast_sigmoid(q.dtype),
             TILE_SKIP=config.tile_skipping(),
         )
         q_start, k_start, t_keys = self._placement(T_Q, T_KV, shard)

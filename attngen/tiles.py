@@ -30,6 +30,21 @@ def head_block(d: int) -> int:
     return max(16, min_head_block(), 1 << (d - 1).bit_length())
 
 
+def head_blocks(d_qk: int, d_v: int) -> tuple[int, int]:
+    """``(BLOCK_DQK, BLOCK_DV)`` of the attention and decoding kernels: each head dim padded by
+    :func:`head_block`, and the value block raised to at least the query/key block.
+
+    On the H200 (Triton 3.6, torch 2.11) kernels compiled with ``BLOCK_DV < BLOCK_DQK`` gave
+    wrong outputs or gradients, and some raised illegal memory accesses, while the same
+    kernels under Triton's interpreter, with every address checked, were right (the cases are
+    in tests/regressions/test_gpu_fuzz_faults.py). With ``BLOCK_DV >= BLOCK_DQK`` every case
+    ran right, so a narrower value head is padded: the cost is the ``p·v`` product at the wider
+    block, for heads with ``D_V < D_QK`` only.
+    """
+    bdqk = head_block(d_qk)
+    return bdqk, max(bdqk, head_block(d_v))
+
+
 def default_config(kernel: str, d_max: int, dtype: torch.dtype) -> LaunchConfig:
     """A config that compiles and runs well on recent NVIDIA GPUs for any shape.
 

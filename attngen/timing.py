@@ -21,6 +21,18 @@ def bench(fn: Callable[[], Any], grads: list[torch.Tensor] | None = None) -> flo
     return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grads, return_mode="median")
 
 
+def command_line() -> str:
+    """The command that started this process, as a user would type it: ``python -m attngen
+    ...`` when it runs as a module (``sys.argv[0]`` is then the package's ``__main__.py``)."""
+    import sys
+    from pathlib import Path
+
+    head, args = sys.argv[0], sys.argv[1:]
+    if Path(head).name == "__main__.py" and Path(head).parent.name == "attngen":
+        head = "python -m attngen"
+    return " ".join([head, *args])
+
+
 def wall_times(fn: Callable[[], Any], iters: int, device: str, before: Callable[[], Any] | None = None,
                after: Callable[[], Any] | None = None) -> list[float]:
     """Wall-clock times (ms) of ``iters`` calls of ``fn``, the device synchronised around each

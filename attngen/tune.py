@@ -32,7 +32,7 @@ import torch
 from . import config
 from .errors import TuneError, UnsupportedError
 from .schema import BLOCK_SIZES, WARPS
-from .tiles import LaunchConfig, default_config, head_block
+from .tiles import LaunchConfig, default_config, head_blocks
 
 if TYPE_CHECKING:
     from .op import AttentionOp
@@ -147,7 +147,7 @@ class TuneCache:
 def estimate(kernel: str, cfg: LaunchConfig, d_qk: int, d_v: int, dtype: torch.dtype) -> tuple[int, float]:
     """Shared memory (bytes) and fp32 accumulator values per thread of one config."""
     elem = torch.finfo(dtype).bits // 8
-    bdqk, bdv = head_block(d_qk), head_block(d_v)
+    bdqk, bdv = head_blocks(d_qk, d_v)
     stages = max(1, cfg.num_stages)
     threads = 32 * cfg.num_warps
     if kernel == "fwd":

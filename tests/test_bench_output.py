@@ -2,6 +2,9 @@
 
 import json
 
+import torch
+from helpers import DEVICE
+
 from attngen.bench import markdown, write_outputs
 
 RESULT = {
@@ -86,3 +89,28 @@ def test_decode_suite_builds_a_paged_cache_equal_to_the_contiguous_one():
     assert rows["attngen-contiguous"]["status"] == "ok" and rows["attngen-paged"]["status"] == "ok"
     assert rows["attngen-paged"]["max_err_vs_first"] < 1e-2  # bf16 outputs of the same cache
     assert "attngen-paged" in decode_markdown(result)
+
+
+def test_a_variant_flex_cannot_express_is_checked_on_its_last_rows_against_the_reference():
+    import attngen
+    from attngen.bench import VARIANTS, _reference_rows_error
+
+    assert not VARIANTS["sigmoid"].flex
+    op = attngen.compile(VARIANTS["sigmoid"].spec)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 150, 16, generator=gen).to(DEVICE) for _ in range(3))
+    out = op(q, k, v).float()
+    assert _reference_rows_error(op, out, q, k, v, {}) < 1e-5
+    out[:, :, -1, 0] += 1.0  # an error in the last row is seen
+    assert _reference_rows_error(op, out, q, k, v, {}) > 0.99
+
+
+def test_markdown_compares_sigmoid_with_softmax_causal():
+    from attngen.bench import markdown
+
+    meta = {"card": "H200", "driver": "1", "torch": "2", "triton": "3", "attngen": "0", "dtype": "bfloat16",
+            "command": "python -m attngen bench --suite sigmoid", "timing": "median", "suite": "sigmoid"}
+    rows = [{"system": "attngen", "variant": v, "D": 128, "T": 16384, "mode": m, "ms": 1.0, "tflops": f, "status": "ok", "density": 0.5}
+            for v, m, f in (("causal", "fwd", 400.0), ("causal", "fwd+bwd", 300.0), ("sigmoid", "fwd", 360.0), ("sigmoid", "fwd+bwd", 330.0))]
+    text = markdown({"meta": meta, "rows": rows})
+    assert "D=128, T=16384): forward 0.90×, forward+backward 1.10×" in text
