@@ -275,13 +275,19 @@ def _show_linear(compiled, source: bool) -> int:
 
 def _pick_device(requested: str | None, command: str | None = None) -> str:
     """The device to run on; switches the interpreter on for the CPU (before Triton loads).
-    ``command``: a subcommand that runs only on a GPU (it has no ``--device``)."""
+    ``command``: a subcommand that runs only on a GPU (it has no ``--device``).
+
+    Where :func:`main` is called in a process that has already imported Triton without the
+    interpreter (a script or test on a GPU host), this process cannot interpret kernels, but
+    the worker processes of ``fuzz --jobs N`` can (:func:`_fuzz_parallel` starts them with
+    ``TRITON_INTERPRET=1``): the device stays ``cpu``, and a kernel this process runs on CPU
+    tensors raises :class:`~attngen.errors.UnsupportedError` naming the fix."""
     import torch
 
     if command and not torch.cuda.is_available():
         raise UsageError(f"{command} times kernels and needs a CUDA GPU; on the CPU use run, zoo or fuzz")
     device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu" and not config.interpret_all():
+    if device == "cpu" and not config.interpret_all() and "triton" not in sys.modules:
         config.enable_interpreter()
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible; use --device cpu")
@@ -533,8 +539,11 @@ def _fuzz_parallel(args, device: str) -> int:
                 if plain and done[0] % max(1, args.examples // 10) == 0:
                     print(f"fuzz: {done[0]}/{args.examples} examples passed, {time.perf_counter() - start:.0f} s", flush=True)
 
+    # CPU workers interpret the kernels: Triton reads TRITON_INTERPRET when it loads, so each
+    # worker gets it from the start (this process may have imported Triton without it)
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else None
     with progress:
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for cmd in commands]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for cmd in commands]
         threads = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
         for t in threads:
             t.start()

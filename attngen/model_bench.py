@@ -47,7 +47,7 @@ def training_step(layers: int = 8, heads: int = 32, kv_heads: int = 8, head_dim:
     tokens = torch.randint(0, vocab, (b, t), device=device, generator=torch.Generator(device=device).manual_seed(1))
     rows, losses = [], {}
     for system in systems:
-        model = LlamaForCausalLM._from_config(config, attn_implementation=system, torch_dtype=dt).to(device)
+        model = LlamaForCausalLM._from_config(config, attn_implementation=system, dtype=dt).to(device)
         model.load_state_dict(state)
         model.train()
         rows.append(_time_model(system, model, tokens, device, warmup, iters, losses))

@@ -9,6 +9,27 @@ from attngen.check import compare, format_rows, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+
+def _interpreter_broken() -> str | None:
+    """Why Triton's interpreter cannot run attngen's kernels in this environment, or None.
+
+    Triton 3.6's interpreter turns a runtime loop bound into a Python int with ``int()`` of a
+    one-element array, which numpy 2.4 refuses ("only 0-dimensional arrays can be converted
+    to Python scalars"); pyproject's ``test`` and ``interpreter`` extras pin ``numpy<2.4``.
+    """
+    import numpy
+
+    major, minor = (int(part) for part in numpy.__version__.split(".")[:2])
+    if (major, minor) >= (2, 4):
+        return (f"numpy {numpy.__version__} breaks Triton 3.6's interpreter on runtime loop bounds; "
+                "install numpy<2.4 (the test extra pins it) to run CPU kernels")
+    return None
+
+
+#: why the interpreter cannot run here (None: it can); for tests that start an interpreter
+#: process on a GPU host, where the rest of the suite does not need the interpreter
+INTERPRETER_BROKEN = _interpreter_broken()
+
 #: zoo params scaled down so that every pattern shows at the tiny shapes of CPU tests
 SMALL_PARAMS = {
     "sliding_window": {"window": 13},

@@ -5,10 +5,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_mkdocs_build_strict(tmp_path):
+    # mkdocs comes with the test extra (CI has it); a machine without it (a GPU host set up
+    # for the kernels) skips the site build instead of failing on the missing tool
+    pytest.importorskip("mkdocs", reason="mkdocs is not installed (pip install 'attngen[docs]' or 'attngen[test]')")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     res = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")],

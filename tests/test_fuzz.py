@@ -1,11 +1,12 @@
 """Hypothesis: random masks and score modifications against the reference."""
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from attngen.strategies import masks, scores
-from helpers import check_spec, dims
+from helpers import INTERPRETER_BROKEN, check_spec, dims
 
 SCORES = scores()
 
@@ -62,13 +63,47 @@ def test_fuzz_jobs_split_the_examples_and_seed_each_worker_apart():
     assert [c[4] for c in _fuzz_commands(args, "cpu")] == ["causal", "causal"]
 
 
-def test_fuzz_jobs_runs_the_workers_and_adds_up_their_examples(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "device",
+    [pytest.param("cpu", marks=pytest.mark.skipif(INTERPRETER_BROKEN is not None, reason=str(INTERPRETER_BROKEN))),
+     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])],
+)  # fmt: skip
+def test_fuzz_jobs_runs_the_workers_and_adds_up_their_examples(device, tmp_path, monkeypatch, capsys):
+    # in this process Triton is already imported (without the interpreter on a GPU host):
+    # the CPU workers must still interpret, so the parent starts them with TRITON_INTERPRET=1
     from attngen.cli import main
 
     monkeypatch.setenv("ATTNGEN_CACHE_DIR", str(tmp_path))
-    assert main(["fuzz", "causal", "--examples", "3", "--jobs", "2", "--max-t", "12", "--device", "cpu"]) == 0
+    assert main(["fuzz", "causal", "--examples", "3", "--jobs", "2", "--max-t", "12", "--device", device]) == 0
     assert "3 examples passed" in capsys.readouterr().out
     assert main(["fuzz", "causal", "--examples", "2", "--jobs", "0"]) == 2
+
+
+def test_fuzz_jobs_start_cpu_workers_under_the_interpreter(monkeypatch, capsys):
+    # the parent of --jobs may have imported Triton without the interpreter (a GPU host, or
+    # here with TRITON_INTERPRET unset): its CPU workers get TRITON_INTERPRET=1 all the same
+    import subprocess
+
+    from attngen.cli import WORKER_TICK, main
+
+    started = []
+
+    class Worker:  # a worker that passes its share of examples at once
+        def __init__(self, cmd, env=None, **kwargs):
+            started.append((cmd, env))
+            n = int(cmd[cmd.index("--examples") + 1])
+            self.stdout = iter([WORKER_TICK + "\n"] * n + [f"{n} examples passed\n"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(subprocess, "Popen", Worker)
+    assert main(["fuzz", "causal", "--examples", "3", "--jobs", "2", "--device", "cpu"]) == 0
+    assert "3 examples passed" in capsys.readouterr().out
+    assert len(started) == 2
+    for cmd, env in started:
+        assert cmd[cmd.index("--device") + 1] == "cpu" and env is not None and env["TRITON_INTERPRET"] == "1"
 
 
 def test_random_specs_include_every_normaliser_and_linear_ones_compile():

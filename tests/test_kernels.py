@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import SMALL_PARAMS, check_spec, dims, non_contiguous
+from helpers import DEVICE, SMALL_PARAMS, check_spec, dims, non_contiguous
 
 ZOO = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml"))
 
@@ -48,9 +48,9 @@ def test_non_contiguous_output_gradient():
 
     op = attngen.compile("causal")
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 18, 16, generator=g).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 18, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
     o = op(q, k, v)
-    do_full = torch.randn(1, 18, 2, 32, generator=g)
+    do_full = torch.randn(1, 18, 2, 32, generator=g).to(DEVICE)
     do = do_full.transpose(1, 2)[..., ::2]  # strides neither contiguous nor unit in the last dim
     assert not do.is_contiguous()
     grads = torch.autograd.grad(o, (q, k, v), do)
@@ -66,13 +66,13 @@ def test_lse_gradient_flows():
 
     op = attngen.compile("softcap", cap=2.0)
     g = torch.Generator().manual_seed(4)
-    q, k, v = (torch.randn(1, 2, 15, 8, generator=g, dtype=torch.float64).float().requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 15, 8, generator=g, dtype=torch.float64).float().to(DEVICE).requires_grad_() for _ in range(3))
     o, lse = op(q, k, v, return_lse=True)
-    loss = (o * 0.3).sum() + (lse * torch.linspace(-1, 1, 15)).sum()
+    loss = (o * 0.3).sum() + (lse * torch.linspace(-1, 1, 15, device=DEVICE)).sum()
     grads = torch.autograd.grad(loss, (q, k, v))
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     o64, lse64 = attngen.reference("softcap", cap=2.0)(q64, k64, v64, return_lse=True)
-    loss64 = (o64 * 0.3).sum() + (lse64 * torch.linspace(-1, 1, 15).double()).sum()
+    loss64 = (o64 * 0.3).sum() + (lse64 * torch.linspace(-1, 1, 15, device=DEVICE).double()).sum()
     grads64 = torch.autograd.grad(loss64, (q64, k64, v64))
     for a, b in zip(grads, grads64):
         assert (a.double() - b).abs().max() < 1e-5
@@ -92,8 +92,8 @@ def test_stride_zero_inputs_reach_the_kernel():
 
     spy.spec = op.spec
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(2, 2, 12, 8, generator=g)
-    k = torch.randn(1, 1, 12, 8, generator=g).expand(2, 1, 12, 8)
-    v = torch.randn(1, 1, 12, 8, generator=g).expand(2, 1, 12, 8)
+    q = torch.randn(2, 2, 12, 8, generator=g).to(DEVICE)
+    k = torch.randn(1, 1, 12, 8, generator=g).to(DEVICE).expand(2, 1, 12, 8)
+    v = torch.randn(1, 1, 12, 8, generator=g).to(DEVICE).expand(2, 1, 12, 8)
     rows = compare(spy, attngen.reference("causal"), q, k, v, {})
     assert all(r.ok for r in rows) and seen[0][0] == 0

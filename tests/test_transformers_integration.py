@@ -7,6 +7,9 @@ outputs are compared at every real (non-padding) position. Tiny shapes: 2 layers
 """
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +19,8 @@ transformers = pytest.importorskip("transformers")
 from attngen import ShapeError, UnsupportedError  # noqa: E402
 from attngen.integrations import transformers as integration  # noqa: E402
 from helpers import DEVICE  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: max |attngen - eager| over max |eager|, float32
 RTOL = 1e-4
@@ -79,6 +84,12 @@ def layer_kinds(model, ids, mask):
     return seen
 
 
+#: The name of a model call's KV-cache argument and of the output field that returns it:
+#: ``cache`` in transformers 5.24 (``past_key_values`` stays a deprecated alias), only
+#: ``past_key_values`` in older 5.x releases such as 5.17, which take ``cache=`` silently into
+#: ``**kwargs`` and ignore it.
+CACHE = "cache" if "cache" in transformers.modeling_outputs.CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 DECODERS = {
     "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, **SMALL),
     "mistral": lambda: transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **SMALL),
@@ -110,14 +121,16 @@ def test_decoding_with_a_kv_cache_matches_eager(family, pad, static):
         return transformers.StaticCache(config=model.config, max_cache_len=16) if static else None
 
     with torch.no_grad():
-        e_out = eager(input_ids=ids, attention_mask=mask, cache=cache(eager), use_cache=True)
-        o_out = ours(input_ids=ids, attention_mask=mask, cache=cache(ours), use_cache=True)
+        e_out = eager(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE: cache(eager)})
+        o_out = ours(input_ids=ids, attention_mask=mask, use_cache=True, **{CACHE: cache(ours)})
         assert_matches(o_out.logits, e_out.logits, mask)
+        if static:
+            assert isinstance(getattr(o_out, CACHE), transformers.StaticCache)  # the prefill used the static cache
         for step in range(3):
             nxt = e_out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
-            e_out = eager(input_ids=nxt, attention_mask=mask, cache=e_out.cache, use_cache=True)
-            o_out = ours(input_ids=nxt, attention_mask=mask, cache=o_out.cache, use_cache=True)
+            e_out = eager(input_ids=nxt, attention_mask=mask, use_cache=True, **{CACHE: getattr(e_out, CACHE)})
+            o_out = ours(input_ids=nxt, attention_mask=mask, use_cache=True, **{CACHE: getattr(o_out, CACHE)})
             assert_matches(o_out.logits, e_out.logits, torch.ones_like(nxt))
 
 
@@ -284,11 +297,12 @@ def test_minilm_real_weights_sentence_embeddings_match_eager(monkeypatch):
 
 
 def test_llama_training_step_benchmark_runs_on_a_tiny_model():
-    # the H200 benchmark's code path (issue 9), on the CPU with a tiny model: every system
-    # either runs and matches SDPA's loss or is reported unavailable, never silently skipped
+    # the H200 benchmark's code path (issue 9) with a tiny model (on the CPU under the
+    # interpreter, or on the GPU): every system either runs and matches SDPA's loss or is
+    # reported unavailable, never silently skipped
     from attngen.model_bench import markdown, training_step
 
-    result = training_step(layers=1, heads=2, kv_heads=1, head_dim=16, t=16, vocab=64, device="cpu", dtype="float32",
+    result = training_step(layers=1, heads=2, kv_heads=1, head_dim=16, t=16, vocab=64, device=DEVICE, dtype="float32",
                            systems=("attngen", "sdpa"), warmup=0, iters=1)
     rows = {r["system"]: r for r in result["rows"]}
     assert rows["attngen"]["status"] == "ok" and rows["sdpa"]["status"] == "ok"
@@ -313,6 +327,32 @@ def test_torch_compile_fullgraph_over_a_padded_model_matches_eager():
     torch._dynamo.reset()
 
 
+#: A traced call with a packed mask, run on the GPU in a child process: the device-side
+#: assertion that refuses the mask leaves the CUDA context unusable, so it must not run in a
+#: pytest process that runs other tests.
+TRACED_BAD_MASK_ON_GPU = """
+import torch
+from attngen.integrations import transformers as integration
+
+layer_module = torch.nn.Module()
+layer_module.is_causal = True
+q = torch.randn(1, 2, 8, 16, device="cuda")
+k = v = torch.randn(1, 1, 8, 16, device="cuda")
+
+def call(mask):
+    return integration.attention_forward(layer_module, q, k, v, mask)[0]
+
+packed = torch.ones(8, 8, dtype=torch.bool, device="cuda").tril()
+packed[4:, :4] = False  # two packed sequences: not causal-with-padding
+integration.attention_forward(layer_module, q, k, v, None)  # eager: compiles the kinds
+torch.cuda.synchronize()
+print("traced call with a packed mask", flush=True)
+torch.compile(call, fullgraph=True)(packed[None, None])
+torch.cuda.synchronize()
+print("the traced call returned", flush=True)
+"""
+
+
 def test_traced_calls_refuse_masks_and_missing_kernels_loudly(monkeypatch):
     layer_module = torch.nn.Module()
     layer_module.is_causal = True
@@ -322,12 +362,20 @@ def test_traced_calls_refuse_masks_and_missing_kernels_loudly(monkeypatch):
     def call(mask):
         return integration.attention_forward(layer_module, q, k, v, mask)[0]
 
-    packed = torch.ones(8, 8, dtype=torch.bool, device=DEVICE).tril()
-    packed[4:, :4] = False  # two packed sequences: not causal-with-padding
     integration.attention_forward(layer_module, q, k, v, None)  # eager: compiles the kinds
-    with pytest.raises(Exception, match="not the layer's pattern"):
-        torch.compile(call, fullgraph=True)(packed[None, None])
-    torch._dynamo.reset()
+    if DEVICE == "cpu":
+        packed = torch.ones(8, 8, dtype=torch.bool, device=DEVICE).tril()
+        packed[4:, :4] = False  # two packed sequences: not causal-with-padding
+        with pytest.raises(Exception, match="not the layer's pattern"):
+            torch.compile(call, fullgraph=True)(packed[None, None])
+        torch._dynamo.reset()
+    else:
+        # on a GPU the assertion fires inside a kernel and kills the process's CUDA context
+        run = subprocess.run([sys.executable, "-c", TRACED_BAD_MASK_ON_GPU], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        output = run.stdout + run.stderr
+        assert "traced call with a packed mask" in run.stdout, output[-3000:]  # it got as far as the bad call
+        assert run.returncode != 0 and "the traced call returned" not in run.stdout, output[-3000:]
+        assert "not the layer's pattern" in run.stderr and "device-side assert" in run.stderr, output[-3000:]
     monkeypatch.setattr(integration, "_TRACED_OPS", {})
     with pytest.raises(Exception, match="run one forward of the model eagerly"):
         torch.compile(call, fullgraph=True)(None)

@@ -45,7 +45,7 @@ additive masks that hold biases, flex attention's ``BlockMask``, relative-positi
 biases or attention sinks passed by the model, head dims above 256 and dtypes other than
 float16, bfloat16 and float32.
 
-Tested with transformers 5.24. Under ``torch.compile`` calls take a traced path
+Tested with transformers 5.17 and 5.24. Under ``torch.compile`` calls take a traced path
 (:func:`_traced_forward`): padding by tensor operations, the mask checked by a device-side
 assertion, and the kernels those calls use compiled by one eager forward beforehand, so
 ``torch.compile(model, fullgraph=True)`` traces the whole model.
@@ -234,8 +234,10 @@ def _traced_forward(module, query, key, value, attention_mask, scaling, dropout,
     Padding always runs through the padded operator (``keep`` derived by tensor operations),
     and a 4-D mask is checked against the layer's pattern by a device-side assertion
     (``torch._assert_async``) instead of a host comparison: a mask the layer cannot honour
-    stops the run rather than being replaced by the pattern. Query rows sit at the bottom
-    right of the keys (the top-left prefill of a static cache is refused by the assertion).
+    stops the run rather than being replaced by the pattern. On the CPU that is an error
+    naming the assertion; on a GPU a failed device-side assertion, after which the process's
+    CUDA context is lost (every later CUDA call fails). Query rows sit at the bottom right of
+    the keys (the top-left prefill of a static cache is refused by the assertion).
 
     Raises:
         UnsupportedError: the layer's operator was not compiled by an eager call first.
