@@ -178,7 +178,16 @@ def _check(op: AttentionOp, q, k, v, inputs: dict, layout: str, group) -> tuple[
 
 
 class _Ring:
-    """One ring pass: send to the next rank, receive from the previous, non-blocking."""
+    """One ring pass: send to the next rank, receive from the previous, non-blocking.
+
+    Each pass is posted as one batch (``batch_isend_irecv``): under NCCL its sends and
+    receives form one group that progresses as a whole, on the process group's communicator.
+    Posted one by one (``isend``, then ``irecv``), each is its own NCCL operation, queued
+    after the previous one on the stream of a separate two-rank communicator that NCCL sets
+    up at the first transfer; with two ranks (next is prev) both ranks then send before
+    either receives, and an NCCL send may wait for its peer's receive. NCCL matches
+    transfers by the order they are posted, not by tag (gloo by tag); every rank posts the
+    same passes in the same order, so both agree."""
 
     def __init__(self, group) -> None:
         import torch.distributed as dist
@@ -191,15 +200,16 @@ class _Ring:
 
     def start(self, tensors: list[torch.Tensor], tag: int = 0) -> tuple[list, list[torch.Tensor]]:
         """Post the sends of ``tensors`` and the receives of their successors, with tags from
-        ``tag`` on (transfers in flight at once need distinct tags); returns the pending
-        requests and the receive buffers (valid after :meth:`wait`)."""
+        ``tag`` on (transfers in flight at once need distinct tags under gloo); returns the
+        pending requests and the receive buffers (valid after :meth:`wait`)."""
         sent = [t.contiguous() for t in tensors]
         received = [torch.empty_like(t) for t in sent]
-        requests: list = [sent]  # keeps the send buffers alive until the transfer completes
+        ops = []
         for i, (out, into) in enumerate(zip(sent, received)):
-            requests.append(self.dist.isend(out, self.next, group=self.group, tag=tag + i))
-            requests.append(self.dist.irecv(into, self.prev, group=self.group, tag=tag + i))
-        return requests, received
+            ops.append(self.dist.P2POp(self.dist.isend, out, self.next, self.group, tag + i))
+            ops.append(self.dist.P2POp(self.dist.irecv, into, self.prev, self.group, tag + i))
+        # the send buffers stay referenced until the transfer completes
+        return [sent, *self.dist.batch_isend_irecv(ops)], received
 
     @staticmethod
     def wait(requests: list) -> None:

@@ -10,6 +10,7 @@ Scaling efficiency compares per-GPU throughput of kept pairs: ``(pairs(T) / (W Â
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -37,9 +38,13 @@ def _worker(rank: int, world: int, cfg: dict, out: str) -> None:
     device = cfg["device"]
     if device == "cuda":
         torch.cuda.set_device(rank)
-    backend = "nccl" if device == "cuda" else "gloo"
+        device = f"cuda:{rank}"  # explicit everywhere: tensors, the generator, NCCL's device
+    backend = "nccl" if device != "cpu" else "gloo"
     if world > 1:
-        dist.init_process_group(backend, init_method=cfg["init"], rank=rank, world_size=world)
+        # a bound device (device_id) makes NCCL set up its communicator on this rank's GPU
+        # at once, instead of guessing it from the rank at the first collective
+        bound = {"device_id": torch.device(device)} if device != "cpu" else {}
+        dist.init_process_group(backend, init_method=cfg["init"], rank=rank, world_size=world, **bound)
     dtype = getattr(torch, cfg["dtype"])
     op = attngen.compile(cfg["spec"], **cfg["params"])
     t, b, h, d = cfg["t"], cfg["b"], cfg["h"], cfg["d"]
@@ -56,14 +61,38 @@ def _worker(rank: int, world: int, cfg: dict, out: str) -> None:
         torch.autograd.grad(o, leaves, do)
 
     barrier = (lambda: dist.barrier()) if world > 1 else (lambda: None)
-    wall_times(step, cfg["warmup"], device, before=barrier, after=barrier)
-    if device == "cuda":
+    kind = "cpu" if device == "cpu" else "cuda"
+    wall_times(step, cfg["warmup"], kind, before=barrier, after=barrier)
+    if kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = wall_times(step, cfg["iters"], device, before=barrier, after=barrier)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    times = wall_times(step, cfg["iters"], kind, before=barrier, after=barrier)
+    peak = torch.cuda.max_memory_allocated() if kind == "cuda" else 0
     Path(f"{out}.{rank}").write_text(json.dumps({"rank": rank, "ms": statistics.median(times), "peak_bytes": peak}))
     if world > 1:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def interpreted_children(device: str):
+    """Start processes for CPU work with ``TRITON_INTERPRET=1`` in their environment.
+
+    CPU tensors run under Triton's interpreter, which Triton fixes when it is first imported,
+    so the variable must be there when a spawned process starts (before it unpickles its
+    target, which may import Triton). This process may be a GPU one that imported Triton
+    without it: the variable is set only while the children start (spawn them with
+    ``join=False`` inside the block), then restored."""
+    if device != "cpu":
+        yield
+        return
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = before
 
 
 def _launch(world: int, cfg: dict) -> list[dict]:
@@ -71,7 +100,10 @@ def _launch(world: int, cfg: dict) -> list[dict]:
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {**cfg, "init": f"file://{tmp}/rendezvous"}
-        mp.spawn(_worker, args=(world, cfg, f"{tmp}/result"), nprocs=world, join=True)
+        with interpreted_children(cfg["device"]):
+            ranks = mp.spawn(_worker, args=(world, cfg, f"{tmp}/result"), nprocs=world, join=False)
+        while not ranks.join():
+            pass
         return [json.loads(Path(f"{tmp}/result.{r}").read_text()) for r in range(world)]
 
 

@@ -1,5 +1,9 @@
 """Context parallelism (ring attention) with two gloo processes on the CPU, against attngen
-on one process: forward and every gradient, for causal, sliding window and document masks."""
+on one process: forward and every gradient, for causal, sliding window and document masks.
+
+The gloo ranks run the kernels under Triton's interpreter, also on a GPU host (whose test
+process imported Triton for the GPU): they start with ``TRITON_INTERPRET=1`` in their
+environment, and every kernel access they make is checked by the address sanitizer."""
 
 import os
 import sys
@@ -10,6 +14,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from attngen.distributed import block_visible, chunks, shard_sequence
+from attngen.ring_bench import interpreted_children
+from helpers import INTERPRETER_BROKEN
+
+needs_gloo = pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+needs_interpreter = pytest.mark.skipif(INTERPRETER_BROKEN is not None, reason=str(INTERPRETER_BROKEN))
+
+
+def _spawn(fn, args, nprocs):
+    """Run CPU ranks: processes that start under Triton's interpreter."""
+    with interpreted_children("cpu"):
+        ranks = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    while not ranks.join():
+        pass
 
 T, B, H, H_KV, D = 64, 1, 2, 1, 16
 CASES = [("causal", {}, "zigzag"), ("sliding_window", {"window": 20}, "zigzag"),
@@ -19,42 +36,49 @@ CASES = [("causal", {}, "zigzag"), ("sliding_window", {"window": 20}, "zigzag"),
 
 
 def _worker(rank: int, world: int, init: str, results: str) -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
-    import attngen
-    from attngen.distributed import context_parallel, gather_sequence
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # set before this process imported anything
+    from sanitizer import sanitized
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     lines = []
-    for name, params, layout in CASES:
-        op = attngen.compile(name, **params)
-        gen = torch.Generator().manual_seed(0)
-        q = torch.randn(B, H, T, D, generator=gen)
-        k, v = (torch.randn(B, H_KV, T, D, generator=gen) for _ in range(2))
-        do = torch.randn(B, H, T, D, generator=gen)
-        inputs = {"document": {"doc": (torch.arange(T) // 23).to(torch.int32).expand(B, T).contiguous()},
-                  "alibi": {"slopes": torch.tensor([0.5, 0.125])}}.get(name, {})
-        # one process, whole sequence: the result to match
-        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        o_ref, lse_ref = op(*leaves, return_lse=True, **inputs)
-        o_ref.backward(do)
-        # this rank's shard, through the ring
-        local = [shard_sequence(x, world, rank, layout).requires_grad_() for x in (q, k, v)]
-        o, lse = context_parallel(op, *local, layout=layout, return_lse=True, **inputs)
-        o.backward(shard_sequence(do, world, rank, layout))
-        got = {"o": gather_sequence(o.detach(), layout=layout), "lse": gather_sequence(lse.detach(), layout=layout),
-               "dq": gather_sequence(local[0].grad, layout=layout), "dk": gather_sequence(local[1].grad, layout=layout),
-               "dv": gather_sequence(local[2].grad, layout=layout)}
-        want = {"o": o_ref, "lse": lse_ref, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
-        for key in got:
-            err = (got[key] - want[key].detach()).abs().max().item()
-            lines.append(f"{rank} {name} {layout} {key} {err:.3e}")
+    with sanitized(strict=True) as log:  # any kernel access outside its tensor arguments raises
+        for name, params, layout in CASES:
+            lines += _ring_errors(name, params, layout, world, rank)
+    lines.append(f"launches {len(log.launches)}")
     dist.destroy_process_group()
     with open(f"{results}.{rank}", "w") as f:
         f.write("\n".join(lines))
 
 
+def _ring_errors(name, params, layout, world, rank) -> list[str]:
+    """This rank's max error of the ring against one process, per output and gradient."""
+    import attngen
+    from attngen.distributed import context_parallel, gather_sequence
+
+    op = attngen.compile(name, **params)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, T, D, generator=gen)
+    k, v = (torch.randn(B, H_KV, T, D, generator=gen) for _ in range(2))
+    do = torch.randn(B, H, T, D, generator=gen)
+    inputs = {"document": {"doc": (torch.arange(T) // 23).to(torch.int32).expand(B, T).contiguous()},
+              "alibi": {"slopes": torch.tensor([0.5, 0.125])}}.get(name, {})
+    # one process, whole sequence: the result to match
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    o_ref, lse_ref = op(*leaves, return_lse=True, **inputs)
+    o_ref.backward(do)
+    # this rank's shard, through the ring
+    local = [shard_sequence(x, world, rank, layout).requires_grad_() for x in (q, k, v)]
+    o, lse = context_parallel(op, *local, layout=layout, return_lse=True, **inputs)
+    o.backward(shard_sequence(do, world, rank, layout))
+    got = {"o": gather_sequence(o.detach(), layout=layout), "lse": gather_sequence(lse.detach(), layout=layout),
+           "dq": gather_sequence(local[0].grad, layout=layout), "dk": gather_sequence(local[1].grad, layout=layout),
+           "dv": gather_sequence(local[2].grad, layout=layout)}
+    want = {"o": o_ref, "lse": lse_ref, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+    return [f"{rank} {name} {layout} {key} {(got[key] - want[key].detach()).abs().max().item():.3e}" for key in got]
+
+
 def _single_rank(rank: int, init: str, results: str) -> None:
-    os.environ["TRITON_INTERPRET"] = "1"
+    assert os.environ.get("TRITON_INTERPRET") == "1"
     import attngen
     from attngen.distributed import context_parallel
     from attngen.errors import UnsupportedError
@@ -79,22 +103,25 @@ def _single_rank(rank: int, init: str, results: str) -> None:
         f.write(f"{max(errs)}\n{msg}")
 
 
-@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+@needs_gloo
+@needs_interpreter
 def test_a_ring_of_one_rank_gives_one_process_gradients_and_learnable_inputs_are_refused_clearly(tmp_path):
     results = str(tmp_path / "one")
-    mp.spawn(_single_rank, args=(f"file://{tmp_path / 'rendezvous'}", results), nprocs=1, join=True)
+    _spawn(_single_rank, (f"file://{tmp_path / 'rendezvous'}", results), 1)
     err, msg = open(results).read().split("\n", 1)
     assert float(err) < 1e-6
     assert "slopes requires grad" in msg and "slopes.detach()" in msg
 
 
-@pytest.mark.skipif(not dist.is_available() or sys.platform == "win32", reason="needs torch.distributed with gloo")
+@needs_gloo
+@needs_interpreter
 def test_ring_attention_on_two_gloo_ranks_matches_one_process(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
     results = str(tmp_path / "errors")
-    mp.spawn(_worker, args=(2, init, results), nprocs=2, join=True)
+    _spawn(_worker, (2, init, results), 2)
     for rank in range(2):
-        rows = open(f"{results}.{rank}").read().splitlines()
+        *rows, launches = open(f"{results}.{rank}").read().splitlines()
+        assert int(launches.split()[1]) > 0  # the sanitizer saw the kernels
         assert len(rows) == len(CASES) * 5
         for row in rows:
             *what, err = row.split()
@@ -146,6 +173,8 @@ def test_context_parallel_without_a_process_group_says_how_to_start_one():
         context_parallel(attngen.compile("causal"), q, q, q)
 
 
+@needs_gloo
+@needs_interpreter
 def test_ring_scaling_benchmark_runs_end_to_end_on_gloo():
     # the GPU benchmark's code path (spawned ranks, barriers, the one-process baseline),
     # here on the CPU with two gloo ranks and a tiny causal sequence
