@@ -33,11 +33,6 @@ MAX_DECODE_TOKENS = 16
 MAX_SPLITS = 64
 #: a split should have at least this many key tiles to be worth its launch and merge
 MIN_TILES_PER_SPLIT = 2
-#: programs per streaming multiprocessor :func:`choose_num_splits` aims at: decoding streams
-#: K and V from memory, so several resident programs per SM hide its latency, and a few waves
-#: of them keep the last one's tail short (the H200 run with one program per SM took 2.7× the
-#: memory floor)
-PROGRAMS_PER_PROCESSOR = 8
 
 
 @dataclass(frozen=True)
@@ -189,8 +184,7 @@ def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query
 
 
 def choose_num_splits(programs: int, n_tiles: int, processors: int) -> int:
-    """Splits per (sequence, KV head) so that the launch has about ``PROGRAMS_PER_PROCESSOR``
-    programs per streaming multiprocessor (FlashDecoding's split-KV, Dao et al., 2023).
+    """Splits per (sequence, KV head) so that the launch fills the device about once.
 
     Args:
         programs: programs without splitting (sequences × KV heads × row blocks).
@@ -199,14 +193,12 @@ def choose_num_splits(programs: int, n_tiles: int, processors: int) -> int:
             programs one after another and splitting only adds work).
 
     Returns:
-        ``min(ceil(P · processors / programs), ceil(n_tiles / MIN_TILES_PER_SPLIT), MAX_SPLITS)``
-        with ``P = PROGRAMS_PER_PROCESSOR``, at least 1; 1 on the CPU and once the programs
-        alone reach that count.
+        ``min(ceil(processors / programs), ceil(n_tiles / MIN_TILES_PER_SPLIT), MAX_SPLITS)``,
+        at least 1: no splitting once the programs alone fill the device.
     """
-    target = PROGRAMS_PER_PROCESSOR * processors if processors > 1 else 1
-    if programs >= target:
+    if programs >= processors:
         return 1
-    return max(1, min(-(-target // programs), -(-n_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS))
+    return max(1, min(-(-processors // programs), -(-n_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
 @torch.compiler.disable  # host-side checks and a raw Triton launch: torch.compile runs it eagerly

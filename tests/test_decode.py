@@ -333,13 +333,10 @@ def test_random_specs_and_caches_match_the_reference(mask, score, align, group, 
 
 
 def test_choose_num_splits():
-    from attngen.decode import PROGRAMS_PER_PROCESSOR as P
-
-    # the shape on an H200: 8 sequences x 8 KV heads, 512 key tiles -> ceil(8 * 132 / 64) splits
-    assert choose_num_splits(programs=64, n_tiles=512, processors=132) == -(-P * 132 // 64) == 17
+    assert choose_num_splits(programs=8, n_tiles=1000, processors=132) == 17
     assert choose_num_splits(programs=8, n_tiles=6, processors=132) == 3  # at least 2 tiles a split
     assert choose_num_splits(programs=1, n_tiles=10**6, processors=132) == MAX_SPLITS
-    assert choose_num_splits(programs=P * 132, n_tiles=1000, processors=132) == 1  # enough programs already
+    assert choose_num_splits(programs=256, n_tiles=1000, processors=132) == 1  # one wave already
     assert choose_num_splits(programs=4, n_tiles=1000, processors=1) == 1  # the CPU interpreter
 
 
