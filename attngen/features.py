@@ -29,8 +29,11 @@ import torch
 
 from .schema import AttentionSpec
 
-#: taylor2 expands D_QK to 1 + D + D² features; beyond this head dim the state no longer fits
+#: taylor2 expands D_QK to 1 + D + D² features (1057 at 32); the kernels split them into blocks
+#: over several programs, but beyond this head dim the feature count itself grows too large
 TAYLOR2_MAX_DIM = 32
+#: maps that work column by column: feature ``f`` of a row is a function of its column ``f`` alone
+ELEMENTWISE_MAPS = ("identity", "elu1", "relu")
 
 
 def feature_count(kind: str, d_qk: int, features: int | None = None) -> int:

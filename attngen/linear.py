@@ -15,7 +15,14 @@ linearly in the sequence length. The kernels never form a ``[T_Q, T_KV]`` matrix
 * causal (``k <= q``) and chunk-local causal (``q // W == k // W and k <= q``): chunks of
   ``tiles.chunk`` positions, quadratic inside a chunk (``(φ(Q_c) φ(K_c)ᵀ ∘ M) V_c``), plus
   ``φ(Q_c) S`` for the keys of earlier chunks; the backward walks the chunks forwards for dQ
-  and backwards for dK/dV with the reverse state ``R = Σ φ(q)ᵀ dnum``, ``r = Σ φ(q) dden``.
+  and backwards for dK/dV with the reverse state ``R = Σ φ(q)ᵀ dnum``, ``r = Σ φ(q) dden``
+  (``dden = −(do·o)/(den + eps)`` comes from ``linear_bwd_prep``, one pass over the rows).
+
+The state need not fit one program: a launch (:class:`LinearLaunch`) splits the features
+into blocks of ``block_f`` and the value head into blocks of ``block_v``, one program per
+pair. Every output is linear in the per-feature products ``φ_f(q_i) φ_f(k_j)`` and in the
+value columns of ``dA = dnum vᵀ``, so the programs' shares add up to it (taylor2's
+``1 + D + D²`` features, 1057 at ``D_QK = 32``, run as up to nine blocks of 128).
 
 The softmax IR (lower, passes, tile classification) does not apply: a linear spec's plan is
 made straight from the spec by :func:`make_linear_plan`.
@@ -24,25 +31,43 @@ made straight from the spec by :func:`make_linear_plan`.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Callable
 
 import torch
 
 from . import config
 from .args import check_call, position_offset
 from .errors import ShapeError, UnsupportedError
-from .features import TAYLOR2_MAX_DIM, feature_count, feature_scale, performer_features
+from .features import ELEMENTWISE_MAPS, TAYLOR2_MAX_DIM, feature_count, feature_scale, performer_features
 from .op import _custom_op, _new_output, _NoSecondDerivative, kernel_of
 from .schema import DEFAULT_EPS, AttentionSpec, linear_mask_form
 from .tiles import head_block
 
 #: warps per program of the linear kernels (no tuner for them yet)
 NUM_WARPS = 4
+#: the kernels whose launch is chosen per call (``linear_bwd_prep`` has no dot and fits anywhere)
+KERNELS = ("linear_fwd", "linear_bwd_dq", "linear_bwd_dkdv")
+#: pipeline depths tried for every chunk and block shape, deepest first (Triton's default on
+#: sm_90 is 3); a depth of 1 (no pipelining) only once nothing fits with these
+STAGES = (3, 2)
+#: the widest feature or value block of one program: its float32 state [BLOCK_F, BLOCK_DV]
+#: then takes at most 128 registers a thread at NUM_WARPS = 4
+MAX_STATE_BLOCK = 128
+#: bytes of shared memory a program may use on sm_90 (H100, H200) with the opt-in limit; the
+#: interpreter plans for it, so a CPU run takes the launches an H200 would
+SM90_SHARED_MEMORY = 232448
+#: elements of one [rows, BLOCK_DV] tile of ``linear_bwd_prep``
+PREP_TILE = 4096
+#: a GPU compiles a candidate launch to check it unless its estimate exceeds the budget by
+#: more than this factor (the estimate is rough, see :func:`shared_memory_estimate`; a
+#: rejected compile costs its time once, as Triton keeps compiled kernels on disk)
+ESTIMATE_SLACK = 1.2
 
 _REGISTRY: dict[str, "LinearAttentionOp"] = {}
 _REGISTER_LOCK = threading.Lock()
@@ -57,12 +82,14 @@ class LinearPlan:
     Attributes:
         spec_name, spec_digest: as in :class:`attngen.plan.ModulePlan`.
         feature_map: the feature map's kind.
+        elementwise: the map works column by column (identity, elu1, relu), so feature ``f``
+            is input column ``f`` and a program of a feature block reads only its columns.
         causal: whether key ``k`` is visible only to queries at positions ``q >= k``.
         local: chunk-local masks: the width ``W`` of ``q // W == k // W``; 0 otherwise.
         normalize: divide by the denominator ``Σ a_ij + eps``.
         eps: the denominator's ``eps`` (runtime argument).
-        chunk: positions per chunk: ``tiles.chunk``'s first candidate (a GPU call may take a
-            later one, see :meth:`LinearAttentionOp.chunk_for`).
+        chunks: ``tiles.chunk``, the candidate positions per chunk in order of preference
+            (a call takes the first that fits, see :func:`launch_candidates`).
         features: performer only: ``m``.
         performer_norm: ``1/sqrt(m)`` as Python source (``1.0`` for other maps).
     """
@@ -70,11 +97,12 @@ class LinearPlan:
     spec_name: str
     spec_digest: str
     feature_map: str
+    elementwise: bool
     causal: bool
     local: int
     normalize: bool
     eps: float
-    chunk: int
+    chunks: tuple[int, ...]
     features: int | None
     performer_norm: str
 
@@ -91,14 +119,77 @@ def make_linear_plan(spec: AttentionSpec) -> LinearPlan:
         spec_name=spec.name,
         spec_digest=spec.digest(),
         feature_map=fm.kind,
+        elementwise=fm.kind in ELEMENTWISE_MAPS,
         causal=causal,
         local=local,
         normalize=spec.normalize is not False,
         eps=spec.eps if spec.eps is not None else DEFAULT_EPS,
-        chunk=spec.tiles.chunk[0],
+        chunks=tuple(spec.tiles.chunk),
         features=fm.features,
         performer_norm=repr(1.0 / math.sqrt(fm.features)) if fm.kind == "performer" else "1.0",
     )
+
+
+@dataclass(frozen=True)
+class LinearLaunch:
+    """The launch parameters of one linear kernel.
+
+    Attributes:
+        chunk: positions per chunk (one of the spec's ``tiles.chunk``).
+        block_f: features per program; a call has ``N_F = ceil(F / block_f)`` feature blocks.
+        block_v: value columns per program; ``N_V = ceil(D_V / block_v)`` value blocks.
+        num_stages: Triton's software-pipeline depth.
+    """
+
+    chunk: int
+    block_f: int
+    block_v: int
+    num_stages: int
+
+    def blocks(self, features: int, d_v: int) -> tuple[int, int]:
+        """``(N_F, N_V)`` for ``features`` features and value head dim ``d_v``."""
+        return _cdiv(features, self.block_f), _cdiv(d_v, self.block_v)
+
+
+def launch_candidates(plan: LinearPlan, d_qk: int, d_v: int) -> list[LinearLaunch]:
+    """Every launch a call's kernels may take, most preferred first.
+
+    The spec's chunks in order; per chunk the block shapes ``(block_f, block_v)`` (powers of
+    two from the padded feature count and ``D_V``, capped at :data:`MAX_STATE_BLOCK`, down to
+    16) with the fewest programs ``N_F · N_V`` first, the wider feature block first among
+    equals (value blocks keep the normalisation inside the forward kernel); per shape the
+    depths of :data:`STAGES`. Then all of that again with one stage.
+    """
+    features = feature_count(plan.feature_map, d_qk, plan.features)
+    shapes = sorted(
+        itertools.product(_halvings(features), _halvings(d_v)),
+        key=lambda s: (_cdiv(features, s[0]) * _cdiv(d_v, s[1]), -s[0]),
+    )
+    return [
+        LinearLaunch(chunk, block_f, block_v, stages)
+        for depths in (STAGES, (1,))
+        for chunk in plan.chunks
+        for block_f, block_v in shapes
+        for stages in depths
+    ]
+
+
+def _halvings(n: int) -> list[int]:
+    """Block widths for ``n`` columns: ``head_block(n)`` capped at MAX_STATE_BLOCK, halved down to 16."""
+    width, floor, out = min(head_block(n), MAX_STATE_BLOCK), head_block(1), []
+    while width >= floor:
+        out.append(width)
+        width //= 2
+    return out or [floor]
+
+
+def shared_memory_budget(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on ``device``: a GPU's opt-in limit per
+    block, read from the device; under the interpreter :data:`SM90_SHARED_MEMORY`."""
+    if device.type != "cuda":
+        return SM90_SHARED_MEMORY
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", 0) or SM90_SHARED_MEMORY
 
 
 class LinearAttentionOp:
@@ -120,8 +211,16 @@ class LinearAttentionOp:
     implementations through a plain autograd function. Positions follow the spec's
     ``align``; a query that sees no key returns 0. Features, states and accumulators are
     float32; dot operands are bfloat16 for bfloat16 inputs and float32 otherwise (TF32 on
-    the GPU for float16 inputs). With GQA the group's dK and dV shares are added with
-    float32 atomics, so their last bits may vary run to run on a GPU.
+    the GPU for float16 inputs).
+
+    Each kernel runs with the first of :func:`launch_candidates` that fits the device's
+    shared memory (:meth:`choose_launch`, :func:`shared_memory_budget`): on a GPU, the first
+    whose compiled kernel needs no more than the device allows (Triton's own
+    ``metadata.shared``; only candidates :func:`shared_memory_estimate` puts near enough are
+    compiled), remembered per kernel, head dims, dtype and device; under the interpreter the
+    first whose estimate fits sm_90. Where a launch splits the features or the value head over
+    several programs, or with GQA, each program stores its share of an output in a float32
+    slice and the host adds the slices up (no atomics: results do not vary run to run).
 
     The performer map's random features ``W [m, D_QK]`` are drawn on the host from
     ``seed + draw`` (:func:`attngen.features.performer_features`): ``draw`` is 0 on every
@@ -133,7 +232,8 @@ class LinearAttentionOp:
         ShapeError: as :class:`~attngen.op.AttentionOp`; also ``D_QK`` over 32 with taylor2
             (``1 + D + D²`` features).
         UnsupportedError: ``return_lse=True``; CPU tensors without ``TRITON_INTERPRET=1``;
-            ``redraw: per_call`` under ``torch.compile`` (a traced graph would keep one draw).
+            ``redraw: per_call`` under ``torch.compile`` (a traced graph would keep one draw);
+            a GPU whose shared memory holds no launch of a kernel.
     """
 
     def __init__(self, spec: AttentionSpec, module: ModuleType, kernel_file: Path, plan: LinearPlan, source_digest: str) -> None:
@@ -146,6 +246,7 @@ class LinearAttentionOp:
         self._calls = 0
         self._lock = threading.Lock()
         self._features: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._launches: dict[tuple[str, int, int, torch.dtype, str], LinearLaunch] = {}
         self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}-{_REVISION}"
         _ensure_registered()
         _REGISTRY[self.op_id] = self
@@ -210,95 +311,226 @@ class LinearAttentionOp:
             return self._features_for(q.shape[3], q.device, 0)
         return w
 
-    def chunk_for(self, dims: dict[str, int], dtype: torch.dtype, device: torch.device) -> int:
-        """The chunk of a call: on a GPU the first of ``tiles.chunk``'s candidates whose
-        estimated shared memory fits the device (:func:`shared_memory_estimate`), else the
-        smallest; under the interpreter the first candidate."""
-        candidates = self.spec.tiles.chunk
-        if device.type != "cuda":
-            return candidates[0]
-        props = torch.cuda.get_device_properties(device)
-        budget = getattr(props, "shared_memory_per_block_optin", 0) or 232448
-        for chunk in candidates:
-            if shared_memory_estimate(self.plan.feature_map, dims, dtype, chunk, self.plan.features) <= budget:
-                return chunk
-        return min(candidates)
+    def choose_launch(
+        self, name: str, d_qk: int, d_v: int, dtype: torch.dtype, budget: int, compiled_shared: Callable[[LinearLaunch], int] | None = None
+    ) -> LinearLaunch:
+        """The launch of kernel ``name`` (one of :data:`KERNELS`) for head dims ``d_qk``, ``d_v``
+        and inputs of ``dtype`` under ``budget`` bytes of shared memory per program.
 
-    def _launch_args(self, q, k, v, w) -> tuple[list[Any], dict[str, Any]]:
+        Walks :func:`launch_candidates` in order, passing over those whose
+        :func:`shared_memory_estimate` exceeds the budget by more than :data:`ESTIMATE_SLACK`
+        (the estimate is rough: Triton's allocator decides). With ``compiled_shared`` (a launch
+        -> ``metadata.shared`` of the kernel compiled for it, as a GPU call passes) the first
+        candidate that needs at most ``budget`` when compiled; without it (the interpreter) the
+        first whose estimate fits, else the last (the smallest).
+
+        Raises:
+            UnsupportedError: with ``compiled_shared``, no candidate fits the budget.
+        """
+        candidates = launch_candidates(self.plan, d_qk, d_v)
+        tried = []
+        for launch in candidates:
+            estimate = shared_memory_estimate(self.plan, name, d_qk, d_v, dtype, launch)
+            if compiled_shared is None:
+                if estimate <= budget:
+                    return launch
+            elif estimate <= budget * ESTIMATE_SLACK or launch == candidates[-1]:
+                shared = compiled_shared(launch)
+                if shared <= budget:
+                    return launch
+                tried.append(f"chunk {launch.chunk}, blocks {launch.block_f}x{launch.block_v}, {launch.num_stages} stages: {shared}")
+        if compiled_shared is None:
+            return candidates[-1]
+        raise UnsupportedError(
+            f"{name}: no launch fits the GPU's {budget} bytes of shared memory per program (compiled: {'; '.join(tried)}); "
+            "use smaller head dims, or fewer features (taylor2's D_QK, performer's feature_map.features)"
+        )
+
+    def launch_for(self, name: str, d_qk: int, d_v: int, dtype: torch.dtype, device: torch.device) -> LinearLaunch:
+        """The launch a call on ``device`` takes for kernel ``name``: the one chosen for an earlier
+        call with these head dims and dtype, else :meth:`choose_launch` under
+        :func:`shared_memory_budget` (checking compiled kernels on a GPU needs the call's
+        tensors, so without an earlier call a GPU gets the estimate's choice here)."""
+        chosen = self._launches.get((name, d_qk, d_v, dtype, str(device)))
+        return chosen or self.choose_launch(name, d_qk, d_v, dtype, shared_memory_budget(device))
+
+    def kernel_arguments(self, name: str, launch: LinearLaunch, q, k, v, *, w=None, den=None, dden=None, do=None) -> tuple:
+        """The launch of kernel ``name`` (one of :data:`KERNELS`) with ``launch`` on these inputs,
+        as ``(grid, args, constexprs, outputs)``, to run as ``kernel[grid](*args, **constexprs)``.
+
+        ``w`` is the performer's ``sqrt(s) W`` (the fixed draw when None). ``den`` (the
+        forward's denominator ``[B, H, T_Q]``), ``dden`` (``linear_bwd_prep``'s) and ``do`` are
+        the backward kernels' inputs; left out, empty tensors of their shapes stand in (enough
+        to compile a kernel ahead, not to run it).
+
+        ``outputs`` are fresh buffers: the forward's ``(o, den)`` (``[N_F, ...]`` float32 shares
+        when ``N_F > 1``); the backward kernels' ``dq`` or ``(dk, dv)``, each a ``(slices, out)``
+        pair, with ``out`` the gradient itself where one program writes each element, else None
+        and ``slices`` the float32 shares ``[N, B, H, T, D]``.
+        """
+        B, H, T_Q, D_QK = q.shape
+        D_V = v.shape[3]
+        F = feature_count(self.plan.feature_map, D_QK, self.plan.features)
+        n_f, n_v = launch.blocks(F, D_V)
+        rows = (B, H, T_Q) if self.plan.normalize else (0,)
+        w = self._fixed(w, q)
+        if den is None:
+            den = torch.empty(rows, dtype=torch.float32, device=q.device)
+        fw = den if w is None else w
+        runtime = [H, T_Q, k.shape[2], position_offset(self.spec, T_Q, k.shape[2]), feature_scale(self.spec, D_QK), self.plan.eps]
+        inputs = [*q.stride(), *k.stride(), *v.stride()]
+        if name == "linear_fwd":
+            if n_f == 1:  # o is final: normalised in the kernel
+                o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
+                slices, den_out = o.unsqueeze(0), _new_output(rows, torch.float32, q.device)
+            else:  # each feature block's numerator and denominator, added up by forward_impl
+                o = slices = _new_output((n_f, B, H, T_Q, D_V), torch.float32, q.device)
+                den_out = _new_output((n_f, *rows) if self.plan.normalize else rows, torch.float32, q.device)
+            args = [q, k, v, den_out, fw, slices, *inputs, *slices.stride(), *runtime]
+            outputs = (o, den_out)
+        else:
+            do = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device) if do is None else do
+            dden = den if dden is None else dden
+            group = H // k.shape[1]
+            shares = n_v if self.plan.elementwise else n_f * n_v  # slices of dq and dk
+            if name == "linear_bwd_dq":
+                outputs = _slices(shares, 1, q)
+                out_args = [outputs[0], *inputs, *do.stride(), *outputs[0].stride()]
+            else:
+                outputs = (_slices(shares, group, k), _slices(n_f, group, v))
+                dk, dv = outputs[0][0], outputs[1][0]
+                out_args = [dk, dv, *inputs, *do.stride(), *dk.stride(), *dv.stride()]
+            args = [q, k, v, den, fw, dden, do, *out_args, *runtime]
         import triton.language as tl  # not at import: TRITON_INTERPRET is read when Triton loads
 
-        B, H, T_Q, D_QK = q.shape
-        H_KV, T_KV, D_V = k.shape[1], k.shape[2], v.shape[3]
-        F = feature_count(self.plan.feature_map, D_QK, self.plan.features)
         bf16 = q.dtype == torch.bfloat16
-        runtime = [H, T_Q, T_KV, position_offset(self.spec, T_Q, T_KV), feature_scale(self.spec, D_QK), self.plan.eps]
         constexprs = dict(
-            GROUP=H // H_KV, D_QK=D_QK, D_V=D_V, F=F,
-            BLOCK_DQK=head_block(D_QK), BLOCK_DV=head_block(D_V), BLOCK_F=head_block(F),
-            CHUNK=self.chunk_for({"H": H, "H_KV": H_KV, "D_QK": D_QK, "D_V": D_V}, q.dtype, q.device),
+            GROUP=H // k.shape[1], D_QK=D_QK, D_V=D_V, F=F,
+            BLOCK_DQK=launch.block_f if self.plan.elementwise else head_block(D_QK), BLOCK_DV=launch.block_v,
+            BLOCK_F=launch.block_f, N_V=n_v, N_F=n_f, CHUNK=launch.chunk,
             # as the softmax kernels: IEEE float32 for float32 inputs, TF32 (as precise as
             # float16) for the float32 operands of float16 inputs; bfloat16 operands ignore it
             DOT_DTYPE=tl.bfloat16 if bf16 else tl.float32, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-            EMULATE_BF16_DOT=bf16 and config.interpret_all(), num_warps=NUM_WARPS,
+            EMULATE_BF16_DOT=bf16 and config.interpret_all(), num_warps=NUM_WARPS, num_stages=launch.num_stages,
         )  # fmt: skip
-        return runtime, constexprs
+        return (n_f * n_v, H, B), args, constexprs, outputs
+
+    def _run(self, name: str, q, k, v, **tensors):
+        """Run kernel ``name`` with the call's launch (see the class) and return its outputs
+        (as :meth:`kernel_arguments`, which also takes ``tensors``)."""
+        D_QK, D_V = q.shape[3], v.shape[3]
+        key = (name, D_QK, D_V, q.dtype, str(q.device))
+        kernel = self.kernel(name, q.device)
+        launch = self._launches.get(key)
+        if launch is None:
+
+            def compiled_shared(candidate: LinearLaunch) -> int:  # compiles without launching
+                grid, args, constexprs, _ = self.kernel_arguments(name, candidate, q, k, v, **tensors)
+                compiled = kernel.warmup(*args, grid=grid, **constexprs)
+                return (compiled.result() if hasattr(compiled, "result") else compiled).metadata.shared
+
+            gpu = q.device.type == "cuda"
+            launch = self.choose_launch(name, D_QK, D_V, q.dtype, shared_memory_budget(q.device), compiled_shared if gpu else None)
+            self._launches[key] = launch
+        grid, args, constexprs, outputs = self.kernel_arguments(name, launch, q, k, v, **tensors)
+        kernel[grid](*args, **constexprs)
+        return outputs
 
     def forward_impl(self, q, k, v, w):
         """Run the forward kernel; return ``o [B, H, T_Q, D_V]`` (q's dtype) and the
         denominator ``[B, H, T_Q]`` (float32; an empty tensor without ``normalize``)."""
-        B, H, T_Q, _ = q.shape
-        w = self._fixed(w, q)
-        o = _new_output((B, H, T_Q, v.shape[3]), q.dtype, q.device)
-        den = _new_output((B, H, T_Q) if self.plan.normalize else (0,), torch.float32, q.device)
-        runtime, constexprs = self._launch_args(q, k, v, w)
-        self.kernel("linear_fwd", q.device)[(H, B)](
-            q, k, v, o, den, den if w is None else w,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            *runtime, **constexprs,
-        )  # fmt: skip
+        o, den = self._run("linear_fwd", q, k, v, w=w)
+        if o.dim() == 5:  # the feature blocks' shares
+            num = o.sum(0)
+            if self.plan.normalize:
+                den = den.sum(0)
+                num = num / (den + self.plan.eps)[..., None]
+            o = num.to(q.dtype)
         return o, den
 
     def backward_impl(self, do, q, k, v, o, den, w):
         """dq, dk, dv (in the inputs' dtypes) for the output gradient ``do``."""
-        H, H_KV = q.shape[1], k.shape[1]
-        w = self._fixed(w, q)
-        runtime, constexprs = self._launch_args(q, k, v, w)
-        fw = den if w is None else w
-        dq = _new_output(q.shape, q.dtype, q.device)
-        self.kernel("linear_bwd_dq", q.device)[(H, q.shape[0])](
-            q, k, v, o, den, fw, do, dq,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-            *runtime, **constexprs,
+        group = q.shape[1] // k.shape[1]
+        tensors = dict(w=w, den=den, dden=self._denominator_grad(do, o, den), do=do)
+        dq = self._run("linear_bwd_dq", q, k, v, **tensors)
+        dk, dv = self._run("linear_bwd_dkdv", q, k, v, **tensors)
+        return _added(dq, 1, q), _added(dk, group, k), _added(dv, group, v)
+
+    def _denominator_grad(self, do, o, den) -> torch.Tensor:
+        """``dden = -(do · o) / (den + eps)`` ``[B, H, T_Q]`` float32 from ``linear_bwd_prep``;
+        without ``normalize`` ``den`` itself (an empty placeholder the kernels never read)."""
+        if not self.plan.normalize:
+            return den
+        B, H, T_Q, D_V = o.shape
+        block_dv = head_block(D_V)
+        rows = max(16, min(128, PREP_TILE // block_dv))
+        dden = torch.empty((B, H, T_Q), dtype=torch.float32, device=o.device)
+        self.kernel("linear_bwd_prep", o.device)[(_cdiv(T_Q, rows), H, B)](
+            o, do, den, dden, *o.stride(), *do.stride(), H, T_Q, self.plan.eps,
+            D_V=D_V, BLOCK_T=rows, BLOCK_DV=block_dv, num_warps=NUM_WARPS,
         )  # fmt: skip
-        if H == H_KV:
-            dk, dv = _new_output(k.shape, k.dtype, k.device), _new_output(v.shape, v.dtype, v.device)
-        else:  # the group's query heads add their shares with float32 atomics
-            dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-            dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
-        self.kernel("linear_bwd_dkdv", q.device)[(H, q.shape[0])](
-            q, k, v, o, den, fw, do, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            *runtime, **constexprs,
-        )  # fmt: skip
-        return dq, dk.to(k.dtype), dv.to(v.dtype)
+        return dden
 
 
-def shared_memory_estimate(kind: str, dims: dict[str, int], dtype: torch.dtype, chunk: int, features: int | None = None) -> int:
-    """Bytes of shared memory the dK/dV kernel (the largest of the three) needs on an sm_90
-    GPU: the dot operands ``φ(Q_c), φ(K_c)`` ``[C, F]``, ``V_c, dnum`` ``[C, D_V]``, the state
-    ``[F, D_V]`` and ``A, dA`` ``[C, C]`` in the dot dtype, taylor2's three float32 selection
-    matrices, and with GQA the float32 dK, dV tiles of the atomics. Fitted to Triton 3.6's
-    ``metadata.shared`` of the kernels compiled ahead for sm_90 without a GPU: on the eight
-    cases measured it was between 0.3% under and 22% over."""
-    block_dqk, block_dv = head_block(dims["D_QK"]), head_block(dims["D_V"])
-    block_f = head_block(feature_count(kind, dims["D_QK"], features))
-    width = 2 if dtype == torch.bfloat16 else 4
-    elements = 2 * chunk * block_f + 2 * chunk * block_dv + block_f * block_dv + 2 * chunk * chunk
-    extra = 3 * block_dqk * block_f * 4 if kind == "taylor2" else 0
-    if dims["H"] != dims["H_KV"]:
-        extra += 2 * chunk * max(block_dqk, block_dv) * 4
-    return elements * width + extra
+def shared_memory_estimate(plan: LinearPlan, name: str, d_qk: int, d_v: int, dtype: torch.dtype, launch: LinearLaunch) -> int:
+    """A rough estimate of the bytes of shared memory kernel ``name`` (one of :data:`KERNELS`)
+    needs on sm_90 with ``launch``, for head dims ``d_qk``, ``d_v`` and inputs of ``dtype``:
 
+    * 0.9 × (``num_stages`` − 1) × the tiles of one chunk that feed dots, in the inputs'
+      dtype (Triton's software pipeline keeps that many copies of them in flight);
+    * 0.8 × the second operands of the chunk's dots (``[CHUNK, BLOCK_F]``, ``[BLOCK_F,
+      BLOCK_DV]``, ...) in the dot dtype (2 bytes for bfloat16 inputs, else 4);
+    * 0.9 × the float32 operands of taylor2's feature selection and the performer's
+      projection (``[CHUNK, BLOCK_DQK]``, ``[BLOCK_DQK, BLOCK_F]``).
+
+    Fitted to Triton 3.6's ``metadata.shared`` of 1,941 kernels with chunk and blocks of at
+    least 32 compiled for sm_90 without a GPU: half within 16%, 90% within 39%. Triton's
+    allocator packs buffers by their lifetimes, and no closed form follows it closely, so a
+    GPU call takes the compiled kernel's own number (:meth:`LinearAttentionOp.choose_launch`);
+    the estimate only decides which candidates are worth compiling, and the interpreter's
+    choice.
+    """
+    C, F, V = launch.chunk, launch.block_f, launch.block_v
+    X = F if plan.elementwise else head_block(d_qk)  # the q and k columns a program reads
+    if name == "linear_fwd":
+        tiles = 2 * C * X + C * V if plan.causal else max(C * X + C * V, C * X)
+        operands = F * C + F * V + 2 * C * V if plan.causal else C * V + F * V
+    elif name == "linear_bwd_dq":
+        x_q = 0 if plan.elementwise else C * X  # an elementwise map's q rows feed no dot here
+        tiles = C * X + x_q + 2 * C * V if plan.causal else max(C * X + C * V, x_q + C * V)
+        operands = 2 * C * V + V * F + C * F if plan.causal else C * V + V * F
+    else:
+        tiles = 2 * C * X + 2 * C * V if plan.causal else C * X + C * V
+        operands = 2 * F * C + 3 * C * V + 2 * F * V if plan.causal else C * V + 2 * F * V
+    mm32 = 0 if plan.elementwise else 4 * (C * X + X * F)
+    dot_bytes = 2 if dtype == torch.bfloat16 else 4
+    return int(0.9 * (launch.num_stages - 1) * tiles * dtype.itemsize + 0.8 * operands * dot_bytes + 0.9 * mm32)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _slices(n: int, group: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(slices, out)`` for the gradient of ``like``: where one program writes each element
+    (``n == 1``, no GQA group) ``out`` is the gradient itself and ``slices`` its
+    ``[1, B, H, T, D]`` view; else ``out`` is None and ``slices`` holds ``n`` float32 shares
+    per query head, ``[n, B, H_KV · group, T, D]``, that :func:`_added` adds up."""
+    if n == 1 and group == 1:
+        out = _new_output(like.shape, like.dtype, like.device)
+        return out.unsqueeze(0), out
+    B, heads, T, D = like.shape
+    return _new_output((n, B, heads * group, T, D), torch.float32, like.device), None
+
+
+def _added(shares: tuple[torch.Tensor, torch.Tensor | None], group: int, like: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``like`` from :func:`_slices`: ``out``, or the sum of the slices over
+    the shares and each KV head's group of query heads, in ``like``'s dtype."""
+    slices, out = shares
+    if out is not None:
+        return out
+    B, heads, T, D = like.shape
+    return slices.view(slices.shape[0], B, heads, group, T, D).sum((0, 3)).to(like.dtype)
 
 class _LinearAttention(torch.autograd.Function):
     """Eager calls of :class:`LinearAttentionOp`: the custom ops' implementations as a plain

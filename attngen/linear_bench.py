@@ -52,17 +52,19 @@ def run_linear_suite(*, dims=None, seqs=None, dtype_name: str = "bfloat16") -> d
     Returns:
         ``{"meta": {...}, "rows": [...]}``; each row holds ``D, T, B, H, mode``, ``attngen_ms``
         and ``fla_ms`` (None when fla is unavailable or its output differs) and ``fla``
-        (``"available"``, ``"unavailable: ..."`` or ``"wrong: ..."``).
+        (``"available"``, ``"unavailable: ..."`` or ``"wrong: ..."``); ``meta["launches"]``
+        maps each D to the launch each attngen kernel took (:class:`attngen.linear.LinearLaunch`).
     """
     import torch
 
     from . import compile as compile_spec
+    from .linear import KERNELS
     from .timing import bench
 
     dtype = getattr(torch, dtype_name)
     op = compile_spec("linear_elu")
     kernel, status = fla_kernel()
-    rows = []
+    rows, launches = [], {}
     for d in dims or DIMS:
         for t in seqs or SEQS:
             b = max(1, TOKENS // t)
@@ -74,7 +76,8 @@ def run_linear_suite(*, dims=None, seqs=None, dtype_name: str = "bfloat16") -> d
             if kernel is not None:
                 try:
                     theirs = _fla_call(kernel, q, k, v)
-                    ref, got = theirs().float(), ours().float()
+                    with torch.no_grad():  # a check, not a timed step: no graph, no grad-requiring scalars
+                        ref, got = theirs().float(), ours().float()
                     err = float((ref - got).abs().max()) / max(float(ref.abs().max()), 1e-30)
                     if not err <= TOLERANCE:
                         theirs, fla_state = None, f"wrong: relative difference {err:.2e} from attngen"
@@ -92,8 +95,9 @@ def run_linear_suite(*, dims=None, seqs=None, dtype_name: str = "bfloat16") -> d
                     "fla_ms": bench(timed(theirs), grads=[q, k, v]) if theirs is not None else None,
                     "fla": fla_state,
                 })  # fmt: skip
+            launches[d] = {name: _launch_text(op.launch_for(name, d, d, dtype, q.device)) for name in KERNELS}
     meta = {"gpu": torch.cuda.get_device_name(), "dtype": dtype_name, "tokens": TOKENS, "spec": "linear_elu",
-            "torch": torch.__version__}  # fmt: skip
+            "torch": torch.__version__, "launches": launches}  # fmt: skip
     return {"meta": meta, "rows": rows}
 
 
@@ -112,4 +116,12 @@ def report(result: dict) -> str:
         fla_ms = f"{r['fla_ms']:.3f}" if r["fla_ms"] is not None else "—"
         ratio = f"{r['fla_ms'] / r['attngen_ms']:.2f}" if r["fla_ms"] is not None else "—"
         lines.append(f"| {r['D']} | {r['T']} | {r['B']} | {r['H']} | {r['mode']} | {r['attngen_ms']:.3f} | {fla_ms} | {ratio} | {r['fla']} |")
+    if meta.get("launches"):
+        lines += ["", "attngen's launches:"]
+        lines += [f"- D = {d}: " + "; ".join(f"{name} {text}" for name, text in kernels.items()) for d, kernels in meta["launches"].items()]
     return "\n".join(lines)
+
+
+def _launch_text(launch) -> str:
+    """``chunk 64, blocks 128x128, 3 stages`` (features x value columns per program)."""
+    return f"chunk {launch.chunk}, blocks {launch.block_f}x{launch.block_v}, {launch.num_stages} stages"

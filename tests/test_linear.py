@@ -4,15 +4,22 @@ Every kernel result is checked by the three-way rule against the float64 quadrat
 (forward and the gradients of q, k and v through autograd on that reference).
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import attngen
+import attngen.linear
 from attngen import ShapeError, SpecError, UnsupportedError
 from attngen.check import compare, format_rows
 from attngen.features import apply_feature_map, performer_features
+from attngen.linear import KERNELS, SM90_SHARED_MEMORY, LinearLaunch, launch_candidates, shared_memory_estimate
 from helpers import DEVICE, non_contiguous
 
 MAPS = ["identity", "elu1", "relu", "taylor2", "performer"]
@@ -262,23 +269,173 @@ def test_linear_bench_reports_fla_unavailable_and_formats_rows():
         assert status.startswith("unavailable: ")
     rows = [{"D": 64, "T": 2048, "B": 8, "H": 16, "mode": "fwd", "attngen_ms": 0.5, "fla_ms": None, "fla": status},
             {"D": 64, "T": 2048, "B": 8, "H": 16, "mode": "fwd+bwd", "attngen_ms": 1.0, "fla_ms": 2.0, "fla": "available"}]  # fmt: skip
-    text = report({"meta": {"gpu": "H200", "dtype": "bfloat16", "tokens": 16384, "spec": "linear_elu"}, "rows": rows})
+    launches = {64: {"linear_fwd": "chunk 64, blocks 64x64, 3 stages"}}
+    text = report({"meta": {"gpu": "H200", "dtype": "bfloat16", "tokens": 16384, "spec": "linear_elu", "launches": launches},
+                   "rows": rows})  # fmt: skip
     assert f"| 64 | 2048 | 8 | 16 | fwd | 0.500 | — | — | {status} |" in text
     assert "| 64 | 2048 | 8 | 16 | fwd+bwd | 1.000 | 2.000 | 2.00 | available |" in text
+    assert "- D = 64: linear_fwd chunk 64, blocks 64x64, 3 stages" in text
 
 
-def test_gpu_chunk_is_the_first_candidate_that_fits_shared_memory(monkeypatch):
+@pytest.mark.parametrize(
+    "kind, mask, normalize, h_kv",
+    [("elu1", "k <= q", True, 1), ("elu1", None, False, 2), ("relu", "q // w == k // w and k <= q", True, 1),
+     ("identity", "k <= q", False, 2), ("taylor2", "k <= q", True, 1), ("taylor2", None, True, 2),
+     ("performer", "q // w == k // w and k <= q", False, 1), ("performer", None, True, 2)],
+)  # fmt: skip
+def test_features_and_value_columns_split_over_programs(monkeypatch, kind, mask, normalize, h_kv):
+    # blocks of 16 features and 16 value columns: two or more feature blocks and three value
+    # blocks, so every output is added up from several programs' shares (with GQA also
+    # over each group's query heads)
+    monkeypatch.setattr(attngen.linear, "MAX_STATE_BLOCK", 16)
+    extra = {"params": {"w": 7}} if mask and "w" in mask else {}
+    d_qk = 5 if kind == "taylor2" else 20  # taylor2: 31 features
+    op = check_linear(linear_spec(kind, mask, normalize, **extra), H=2, H_KV=h_kv, T_Q=21, T_KV=26, D_QK=d_qk, D_V=40,
+                      positive=kind == "identity" and normalize)  # fmt: skip
+    features = 24 if kind == "performer" else 31 if kind == "taylor2" else d_qk
+    for name in KERNELS:
+        launch = op.launch_for(name, d_qk, 40, torch.float32, torch.device(DEVICE))
+        assert launch.blocks(features, 40) == (2, 3), (name, launch)
+
+
+def test_launch_candidates_take_the_spec_chunks_then_the_fewest_programs():
+    L = LinearLaunch
+    elu = launch_candidates(attngen.compile("linear_elu").plan, 128, 128)  # chunks 64, 32, 16
+    assert elu[:6] == [L(64, 128, 128, 3), L(64, 128, 128, 2), L(64, 128, 64, 3), L(64, 128, 64, 2), L(64, 64, 128, 3),
+                       L(64, 64, 128, 2)]  # fmt: skip
+    assert elu[2 * len(elu) // 3] == L(64, 128, 128, 1) and elu[-1] == L(16, 16, 16, 1)  # then one stage
+    # taylor2 at D_QK = 16: 273 features in three blocks of 128; D_V = 256 in two blocks of 128
+    taylor = launch_candidates(attngen.compile("based_taylor").plan, 16, 256)  # chunks 32, 16
+    assert taylor[0] == L(32, 128, 128, 3) and taylor[0].blocks(273, 256) == (3, 2)
+
+
+def test_choose_launch_takes_the_first_candidate_whose_compiled_kernel_fits():
+    op = attngen.compile("linear_elu")
+    candidates = launch_candidates(op.plan, 64, 64)
+    compiled = []
+
+    def shared(launch):  # the first two candidates need too much
+        compiled.append(launch)
+        return SM90_SHARED_MEMORY + 1 if len(compiled) <= 2 else SM90_SHARED_MEMORY
+
+    got = op.choose_launch("linear_fwd", 64, 64, torch.bfloat16, SM90_SHARED_MEMORY, shared)
+    assert compiled == candidates[:3] and got == candidates[2]
+    with pytest.raises(UnsupportedError, match=r"linear_bwd_dkdv: no launch fits the GPU's 1000 bytes .*16x16, 1 stages: 2000"):
+        op.choose_launch("linear_bwd_dkdv", 64, 64, torch.bfloat16, 1000, lambda launch: 2000)
+    # without compiled kernels (the interpreter): the estimate alone, else the smallest
+    assert op.choose_launch("linear_fwd", 64, 64, torch.bfloat16, SM90_SHARED_MEMORY) == candidates[0]
+    assert op.choose_launch("linear_fwd", 64, 64, torch.bfloat16, 1000) == candidates[-1]
+
+
+def test_launch_for_reads_the_device_limit(monkeypatch):
     from types import SimpleNamespace
 
-    from attngen.linear import shared_memory_estimate
+    op = attngen.compile("linear_elu")
+    # an sm_86 GPU: 99 KB of shared memory per block
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(shared_memory_per_block_optin=101376))
+    small = op.launch_for("linear_bwd_dkdv", 128, 128, torch.bfloat16, torch.device("cuda"))
+    big = op.launch_for("linear_bwd_dkdv", 128, 128, torch.bfloat16, torch.device("cpu"))  # the interpreter plans for sm_90
+    estimate = lambda launch: shared_memory_estimate(op.plan, "linear_bwd_dkdv", 128, 128, torch.bfloat16, launch)  # noqa: E731
+    assert estimate(small) <= 101376 < estimate(big) <= SM90_SHARED_MEMORY
 
-    # Triton 3.6's shared memory of the dK/dV kernel compiled for sm_90 (measured without a GPU)
-    dims = {"H": 4, "H_KV": 2, "D_QK": 128, "D_V": 128}
-    assert abs(shared_memory_estimate("elu1", dims, torch.float16, 64) / 295936 - 1) < 0.05
-    assert abs(shared_memory_estimate("taylor2", {**dims, "H_KV": 4, "D_QK": 16, "D_V": 64}, torch.float16, 32) / 385024 - 1) < 0.05
-    op = attngen.compile(linear_spec("elu1", tiles={"chunk": [64, 32, 16]}))
-    assert op.chunk_for(dims, torch.float16, torch.device("cpu")) == 64  # the interpreter: the first
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(shared_memory_per_block_optin=232448))
-    gpu = torch.device("cuda")
-    assert op.chunk_for(dims, torch.bfloat16, gpu) == 64
-    assert op.chunk_for(dims, torch.float16, gpu) == 32
+
+#: the largest shapes: taylor2 at D_QK = 16 (Based: 273 features) and 32 (1057) with value
+#: heads up to 256, elu1 at the benchmark's D = 128 and at 256
+SM90_CASES = [("based_taylor", d_qk, d_v) for d_qk in (16, 32) for d_v in (64, 128, 256)] + [
+    ("linear_elu", 128, 128), ("linear_elu", 256, 256)]  # fmt: skip
+
+
+def test_launches_an_h200_takes_fit_its_shared_memory():
+    # An H200 takes, per kernel, the first candidate whose compiled kernel fits 232448 bytes
+    # (choose_launch with Triton's metadata.shared). Here the kernels are compiled for sm_90
+    # ahead, without a GPU, in a process without the interpreter: every walk must end in a
+    # launch that fits, within a few compiles.
+    pytest.importorskip("triton.backends.nvidia")
+    cases = [(spec, d_qk, d_v, dtype) for spec, d_qk, d_v in SM90_CASES for dtype in ("bfloat16", "float32")]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    script = "import json, sys, test_linear; json.dump(test_linear.sm90_walks(json.load(sys.stdin)), sys.stdout)"
+    done = subprocess.run([sys.executable, "-c", script], input=json.dumps(cases), capture_output=True, text=True,
+                          cwd=Path(__file__).parent, env=env, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    # the allocation pass alone gives what the whole lowering to LLVM IR reports
+    assert result["check"][0] == result["check"][1]
+    assert len(result["walks"]) == len(cases) * len(KERNELS)
+    for walk in result["walks"]:
+        assert walk["shared"] <= SM90_SHARED_MEMORY, walk
+        assert len(walk["compiled"]) <= 3, walk
+
+
+def sm90_walks(cases: list) -> dict:
+    """For ``(spec, D_QK, D_V, dtype name)`` cases, per kernel: the launch an sm_90 GPU takes
+    (:meth:`~attngen.linear.LinearAttentionOp.choose_launch` with the kernels compiled for
+    sm_90 ahead), its shared memory, its estimate and every compile on the way (``walks``);
+    and ``check``, one kernel's shared memory from :func:`_sm90_shared` and from Triton's
+    whole lowering to LLVM IR. Runs without the interpreter."""
+    walks = []
+    for spec, d_qk, d_v, dtype_name in cases:
+        op = attngen.compile(spec)
+        dtype = getattr(torch, dtype_name)
+        q, k = (torch.empty(1, 2, 256, d_qk, dtype=dtype) for _ in range(2))
+        v = torch.empty(1, 2, 256, d_v, dtype=dtype)
+        for name in KERNELS:
+            compiled = {}
+
+            def shared(launch, name=name, compiled=compiled):
+                _, args, constexprs, _ = op.kernel_arguments(name, launch, q, k, v)
+                compiled[launch] = _sm90_shared(getattr(op.module, name), args, constexprs)
+                return compiled[launch]
+
+            launch = op.choose_launch(name, d_qk, d_v, dtype, SM90_SHARED_MEMORY, shared)
+            walks.append({"spec": spec, "D_QK": d_qk, "D_V": d_v, "dtype": dtype_name, "kernel": name, "launch": repr(launch),
+                          "shared": compiled[launch], "estimate": shared_memory_estimate(op.plan, name, d_qk, d_v, dtype, launch),
+                          "compiled": [[repr(c), s] for c, s in compiled.items()]})  # fmt: skip
+    op = attngen.compile("linear_elu")
+    x = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16)
+    _, args, constexprs, _ = op.kernel_arguments("linear_bwd_dkdv", LinearLaunch(64, 128, 128, 2), x, x, x)
+    check = [_sm90_shared(op.module.linear_bwd_dkdv, args, constexprs, whole=whole) for whole in (False, True)]
+    return {"walks": walks, "check": check}
+
+
+def _sm90_shared(fn, args, constexprs, whole: bool = False) -> int:
+    """Triton's ``metadata.shared`` of ``fn`` compiled for sm_90 (ahead, no GPU) as a launch
+    with these arguments would compile it (the same specialisation of the arguments): the
+    ``ttg.shared`` that Triton 3.6's ``make_llir`` reads, here from its passes up to the
+    shared-memory allocation; ``whole``: from ``make_llir`` itself, without LLVM's
+    optimisation (which takes most of its time and leaves the allocation as it is)."""
+    from unittest import mock
+
+    from triton._C.libtriton import ir, nvidia, passes
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia import compiler as nvidia_compiler
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    target = GPUTarget("cuda", 90, 32)
+    backend = make_backend(target)
+    kwargs = {**constexprs, "debug": False}
+    bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
+    options, signature, constants, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    source = ASTSource(fn, signature, constants, attrs)
+    options = backend.parse_options(options.__dict__)
+    stages = {}
+    backend.add_stages(stages, options, source.language)
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = source.make_ir(target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+    metadata = {"target": target, **options.__dict__}
+    for stage in ("ttir", "ttgir"):
+        module = stages[stage](module, metadata)
+    if whole:
+        with mock.patch.object(nvidia_compiler.llvm, "optimize_module", lambda *a, **k: None):
+            stages["llir"](module, metadata)
+        return metadata["shared"]
+    pm = ir.pass_manager(module.context)  # make_llir's passes up to the allocation
+    passes.ttgpuir.add_combine_tensor_select_and_if(pm)
+    passes.ttgpuir.add_allocate_warp_groups(pm)
+    passes.convert.add_scf_to_cf(pm)
+    passes.gluon.add_inliner(pm)
+    nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, 90, nvidia_compiler.get_ptx_version_from_options(options, 90))
+    pm.run(module, "sm90_shared")
+    return module.get_int_attr("ttg.shared")
