@@ -265,7 +265,7 @@ def _show_linear(compiled, source: bool) -> int:
         print(f"plan.{key} = {value}")
     path = write_kernel(compiled.spec.name, compiled.rendered)
     print("\n# rendered kernels")
-    for name in ("linear_fwd", "linear_bwd_dq", "linear_bwd_dkdv"):
+    for name in ("linear_fwd", "linear_bwd_prep", "linear_bwd_dq", "linear_bwd_dkdv"):
         print(f"  {name:<24} {path}")
     if source:
         print()
