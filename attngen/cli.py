@@ -322,14 +322,13 @@ def _zoo(args) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
     from . import resources
+    from .features import TAYLOR2_MAX_DIM
+    from .schema import load_spec
 
     device = _pick_device(args.device)
     names = args.spec or sorted(p.stem for p in resources.zoo_dir().glob("*.yaml"))
     base = args.shape or {"B": 2, "H": 8, "H_KV": 2, "T_Q": 1000, "T_KV": 1000, "D_QK": 128}
     head_dims = args.dims or [base["D_QK"]]
-    from .features import TAYLOR2_MAX_DIM
-    from .schema import load_spec
-
     taylor = {n for n in names if getattr(load_spec(n).feature_map, "kind", None) == "taylor2"}
     tasks = []
     for d in head_dims:

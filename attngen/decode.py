@@ -222,6 +222,7 @@ def decode(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, num_spli
         if config.poison_outputs():
             o_part.fill_(float("nan"))
             lse_part.fill_(float("nan"))
+        block_dqk, block_dv = head_blocks(D_QK, D_V)
         if call.page_size:  # [num_blocks, block_size, H_KV, D]: page, head, slot, dim
             kv_strides = [t.stride(i) for t in (k_cache, v_cache) for i in (0, 2, 1, 3)]
             bt, bt_strides = call.block_table, call.block_table.stride()
@@ -236,7 +237,7 @@ def decode(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, num_spli
             scale, scale / math.log(2.0),
             GROUP=group, BOTTOM_RIGHT=op.spec.align == "bottom_right",
             D_QK=D_QK, D_V=D_V, BLOCK_R=cfg.block_q, BLOCK_KV=cfg.block_kv,
-            BLOCK_DQK=head_blocks(D_QK, D_V)[0], BLOCK_DV=head_blocks(D_QK, D_V)[1],
+            BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
             PAGED=bool(call.page_size), PAGE_SIZE=max(call.page_size, 1),
             DOT_PRECISION=dict(op.plan.dot_precision)[_dtype_name(q.dtype)],
             EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),

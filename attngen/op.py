@@ -292,12 +292,13 @@ class AttentionOp:
         B, H, T_Q, D_QK = q.shape
         H_KV, T_KV, D_V = k.shape[1], k.shape[2], v.shape[3]
         scale = self.scale_for(D_QK)
+        block_dqk, block_dv = head_blocks(D_QK, D_V)
         constexprs = dict(
             GROUP=H // H_KV,
             D_QK=D_QK,
             D_V=D_V,
-            BLOCK_DQK=head_blocks(D_QK, D_V)[0],
-            BLOCK_DV=head_blocks(D_QK, D_V)[1],
+            BLOCK_DQK=block_dqk,
+            BLOCK_DV=block_dv,
             DOT_PRECISION=dict(self.plan.dot_precision)[str(q.dtype).replace("torch.", "")],
             EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),
             FAST_SIGMOID=config.fast_sigmoid(q.dtype),
