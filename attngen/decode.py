@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import triton
 
 from . import config
 from .args import KERNEL_DTYPES, MAX_HEAD_DIM, _dtype_name, check_inputs
 from .errors import ShapeError, UnsupportedError
-from .merge import merge_splits
 from .tiles import decode_config, head_blocks
 
 #: the most new tokens per sequence a decoding call takes (speculative decoding, chunked
@@ -31,6 +31,8 @@ from .tiles import decode_config, head_blocks
 MAX_DECODE_TOKENS = 16
 #: the most splits :func:`choose_num_splits` picks
 MAX_SPLITS = 64
+#: programs per multiprocessor :func:`choose_num_splits` aims for
+WAVES = 2
 #: a split should have at least this many key tiles to be worth its launch and merge
 MIN_TILES_PER_SPLIT = 2
 
@@ -41,14 +43,15 @@ class DecodeCall:
 
     ``capacity`` is the number of positions the cache can hold per sequence (``T_max``, or
     ``max_blocks * block_size`` for a paged cache); ``page_size`` is 0 for a contiguous cache.
-    ``query_lens`` and ``cache_seqlens`` are int32 ``[B]`` on q's device; ``max_seqlen`` is the
-    longest cache length (read once on the host while validating)."""
+    ``cache_seqlens`` is int32 ``[B]`` on q's device, and so is ``query_lens``, or None for
+    ``T_Q`` new tokens in every sequence; ``max_seqlen`` is the longest cache length (read once
+    on the host while validating), or the capacity when the values were not read."""
 
     dims: dict[str, int]
     capacity: int
     page_size: int
     cache_seqlens: torch.Tensor
-    query_lens: torch.Tensor
+    query_lens: torch.Tensor | None
     block_table: torch.Tensor | None
     max_seqlen: int
     inputs: list[torch.Tensor]
@@ -66,11 +69,15 @@ def _int32_vector(name: str, t: Any, B: int, device: torch.device) -> torch.Tens
     return t
 
 
-def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query_lens, inputs) -> DecodeCall:
+def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query_lens, inputs,
+                      validate: bool = True) -> DecodeCall:
     """Validate a decoding call (see :meth:`attngen.AttentionOp.decode` for the arguments).
 
-    Reads ``cache_seqlens``, ``query_lens`` and the block table to the host in one transfer,
-    to check their values (one device synchronisation on a GPU).
+    Shapes, dtypes and devices are always checked (on the host, no synchronisation). With
+    ``validate`` it also reads ``cache_seqlens``, ``query_lens`` and the block table to the
+    host in one transfer, to check their values (one device synchronisation on a GPU);
+    without it ``max_seqlen`` is the cache's capacity, and ``query_lens`` stays None when not
+    given (the kernel then takes ``T_Q`` new tokens per sequence).
 
     Raises:
         ShapeError: naming the argument, what was expected, what came, and the fix.
@@ -151,9 +158,15 @@ def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query
             raise ShapeError(f"{name}={d}: head dims from 1 to {MAX_HEAD_DIM} are supported")
 
     seqlens = _int32_vector("cache_seqlens", cache_seqlens, B, q.device)
+    if query_lens is not None:
+        query_lens = _int32_vector("query_lens", query_lens, B, q.device)
+    dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": capacity, "D_QK": D_QK, "D_V": D_V}
+    ordered = check_inputs(op.spec, inputs, dims, q.device, constant_reads=op._constant_reads, grad_inputs=None,
+                           call="op.decode(q, k_cache, v_cache, cache_seqlens, ...)")
+    if not validate:
+        return DecodeCall(dims, capacity, page_size, seqlens, query_lens, block_table if paged else None, capacity, ordered)
     if query_lens is None:
         query_lens = torch.full((B,), T_Q, dtype=torch.int32, device=q.device)
-    query_lens = _int32_vector("query_lens", query_lens, B, q.device)
     # one transfer to the host for every value check
     host = torch.cat([seqlens, query_lens, *([block_table.reshape(-1)] if paged else [])]).cpu().long()
     lens, qlens = host[:B], host[B : 2 * B]
@@ -177,14 +190,15 @@ def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query
                 f"block_table: entries in use (the first ceil(cache_seqlens / {page_size}) of each row) must index "
                 f"k_cache's {k_cache.shape[0]} blocks, found {int(entries.min())} to {int(entries.max())}"
             )
-    dims = {"B": B, "H": H, "H_KV": H_KV, "T_Q": T_Q, "T_KV": capacity, "D_QK": D_QK, "D_V": D_V}
-    ordered = check_inputs(op.spec, inputs, dims, q.device, constant_reads=op._constant_reads, grad_inputs=None,
-                           call="op.decode(q, k_cache, v_cache, cache_seqlens, ...)")
     return DecodeCall(dims, capacity, page_size, seqlens, query_lens, block_table if paged else None, int(lens.max()), ordered)
 
 
 def choose_num_splits(programs: int, n_tiles: int, processors: int) -> int:
-    """Splits per (sequence, KV head) so that the launch fills the device about once.
+    """Splits per (sequence, KV head) so that the launch fills the device about twice.
+
+    Two waves rather than one: with one program per multiprocessor the last wave's
+    imbalance shows (on the H200, 64 programs x 3 splits = 192 programs for 132
+    multiprocessors read the cache at 1.05x the memory floor, 4 or 8 splits at 1.01x).
 
     Args:
         programs: programs without splitting (sequences × KV heads × row blocks).
@@ -193,18 +207,26 @@ def choose_num_splits(programs: int, n_tiles: int, processors: int) -> int:
             programs one after another and splitting only adds work).
 
     Returns:
-        ``min(ceil(processors / programs), ceil(n_tiles / MIN_TILES_PER_SPLIT), MAX_SPLITS)``,
-        at least 1: no splitting once the programs alone fill the device.
+        ``min(ceil(WAVES * processors / programs), ceil(n_tiles / MIN_TILES_PER_SPLIT),
+        MAX_SPLITS)``, at least 1: no splitting once the programs alone fill the device.
     """
     if programs >= processors:
         return 1
-    return max(1, min(-(-processors // programs), -(-n_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS))
+    return max(1, min(-(-WAVES * processors // programs), -(-n_tiles // MIN_TILES_PER_SPLIT), MAX_SPLITS))
 
 
-@torch.compiler.disable  # host-side checks and a raw Triton launch: torch.compile runs it eagerly
-def decode(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, num_splits=None, query_lens=None, **inputs):
-    """Split-KV decoding with a compiled attention op; see :meth:`attngen.AttentionOp.decode`."""
-    call = check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query_lens, inputs)
+def decode_launch(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, num_splits=None, query_lens=None,
+                  validate=True, **inputs):
+    """Check a decoding call and return a function of no arguments that runs it: the
+    split-KV kernel, then the merge kernel, returning ``(o, lse)``.
+
+    The checks run once, here; each call of the returned function only launches the two
+    kernels (into fresh outputs), so a benchmark can time the launches apart from the checks.
+    See :meth:`attngen.AttentionOp.decode` for the arguments.
+    """
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    call = check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query_lens, inputs,
+                             validate=validate and not capturing)
     dims = call.dims
     B, H, H_KV, T_Q, D_QK, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "D_QK", "D_V"))
     group = H // H_KV
@@ -216,34 +238,59 @@ def decode(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, num_spli
     elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
         raise ShapeError(f"num_splits: {num_splits!r}; pass a positive int, or None to choose from the cache length")
     scale = op.scale_for(D_QK)
-    with torch.no_grad():
-        o_part = torch.empty((B, H, T_Q, num_splits, D_V), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((B, H, T_Q, num_splits), dtype=torch.float32, device=q.device)
-        if config.poison_outputs():
-            o_part.fill_(float("nan"))
-            lse_part.fill_(float("nan"))
-        block_dqk, block_dv = head_blocks(D_QK, D_V)
-        if call.page_size:  # [num_blocks, block_size, H_KV, D]: page, head, slot, dim
-            kv_strides = [t.stride(i) for t in (k_cache, v_cache) for i in (0, 2, 1, 3)]
-            bt, bt_strides = call.block_table, call.block_table.stride()
-        else:  # [B, H_KV, T_max, D]
-            kv_strides = [*k_cache.stride(), *v_cache.stride()]
-            bt, bt_strides = call.cache_seqlens, (0, 0)  # an unread placeholder
-        op.decode_kernel(q.device)[(num_splits, H_KV * row_blocks, B)](
-            q, k_cache, v_cache, o_part, lse_part, call.cache_seqlens, call.query_lens, bt,
-            *op._input_args(call.inputs),
-            *q.stride(), *kv_strides, *bt_strides, *o_part.stride(),
-            H, T_Q, num_splits,
-            scale, scale / math.log(2.0),
-            GROUP=group, BOTTOM_RIGHT=op.spec.align == "bottom_right",
-            D_QK=D_QK, D_V=D_V, BLOCK_R=cfg.block_q, BLOCK_KV=cfg.block_kv,
-            BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
-            PAGED=bool(call.page_size), PAGE_SIZE=max(call.page_size, 1),
-            DOT_PRECISION=dict(op.plan.dot_precision)[_dtype_name(q.dtype)],
-            EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),
-            FAST_SIGMOID=config.fast_sigmoid(q.dtype),
-            TILE_SKIP=config.tile_skipping(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        o, lse = merge_splits(o_part, lse_part)
-    return o.to(q.dtype), lse
+    block_dqk, block_dv = head_blocks(D_QK, D_V)
+    if call.page_size:  # [num_blocks, block_size, H_KV, D]: page, head, slot, dim
+        kv_strides = [t.stride(i) for t in (k_cache, v_cache) for i in (0, 2, 1, 3)]
+        bt, bt_strides = call.block_table, call.block_table.stride()
+    else:  # [B, H_KV, T_max, D]
+        kv_strides = [*k_cache.stride(), *v_cache.stride()]
+        bt, bt_strides = call.cache_seqlens, (0, 0)  # an unread placeholder
+    kernel = op.decode_kernel(q.device)[(num_splits, H_KV * row_blocks, B)]
+    merge = op.decode_kernel(q.device, merge=True)[(B * H * T_Q,)]
+    head = [q, k_cache, v_cache]
+    tail = [
+        call.cache_seqlens, call.query_lens if call.query_lens is not None else call.cache_seqlens, bt,
+        *op._input_args(call.inputs),
+        *q.stride(), *kv_strides, *bt_strides,
+    ]
+    # the kernel never reads past the cache, whatever the values of cache_seqlens and the block
+    # table (clamped to the capacity, pages outside the pool read as absent keys)
+    constexprs = dict(
+        GROUP=group, BOTTOM_RIGHT=op.spec.align == "bottom_right",
+        D_QK=D_QK, D_V=D_V, BLOCK_R=cfg.block_q, BLOCK_KV=cfg.block_kv,
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        PAGED=bool(call.page_size), PAGE_SIZE=max(call.page_size, 1),
+        HAS_QUERY_LENS=call.query_lens is not None,
+        DOT_PRECISION=dict(op.plan.dot_precision)[_dtype_name(q.dtype)],
+        EMULATE_BF16_DOT=q.dtype == torch.bfloat16 and config.interpret_all(),
+        FAST_SIGMOID=config.fast_sigmoid(q.dtype),
+        TILE_SKIP=config.tile_skipping(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    n_blocks = k_cache.shape[0] if call.page_size else 1
+    poison = config.poison_outputs()
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            o_part = torch.empty((B, H, T_Q, num_splits, D_V), dtype=torch.float32, device=q.device)
+            lse_part = torch.empty((B, H, T_Q, num_splits), dtype=torch.float32, device=q.device)
+            if poison:
+                o_part.fill_(float("nan"))
+                lse_part.fill_(float("nan"))
+            kernel(*head, o_part, lse_part, *tail, *o_part.stride(), H, T_Q, num_splits, call.capacity, n_blocks,
+                   scale, scale / math.log(2.0), **constexprs)
+            o = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device)
+            lse = torch.empty((B, H, T_Q), dtype=torch.float32, device=q.device)
+            merge(o_part, lse_part, o, lse, num_splits, D_V,
+                  BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=triton.next_power_of_2(D_V))
+        return o, lse
+
+    return run
+
+
+@torch.compiler.disable  # host-side checks and raw Triton launches: torch.compile runs it eagerly
+def decode(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, num_splits=None, query_lens=None,
+           validate=True, **inputs):
+    """Split-KV decoding with a compiled attention op; see :meth:`attngen.AttentionOp.decode`."""
+    return decode_launch(op, q, k_cache, v_cache, cache_seqlens, block_table=block_table, num_splits=num_splits,
+                         query_lens=query_lens, validate=validate, **inputs)()

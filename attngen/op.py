@@ -170,6 +170,7 @@ class AttentionOp:
         block_table: torch.Tensor | None = None,
         num_splits: int | None = None,
         query_lens: torch.Tensor | None = None,
+        validate: bool = True,
         **inputs: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of a few new tokens per sequence against a KV cache (streaming inference).
@@ -205,6 +206,12 @@ class AttentionOp:
                 (:func:`attngen.decode.choose_num_splits`).
             query_lens: optional int32 ``[B]``, new tokens per sequence, 0 to ``T_Q`` (default:
                 ``T_Q`` each); q rows at and past ``query_lens[b]`` are padding.
+            validate: read ``cache_seqlens``, ``query_lens`` and the block table to the host
+                and check their values (one device synchronisation per call). Pass False in a
+                serving loop, where that synchronisation would stall the host; the check is
+                also skipped while a CUDA graph is being captured. Without it, bad values give
+                wrong rows but never a read outside the cache: lengths are clamped to the
+                cache's capacity, and block-table entries outside the pool read as absent keys.
             **inputs: the spec's runtime inputs; a declared ``T_KV`` dimension is the cache's
                 capacity (``T_max``, or ``max_blocks * block_size``), indexed by position.
 
@@ -215,30 +222,32 @@ class AttentionOp:
 
         Inference only: no autograd graph is recorded, and a tensor that requires grad raises
         unless grad mode is off (``torch.no_grad()``). Validation reads ``cache_seqlens``,
-        ``query_lens`` and the block table to the host once per call; under ``torch.compile``
-        the call runs eagerly (a graph break).
+        ``query_lens`` and the block table to the host once per call (unless ``validate`` is
+        False); under ``torch.compile`` the call runs eagerly (a graph break). The splits are
+        combined by a second kernel (the merge of :func:`attngen.merge.merge_splits`).
 
         Raises:
             ShapeError: mismatched shapes, dtypes or devices, ``T_Q`` outside 1 to 16,
                 ``cache_seqlens`` smaller than the new tokens or larger than the cache, a
-                block table of the wrong shape or dtype or with entries outside the cache, a
-                bad ``num_splits``; each message names the argument and the fix.
+                block table of the wrong shape or dtype or with entries outside the cache (values
+                are checked only with ``validate``), a bad ``num_splits``; each message names the argument and the fix.
             UnsupportedError: a normaliser other than softmax (sigmoid attention has no
                 log-sum-exp to merge splits by); tensors that require grad under grad mode.
         """
         from .decode import decode
 
         return decode(self, q, k_cache, v_cache, cache_seqlens, block_table=block_table, num_splits=num_splits,
-                      query_lens=query_lens, **inputs)  # fmt: skip
+                      query_lens=query_lens, validate=validate, **inputs)  # fmt: skip
 
-    def decode_kernel(self, device: torch.device):
-        """The split-KV decoding kernel, rendered and loaded on first use (its own module)."""
+    def decode_kernel(self, device: torch.device, merge: bool = False):
+        """The split-KV decoding kernel, or with ``merge`` the kernel that combines its splits;
+        rendered and loaded on first use (their own module)."""
         if self._decode_module is None:
             from .load import load_module
             from .render import decode_module_name, render_decode
 
             self._decode_module, _ = load_module(decode_module_name(self.spec.name), render_decode(self.plan))
-        return kernel_of(self._decode_module, self.plan.decode.name, device)
+        return kernel_of(self._decode_module, "merge_splits" if merge else self.plan.decode.name, device)
 
     # -- kernel access -------------------------------------------------------------------
     def kernel(self, name: str, device: torch.device):

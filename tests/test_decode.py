@@ -33,9 +33,10 @@ def make_cache(B, H_KV, T_max, D, seqlens, *, dtype=torch.float32, gen, D_V=None
     return k.to(DEVICE, dtype), v.to(DEVICE, dtype)
 
 
-def to_paged(k, v, *, gen, spare=2):
-    """The same caches as pages of ``PAGE`` positions ``[num_blocks, PAGE, H_KV, D]`` in a
+def to_paged(k, v, *, gen, spare=2, page=PAGE):
+    """The same caches as pages of ``page`` positions ``[num_blocks, page, H_KV, D]`` in a
     random order, with ``spare`` unused NaN blocks, and the int32 block table."""
+    PAGE = page
     B, H_KV, T_max, _ = k.shape
     nb = -(-T_max // PAGE)
     perm = torch.randperm(B * nb + spare, generator=gen)
@@ -97,7 +98,8 @@ def assert_three_way(got, spec, q, k, v, seqlens, query_lens=None, **inputs):
 
 
 def run_case(spec, *, params=None, B=2, H=4, H_KV=2, T_Q=3, D=16, D_V=None, seqlens=(45, 100), paged=False,
-             num_splits=None, query_lens=None, dtype=torch.float32, seed=0, inputs=None, strided_q=False):  # fmt: skip
+             num_splits=None, query_lens=None, dtype=torch.float32, seed=0, inputs=None, strided_q=False,
+             page=PAGE, validate=True):  # fmt: skip
     op = attngen.compile(spec, **(params or {}))
     gen = torch.Generator().manual_seed(seed)
     T_max = max(seqlens) + 7
@@ -109,11 +111,12 @@ def run_case(spec, *, params=None, B=2, H=4, H_KV=2, T_Q=3, D=16, D_V=None, seql
     qlens = None if query_lens is None else torch.tensor(query_lens, dtype=torch.int32, device=DEVICE)
     inputs = inputs or {}
     if paged:
-        kc, vc, table = to_paged(k, v, gen=gen)
+        kc, vc, table = to_paged(k, v, gen=gen, page=page)
     else:
         kc, vc, table = k, v, None
     with torch.no_grad():
-        got = op.decode(q, kc, vc, lens, block_table=table, num_splits=num_splits, query_lens=qlens, **inputs)
+        got = op.decode(q, kc, vc, lens, block_table=table, num_splits=num_splits, query_lens=qlens, validate=validate,
+                        **inputs)
     assert got[0].shape == (B, H, T_Q, D_V or D) and got[0].dtype == dtype and got[1].dtype == torch.float32
     assert_three_way(got, op.spec, q, k, v, seqlens, query_lens, **inputs)
     return got
@@ -264,6 +267,48 @@ def test_rows_that_see_no_key_and_merging_splits():
         assert torch.allclose(lse_s[1], lse[1], atol=1e-6)
 
 
+@pytest.mark.parametrize("page", [64, 128, 192], ids=["page=tile", "page=2tiles", "page=3tiles"])
+def test_pages_that_hold_whole_key_tiles(page):
+    # float32 key tiles are 64 positions at D=16 (attngen.tiles.decode_config), so each of these
+    # pages holds whole tiles and the kernel reads one table entry per tile instead of one per key
+    run_case("sliding_window", params={"window": 150}, T_Q=2, seqlens=(45, 400), paged=True, page=page, num_splits=2)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_unvalidated_calls_give_the_validated_result(paged):
+    # validate=False skips reading the lengths to the host; with good values nothing changes,
+    # including ragged query lengths and the splits chosen from the capacity
+    kw = dict(T_Q=3, seqlens=(45, 100), paged=paged, query_lens=(2, 3))
+    o, lse = run_case("causal", **kw)
+    o_u, lse_u = run_case("causal", validate=False, **kw)
+    assert torch.allclose(o_u, o, atol=1e-6) and torch.allclose(lse_u, lse, atol=1e-6)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the address sanitizer needs Triton's interpreter (CPU)")
+def test_unvalidated_bad_values_never_read_outside_the_cache():
+    # without validation, lengths past the capacity, negative lengths and block-table entries
+    # outside the pool must give wrong rows at worst, never an address outside the tensors
+    from sanitizer import sanitized
+
+    op = attngen.compile("causal")
+    gen = torch.Generator().manual_seed(3)
+    B, H, H_KV, T_max, D = 3, 4, 2, 40, 16
+    q = torch.randn(B, H, 2, D, generator=gen)
+    k, v = (torch.randn(B, H_KV, T_max, D, generator=gen) for _ in range(2))
+    kp, vp, table = to_paged(k, v, gen=gen, page=8, spare=0)
+    table[0, 1], table[2, 0] = -1, kp.shape[0] + 5
+    lens = torch.tensor([T_max + 100, -7, 30], dtype=torch.int32)
+    qlens = torch.tensor([5, -1, 2], dtype=torch.int32)
+    with torch.no_grad(), sanitized(strict=True) as log:
+        o, lse = op.decode(q, k, v, lens, query_lens=qlens, validate=False)
+        op.decode(q, kp, vp, lens, block_table=table, query_lens=qlens, validate=False)
+    assert len(log.launches) == 4
+    # a length past the capacity is the capacity; a negative one is an empty sequence
+    clamped = torch.tensor([T_max, 0, 30], dtype=torch.int32)
+    want, want_lse = op.decode(q, k, v, clamped, query_lens=torch.tensor([2, 0, 2], dtype=torch.int32))
+    assert torch.allclose(o, want, atol=1e-6) and torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+
+
 def test_skipping_tiles_changes_nothing():
     def run():
         return run_case("streaming_sinks", params={"sinks": 2, "window": 9}, T_Q=3, seqlens=(70, 100), paged=True, num_splits=3)
@@ -333,7 +378,8 @@ def test_random_specs_and_caches_match_the_reference(mask, score, align, group, 
 
 
 def test_choose_num_splits():
-    assert choose_num_splits(programs=8, n_tiles=1000, processors=132) == 17
+    assert choose_num_splits(programs=8, n_tiles=1000, processors=132) == 33  # two waves
+    assert choose_num_splits(programs=64, n_tiles=1000, processors=132) == 5
     assert choose_num_splits(programs=8, n_tiles=6, processors=132) == 3  # at least 2 tiles a split
     assert choose_num_splits(programs=1, n_tiles=10**6, processors=132) == MAX_SPLITS
     assert choose_num_splits(programs=256, n_tiles=1000, processors=132) == 1  # one wave already
