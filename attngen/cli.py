@@ -36,6 +36,18 @@ def _params(pairs: Sequence[str]) -> dict[str, int | float]:
     return out
 
 
+def _blocks(text: str) -> tuple[int, int]:
+    """``FxV`` -> ``(F, V)``, two powers of two from 16 to 128."""
+    try:
+        f, v = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FxV, e.g. 64x64") from None
+    for b in (f, v):
+        if b < 16 or b > 128 or b & (b - 1):
+            raise argparse.ArgumentTypeError(f"{text!r}: blocks are powers of two from 16 to 128")
+    return f, v
+
+
 def _shape(text: str) -> dict[str, int]:
     try:
         nums = [int(x) for x in text.split(",")]
@@ -108,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warm-jobs", type=int, default=0, metavar="N",
                        help="first compile FlexAttention for the suite's cases in N parallel processes (fills Inductor's caches; nothing is timed there)")
     bench.add_argument("--warm-shard", default=None, metavar="I/N", help=argparse.SUPPRESS)
+    bench.add_argument("--blocks", type=_blocks, nargs="+", default=None, metavar="FxV",
+                       help="linear suite: also time attngen with F features x V value columns per program, e.g. 64x64 128x128")
 
     zoo_docs = sub.add_parser("zoo-docs", help="write the spec zoo page and its tile-map pictures")
     zoo_docs.add_argument("--out", default="docs")
@@ -634,7 +648,7 @@ def _bench(args) -> int:
     if args.suite == "linear":  # linear attention against flash-linear-attention (if installed)
         from . import linear_bench
 
-        result = linear_bench.run_linear_suite(dims=args.dims, seqs=args.seqs)
+        result = linear_bench.run_linear_suite(dims=args.dims, seqs=args.seqs, blocks=args.blocks)
         result["meta"]["command"] = "python -m attngen " + " ".join(sys.argv[1:])
         return _print_and_write(args, "linear", result, linear_bench.report(result) + f"\n\nCommand: `{result['meta']['command']}`\n")
     selection = dict(variants=args.variants, dims=args.dims, seqs=args.seqs)

@@ -57,8 +57,10 @@ KERNELS = ("linear_fwd", "linear_bwd_dq", "linear_bwd_dkdv")
 #: sm_90 is 3); a depth of 1 (no pipelining) only once nothing fits with these
 STAGES = (3, 2)
 #: the widest feature or value block of one program: its float32 state [BLOCK_F, BLOCK_DV]
-#: then takes at most 128 registers a thread at NUM_WARPS = 4
-MAX_STATE_BLOCK = 128
+#: then takes 32 registers a thread at NUM_WARPS = 4, leaving room for the chunk's [CHUNK,
+#: CHUNK] scores and [CHUNK, BLOCK] operands (128 x 128 states take 128 registers a thread for
+#: the state alone, which spills); wider heads run as several programs whose shares add up
+MAX_STATE_BLOCK = 64
 #: bytes of shared memory a program may use on sm_90 (H100, H200) with the opt-in limit; the
 #: interpreter plans for it, so a CPU run takes the launches an H200 would
 SM90_SHARED_MEMORY = 232448
@@ -156,14 +158,18 @@ def launch_candidates(plan: LinearPlan, d_qk: int, d_v: int) -> list[LinearLaunc
 
     The spec's chunks in order; per chunk the block shapes ``(block_f, block_v)`` (powers of
     two from the padded feature count and ``D_V``, capped at :data:`MAX_STATE_BLOCK`, down to
-    16) with the fewest programs ``N_F · N_V`` first, the wider feature block first among
-    equals (value blocks keep the normalisation inside the forward kernel); per shape the
-    depths of :data:`STAGES`. Then all of that again with one stage.
+    16; the value block at least the feature block) with the fewest programs ``N_F · N_V``
+    first, the wider feature block first among equals (value blocks keep the normalisation
+    inside the forward kernel); per shape the depths of :data:`STAGES`. Then all of that
+    again with one stage.
     """
     features = feature_count(plan.feature_map, d_qk, plan.features)
+    # a value block narrower than the feature block is raised to it (padding value columns):
+    # on the H200 such launches (feature block 64 or 128 against value block 16) raised illegal
+    # memory accesses, as the softmax kernels did with BLOCK_DV < BLOCK_DQK (attngen.tiles.head_blocks)
     shapes = sorted(
-        itertools.product(_halvings(features), _halvings(d_v)),
-        key=lambda s: (_cdiv(features, s[0]) * _cdiv(d_v, s[1]), -s[0]),
+        {(f, max(v, f)) for f, v in itertools.product(_halvings(features), _halvings(d_v))},
+        key=lambda s: (_cdiv(features, s[0]) * _cdiv(d_v, s[1]), -s[0], s[1]),
     )
     return [
         LinearLaunch(chunk, block_f, block_v, stages)
@@ -210,8 +216,8 @@ class LinearAttentionOp:
     autograd, so ``fullgraph=True`` traces through it); eager calls run the same
     implementations through a plain autograd function. Positions follow the spec's
     ``align``; a query that sees no key returns 0. Features, states and accumulators are
-    float32; dot operands are bfloat16 for bfloat16 inputs and float32 otherwise (TF32 on
-    the GPU for float16 inputs).
+    float32; dot operands are bfloat16 for bfloat16 inputs and float32 otherwise (IEEE
+    float32 products, also for float16 inputs).
 
     Each kernel runs with the first of :func:`launch_candidates` that fits the device's
     shared memory (:meth:`choose_launch`, :func:`shared_memory_budget`): on a GPU, the first
@@ -247,6 +253,7 @@ class LinearAttentionOp:
         self._lock = threading.Lock()
         self._features: dict[tuple[str, int, int], torch.Tensor] = {}
         self._launches: dict[tuple[str, int, int, torch.dtype, str], LinearLaunch] = {}
+        self._blocks: tuple[int, int] | None = None
         self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}-{_REVISION}"
         _ensure_registered()
         _REGISTRY[self.op_id] = self
@@ -268,8 +275,7 @@ class LinearAttentionOp:
                 raise UnsupportedError("feature_map.redraw: per_call draws new features on the host at every call, which a "
                                        "compiled graph would freeze; use redraw: never under torch.compile")
             # w=None: the op's implementation fetches the fixed draw itself, outside the trace
-            o, _ = torch.ops.attngen.linear_fwd(q, k, v, None, self.op_id)
-            return o
+            return torch.ops.attngen.linear_fwd(q, k, v, None, self.op_id)[0]
         return _LinearAttention.apply(q, k, v, self._draw_features(dims["D_QK"], q.device), self.op_id)
 
     def _draw_features(self, d_qk: int, device: torch.device) -> torch.Tensor | None:
@@ -305,6 +311,24 @@ class LinearAttentionOp:
         """
         return kernel_of(self.module, name, device)
 
+    def set_blocks(self, block_f: int | None, block_v: int | None = None) -> None:
+        """Make every kernel take ``block_f`` features and ``block_v`` value columns per
+        program (powers of two from 16 to 128; each kernel still picks the chunk and the
+        pipeline depth that fit), or with None go back to :func:`launch_candidates`' order.
+        For measuring launches against each other (``bench --suite linear --blocks``).
+
+        Raises:
+            ValueError: a block that is not a power of two from 16 to 128.
+        """
+        if block_f is None:
+            self._blocks = None
+        else:
+            for name, b in (("block_f", block_f), ("block_v", block_v)):
+                if not isinstance(b, int) or b < 16 or b > 128 or b & (b - 1):
+                    raise ValueError(f"{name}={b!r}: pass a power of two from 16 to 128")
+            self._blocks = (block_f, block_v)
+        self._launches.clear()
+
     def _fixed(self, w, q) -> torch.Tensor | None:
         """``w``, or for a performer call made through the custom op (``w`` None) the fixed draw."""
         if w is None and self.plan.feature_map == "performer":
@@ -328,6 +352,8 @@ class LinearAttentionOp:
             UnsupportedError: with ``compiled_shared``, no candidate fits the budget.
         """
         candidates = launch_candidates(self.plan, d_qk, d_v)
+        if self._blocks is not None:
+            candidates = [LinearLaunch(c, *self._blocks, stages) for stages in (*STAGES, 1) for c in self.plan.chunks]
         tried = []
         for launch in candidates:
             estimate = shared_memory_estimate(self.plan, name, d_qk, d_v, dtype, launch)
@@ -379,15 +405,18 @@ class LinearAttentionOp:
         fw = den if w is None else w
         runtime = [H, T_Q, k.shape[2], position_offset(self.spec, T_Q, k.shape[2]), feature_scale(self.spec, D_QK), self.plan.eps]
         inputs = [*q.stride(), *k.stride(), *v.stride()]
+        save_o32 = False
         if name == "linear_fwd":
             if n_f == 1:  # o is final: normalised in the kernel
                 o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
                 slices, den_out = o.unsqueeze(0), _new_output(rows, torch.float32, q.device)
+                save_o32 = self.plan.normalize and q.dtype != torch.float32
             else:  # each feature block's numerator and denominator, added up by forward_impl
                 o = slices = _new_output((n_f, B, H, T_Q, D_V), torch.float32, q.device)
                 den_out = _new_output((n_f, *rows) if self.plan.normalize else rows, torch.float32, q.device)
-            args = [q, k, v, den_out, fw, slices, *inputs, *slices.stride(), *runtime]
-            outputs = (o, den_out)
+            o32 = _new_output(o.shape, torch.float32, q.device) if save_o32 else o.new_empty((0,), dtype=torch.float32)
+            args = [q, k, v, den_out, fw, slices, o32 if save_o32 else slices, *inputs, *slices.stride(), *runtime]
+            outputs = (o, den_out, o32)
         else:
             do = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device) if do is None else do
             dden = den if dden is None else dden
@@ -401,18 +430,21 @@ class LinearAttentionOp:
                 dk, dv = outputs[0][0], outputs[1][0]
                 out_args = [dk, dv, *inputs, *do.stride(), *dk.stride(), *dv.stride()]
             args = [q, k, v, den, fw, dden, do, *out_args, *runtime]
-        import triton.language as tl  # not at import: TRITON_INTERPRET is read when Triton loads
 
         bf16 = q.dtype == torch.bfloat16
         constexprs = dict(
             GROUP=H // k.shape[1], D_QK=D_QK, D_V=D_V, F=F,
             BLOCK_DQK=launch.block_f if self.plan.elementwise else head_block(D_QK), BLOCK_DV=launch.block_v,
             BLOCK_F=launch.block_f, N_V=n_v, N_F=n_f, CHUNK=launch.chunk,
-            # as the softmax kernels: IEEE float32 for float32 inputs, TF32 (as precise as
-            # float16) for the float32 operands of float16 inputs; bfloat16 operands ignore it
-            DOT_DTYPE=tl.bfloat16 if bf16 else tl.float32, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+            # IEEE float32 for the float32 operands of float32 and float16 inputs (bfloat16
+            # operands ignore it): TF32 rounds the state and the features to 10 mantissa bits,
+            # which left the performer's float16 outputs over the three-way bound on the H200
+            # (zoo, D=128, T=1000: 7.7e-3 against 6.9e-3)
+            DOT_DTYPE=_dot_dtype(q.dtype), DOT_PRECISION="ieee",
             EMULATE_BF16_DOT=bf16 and config.interpret_all(), num_warps=NUM_WARPS, num_stages=launch.num_stages,
         )  # fmt: skip
+        if name == "linear_fwd":
+            constexprs["SAVE_O32"] = save_o32
         return (n_f * n_v, H, B), args, constexprs, outputs
 
     def _run(self, name: str, q, k, v, **tensors):
@@ -437,19 +469,24 @@ class LinearAttentionOp:
         return outputs
 
     def forward_impl(self, q, k, v, w):
-        """Run the forward kernel; return ``o [B, H, T_Q, D_V]`` (q's dtype) and the
-        denominator ``[B, H, T_Q]`` (float32; an empty tensor without ``normalize``)."""
-        o, den = self._run("linear_fwd", q, k, v, w=w)
+        """Run the forward kernel; return ``o [B, H, T_Q, D_V]`` (q's dtype), the denominator
+        ``[B, H, T_Q]`` (float32; an empty tensor without ``normalize``) and, for a normalised
+        map with 16-bit inputs, ``o`` in float32 for the backward (else an empty tensor): the
+        backward's ``do · o`` must cancel against ``do · v`` to float32 accuracy."""
+        o, den, o32 = self._run("linear_fwd", q, k, v, w=w)
         if o.dim() == 5:  # the feature blocks' shares
             num = o.sum(0)
             if self.plan.normalize:
                 den = den.sum(0)
                 num = num / (den + self.plan.eps)[..., None]
             o = num.to(q.dtype)
-        return o, den
+            if self.plan.normalize and q.dtype != torch.float32:
+                o32 = num
+        return o, den, o32
 
     def backward_impl(self, do, q, k, v, o, den, w):
-        """dq, dk, dv (in the inputs' dtypes) for the output gradient ``do``."""
+        """dq, dk, dv (in the inputs' dtypes) for the output gradient ``do``; ``o`` is the
+        forward's float32 output where it kept one (see :meth:`forward_impl`)."""
         group = q.shape[1] // k.shape[1]
         tensors = dict(w=w, den=den, dden=self._denominator_grad(do, o, den), do=do)
         dq = self._run("linear_bwd_dq", q, k, v, **tensors)
@@ -467,7 +504,7 @@ class LinearAttentionOp:
         dden = torch.empty((B, H, T_Q), dtype=torch.float32, device=o.device)
         self.kernel("linear_bwd_prep", o.device)[(_cdiv(T_Q, rows), H, B)](
             o, do, den, dden, *o.stride(), *do.stride(), H, T_Q, self.plan.eps,
-            D_V=D_V, BLOCK_T=rows, BLOCK_DV=block_dv, num_warps=NUM_WARPS,
+            D_V=D_V, BLOCK_T=rows, BLOCK_DV=block_dv, DOT_DTYPE=_dot_dtype(do.dtype), num_warps=NUM_WARPS,
         )  # fmt: skip
         return dden
 
@@ -507,6 +544,13 @@ def shared_memory_estimate(plan: LinearPlan, name: str, d_qk: int, d_v: int, dty
     return int(0.9 * (launch.num_stages - 1) * tiles * dtype.itemsize + 0.8 * operands * dot_bytes + 0.9 * mm32)
 
 
+def _dot_dtype(dtype: torch.dtype):
+    """The kernels' dot operand dtype: bfloat16 for bfloat16 inputs, else float32."""
+    import triton.language as tl  # not at import: TRITON_INTERPRET is read when Triton loads
+
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float32
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -539,8 +583,8 @@ class _LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, w, op_id):
-        o, den = _REGISTRY[op_id].forward_impl(q, k, v, w)
-        _save(ctx, op_id, q, k, v, o, den, w)
+        o, den, o32 = _REGISTRY[op_id].forward_impl(q, k, v, w)
+        _save(ctx, op_id, q, k, v, o, den, o32, w)
         return o
 
     @staticmethod
@@ -556,9 +600,10 @@ class _LinearAttention(torch.autograd.Function):
 # torch.library registration (once, on the first compile of a linear spec)
 
 
-def _save(ctx, op_id: str, q, k, v, o, den, w) -> None:
+def _save(ctx, op_id: str, q, k, v, o, den, o32, w) -> None:
+    """Save what the backward reads: the float32 output where the forward kept one, else o."""
     ctx.op_id = op_id
-    ctx.save_for_backward(q, k, v, o, den, w)
+    ctx.save_for_backward(q, k, v, o32 if o32.numel() else o, den, w)
 
 
 def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | None, op_id: str):
@@ -567,8 +612,10 @@ def _fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: torch.Tensor | No
 
 def _fwd_fake(q, k, v, w, op_id):
     B, H, T_Q, _ = q.shape
-    den = q.new_empty((B, H, T_Q) if _REGISTRY[op_id].plan.normalize else (0,), dtype=torch.float32)
-    return q.new_empty((B, H, T_Q, v.shape[3])), den
+    normalize = _REGISTRY[op_id].plan.normalize
+    den = q.new_empty((B, H, T_Q) if normalize else (0,), dtype=torch.float32)
+    o32 = q.new_empty((B, H, T_Q, v.shape[3]) if normalize and q.dtype != torch.float32 else (0,), dtype=torch.float32)
+    return q.new_empty((B, H, T_Q, v.shape[3])), den, o32
 
 
 def _bwd(do, q, k, v, o, den, w, op_id):
@@ -584,7 +631,7 @@ def _setup_context(ctx, inputs, output):
     _save(ctx, op_id, q, k, v, *output, w)
 
 
-def _backward(ctx, do, dden):
+def _backward(ctx, do, dden, do32):
     q, k, v, o, den, w = ctx.saved_tensors
     dq, dk, dv = torch.ops.attngen.linear_bwd(do, q, k, v, o, den, w, ctx.op_id)
     return dq, dk, dv, None, None
@@ -595,7 +642,7 @@ def _ensure_registered() -> None:
     with _REGISTER_LOCK:
         if _REGISTERED:
             return
-        fwd = _custom_op("linear_fwd", _fwd, _fwd_fake, "(Tensor q, Tensor k, Tensor v, Tensor? w, str op_id) -> (Tensor, Tensor)")
+        fwd = _custom_op("linear_fwd", _fwd, _fwd_fake, "(Tensor q, Tensor k, Tensor v, Tensor? w, str op_id) -> (Tensor, Tensor, Tensor)")
         _custom_op(
             "linear_bwd", _bwd, _bwd_fake,
             "(Tensor do, Tensor q, Tensor k, Tensor v, Tensor o, Tensor den, Tensor? w, str op_id) -> (Tensor, Tensor, Tensor)",

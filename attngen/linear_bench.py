@@ -46,14 +46,22 @@ def _fla_call(kernel, q, k, v) -> Callable[[], Any]:
     return run
 
 
-def run_linear_suite(*, dims=None, seqs=None, dtype_name: str = "bfloat16") -> dict:
+def run_linear_suite(*, dims=None, seqs=None, dtype_name: str = "bfloat16", blocks=None) -> dict:
     """Time forward and forward+backward of attngen and fla per (D, T) on the current GPU.
 
+    Args:
+        dims, seqs: head dims and sequence lengths (default :data:`DIMS`, :data:`SEQS`).
+        dtype_name: ``"bfloat16"`` etc.
+        blocks: ``(block_f, block_v)`` pairs: attngen is also timed with each forced
+            (:meth:`attngen.linear.LinearAttentionOp.set_blocks`), after its default launch.
+
     Returns:
-        ``{"meta": {...}, "rows": [...]}``; each row holds ``D, T, B, H, mode``, ``attngen_ms``
-        and ``fla_ms`` (None when fla is unavailable or its output differs) and ``fla``
-        (``"available"``, ``"unavailable: ..."`` or ``"wrong: ..."``); ``meta["launches"]``
-        maps each D to the launch each attngen kernel took (:class:`attngen.linear.LinearLaunch`).
+        ``{"meta": {...}, "rows": [...]}``; each row holds ``D, T, B, H, mode``, ``blocks``
+        (``"default"`` or ``"FxV"``), ``attngen_ms`` and ``fla_ms`` (None when fla is
+        unavailable or its output differs; one fla timing per case, repeated on its forced
+        rows) and ``fla`` (``"available"``, ``"unavailable: ..."`` or ``"wrong: ..."``);
+        ``meta["launches"]`` maps ``"D=.., blocks"`` to the launch each attngen kernel took
+        (:class:`attngen.linear.LinearLaunch`).
     """
     import torch
 
@@ -83,19 +91,29 @@ def run_linear_suite(*, dims=None, seqs=None, dtype_name: str = "bfloat16") -> d
                         theirs, fla_state = None, f"wrong: relative difference {err:.2e} from attngen"
                 except Exception as exc:  # a failing baseline is reported, never hidden
                     theirs, fla_state = None, f"failed: {type(exc).__name__}: {exc}"
-            for mode in ("fwd", "fwd+bwd"):
-                def timed(fn, mode=mode):
-                    if mode == "fwd":
-                        return lambda: fn()
-                    return lambda: torch.autograd.grad(fn(), (q, k, v), do)
 
-                rows.append({
-                    "D": d, "T": t, "B": b, "H": HEADS, "mode": mode,
-                    "attngen_ms": bench(timed(ours), grads=[q, k, v]),
-                    "fla_ms": bench(timed(theirs), grads=[q, k, v]) if theirs is not None else None,
-                    "fla": fla_state,
-                })  # fmt: skip
-            launches[d] = {name: _launch_text(op.launch_for(name, d, d, dtype, q.device)) for name in KERNELS}
+            def timed(fn, mode):
+                if mode == "fwd":
+                    return lambda: fn()
+                return lambda: torch.autograd.grad(fn(), (q, k, v), do)
+
+            fla_ms = {mode: bench(timed(theirs, mode), grads=[q, k, v]) if theirs is not None else None for mode in ("fwd", "fwd+bwd")}
+            for forced in (None, *(blocks or ())):
+                op.set_blocks(*(forced or (None,)))
+                label = "default" if forced is None else f"{forced[0]}x{forced[1]}"
+                try:
+                    if forced is not None and theirs is not None:  # the forced launch must give the same output
+                        with torch.no_grad():
+                            err = float((theirs().float() - ours().float()).abs().max()) / max(float(ref.abs().max()), 1e-30)
+                        if not err <= TOLERANCE:
+                            raise RuntimeError(f"wrong: relative difference {err:.2e} from fla")
+                    for mode in ("fwd", "fwd+bwd"):
+                        rows.append({"D": d, "T": t, "B": b, "H": HEADS, "mode": mode, "blocks": label,
+                                     "attngen_ms": bench(timed(ours, mode), grads=[q, k, v]), "fla_ms": fla_ms[mode], "fla": fla_state})
+                    launches[f"D={d}, {label}"] = {name: _launch_text(op.launch_for(name, d, d, dtype, q.device)) for name in KERNELS}
+                except Exception as exc:  # a forced launch that fails is reported, the others still run
+                    launches[f"D={d}, {label}"] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            op.set_blocks(None)
     meta = {"gpu": torch.cuda.get_device_name(), "dtype": dtype_name, "tokens": TOKENS, "spec": "linear_elu",
             "torch": torch.__version__, "launches": launches}  # fmt: skip
     return {"meta": meta, "rows": rows}
@@ -109,16 +127,17 @@ def report(result: dict) -> str:
         "",
         f"Causal elu(x) + 1 linear attention, normalised (`{meta['spec']}`), {meta['tokens']} tokens per batch, medians in ms.",
         "",
-        "| D | T | B | H | mode | attngen ms | fla ms | fla / attngen | fla |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| D | T | B | H | mode | attngen blocks | attngen ms | fla ms | fla / attngen | fla |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         fla_ms = f"{r['fla_ms']:.3f}" if r["fla_ms"] is not None else "—"
         ratio = f"{r['fla_ms'] / r['attngen_ms']:.2f}" if r["fla_ms"] is not None else "—"
-        lines.append(f"| {r['D']} | {r['T']} | {r['B']} | {r['H']} | {r['mode']} | {r['attngen_ms']:.3f} | {fla_ms} | {ratio} | {r['fla']} |")
+        lines.append(f"| {r['D']} | {r['T']} | {r['B']} | {r['H']} | {r['mode']} | {r.get('blocks', 'default')} | "
+                     f"{r['attngen_ms']:.3f} | {fla_ms} | {ratio} | {r['fla']} |")
     if meta.get("launches"):
         lines += ["", "attngen's launches:"]
-        lines += [f"- D = {d}: " + "; ".join(f"{name} {text}" for name, text in kernels.items()) for d, kernels in meta["launches"].items()]
+        lines += [f"- {key}: " + "; ".join(f"{name} {text}" for name, text in kernels.items()) for key, kernels in meta["launches"].items()]
     return "\n".join(lines)
 
 

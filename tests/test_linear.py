@@ -269,12 +269,12 @@ def test_linear_bench_reports_fla_unavailable_and_formats_rows():
         assert status.startswith("unavailable: ")
     rows = [{"D": 64, "T": 2048, "B": 8, "H": 16, "mode": "fwd", "attngen_ms": 0.5, "fla_ms": None, "fla": status},
             {"D": 64, "T": 2048, "B": 8, "H": 16, "mode": "fwd+bwd", "attngen_ms": 1.0, "fla_ms": 2.0, "fla": "available"}]  # fmt: skip
-    launches = {64: {"linear_fwd": "chunk 64, blocks 64x64, 3 stages"}}
+    launches = {"D=64, default": {"linear_fwd": "chunk 64, blocks 64x64, 3 stages"}}
     text = report({"meta": {"gpu": "H200", "dtype": "bfloat16", "tokens": 16384, "spec": "linear_elu", "launches": launches},
                    "rows": rows})  # fmt: skip
-    assert f"| 64 | 2048 | 8 | 16 | fwd | 0.500 | — | — | {status} |" in text
-    assert "| 64 | 2048 | 8 | 16 | fwd+bwd | 1.000 | 2.000 | 2.00 | available |" in text
-    assert "- D = 64: linear_fwd chunk 64, blocks 64x64, 3 stages" in text
+    assert f"| 64 | 2048 | 8 | 16 | fwd | default | 0.500 | — | — | {status} |" in text
+    assert "| 64 | 2048 | 8 | 16 | fwd+bwd | default | 1.000 | 2.000 | 2.00 | available |" in text
+    assert "- D=64, default: linear_fwd chunk 64, blocks 64x64, 3 stages" in text
 
 
 @pytest.mark.parametrize(
@@ -301,12 +301,18 @@ def test_features_and_value_columns_split_over_programs(monkeypatch, kind, mask,
 def test_launch_candidates_take_the_spec_chunks_then_the_fewest_programs():
     L = LinearLaunch
     elu = launch_candidates(attngen.compile("linear_elu").plan, 128, 128)  # chunks 64, 32, 16
-    assert elu[:6] == [L(64, 128, 128, 3), L(64, 128, 128, 2), L(64, 128, 64, 3), L(64, 128, 64, 2), L(64, 64, 128, 3),
-                       L(64, 64, 128, 2)]  # fmt: skip
-    assert elu[2 * len(elu) // 3] == L(64, 128, 128, 1) and elu[-1] == L(16, 16, 16, 1)  # then one stage
-    # taylor2 at D_QK = 16: 273 features in three blocks of 128; D_V = 256 in two blocks of 128
+    # blocks of at most 64 (MAX_STATE_BLOCK), the value block at least the feature block
+    assert elu[:6] == [L(64, 64, 64, 3), L(64, 64, 64, 2), L(64, 32, 64, 3), L(64, 32, 64, 2), L(64, 32, 32, 3),
+                       L(64, 32, 32, 2)]  # fmt: skip
+    assert elu[2 * len(elu) // 3] == L(64, 64, 64, 1) and elu[-1] == L(16, 16, 16, 1)  # then one stage
+    assert all(c.block_v >= c.block_f for c in elu)
+    # taylor2 at D_QK = 16: 273 features in five blocks of 64; D_V = 256 in four blocks of 64
     taylor = launch_candidates(attngen.compile("based_taylor").plan, 16, 256)  # chunks 32, 16
-    assert taylor[0] == L(32, 128, 128, 3) and taylor[0].blocks(273, 256) == (3, 2)
+    assert taylor[0] == L(32, 64, 64, 3) and taylor[0].blocks(273, 256) == (5, 4)
+    # a value head narrower than the features: its block is raised to the feature block's
+    narrow = launch_candidates(attngen.compile("linear_elu").plan, 33, 16)
+    assert narrow[0] == L(64, 64, 64, 3) and narrow[0].blocks(33, 16) == (1, 1)
+    assert {(c.block_f, c.block_v) for c in narrow} == {(64, 64), (32, 32), (16, 16)}
 
 
 def test_choose_launch_takes_the_first_candidate_whose_compiled_kernel_fits():

@@ -10,6 +10,11 @@ H200 at head-block floors 16 and 32, every case with BLOCK_DV < BLOCK_DQK failed
 the rest wrong o, or wrong dq and dk by up to 32), and every case whose blocks came out equal
 passed. The kernels now raise BLOCK_DV to at least BLOCK_DQK (attngen.tiles.head_blocks).
 
+The linear-attention cases share the pattern: programs of 64 features (D_QK = 33 or 80)
+against a value block of 16 (D_V = 16 or 5) raised illegal memory accesses; under the
+interpreter with the address sanitizer they read and write nothing outside their tensors.
+attngen.linear.launch_candidates now raises the value block to at least the feature block.
+
 A CUDA fault poisons the process, so each case replays in a fresh one (`fuzz --replay`).
 """
 
@@ -38,6 +43,17 @@ CASES = {
                            "dims": {"B": 2, "H": 8, "H_KV": 1, "T_Q": 71, "T_KV": 175, "D_QK": 24, "D_V": 8}, "dtype": "bfloat16", "layout": "expanded", "scale": 4.0, "seed": 1},
     "softmax_chunk8_dv8": {"spec": {"name": "fuzz", "mask": "(q // 8 <= k // 8) or (q // 8 <= k // 8)", "align": "bottom_right", "score": "s if q >= k else s - 1.0"},
                            "dims": {"B": 2, "H": 3, "H_KV": 3, "T_Q": 267, "T_KV": 228, "D_QK": 33, "D_V": 8}, "dtype": "float16", "layout": "bthd", "scale": 1.0, "seed": 22056},
+    # linear attention (second 2000-example run, 2026-11-30): feature block 64 or 128 against a value block of 16
+    "linear_relu_causal_dv16": {"spec": {"name": "fuzz", "normalizer": "linear", "feature_map": "relu", "mask": "k <= q", "normalize": False, "align": "bottom_right"},
+                                "dims": {"B": 1, "H": 1, "H_KV": 1, "T_Q": 1, "T_KV": 1, "D_QK": 33, "D_V": 16}, "dtype": "bfloat16", "layout": "contiguous", "scale": 4.0, "seed": 0},
+    "linear_relu_local7_dv5": {"spec": {"name": "fuzz", "normalizer": "linear", "feature_map": "relu", "mask": "q // 7 == k // 7 and k <= q", "normalize": False, "align": "top_left"},
+                               "dims": {"B": 2, "H": 1, "H_KV": 1, "T_Q": 290, "T_KV": 1, "D_QK": 80, "D_V": 5}, "dtype": "bfloat16", "layout": "bthd", "scale": 30.0, "seed": 0},
+    "linear_elu_causal_dv16": {"spec": {"name": "fuzz", "normalizer": "linear", "feature_map": "elu1", "mask": "k <= q", "normalize": True, "align": "bottom_right"},
+                               "dims": {"B": 1, "H": 1, "H_KV": 1, "T_Q": 2, "T_KV": 1, "D_QK": 33, "D_V": 16}, "dtype": "bfloat16", "layout": "contiguous", "scale": 1.0, "seed": 0},
+    "linear_elu_local4_dv16": {"spec": {"name": "fuzz", "normalizer": "linear", "feature_map": "elu1", "mask": "q // 4 == k // 4 and k <= q", "normalize": True, "align": "top_left"},
+                               "dims": {"B": 1, "H": 1, "H_KV": 1, "T_Q": 300, "T_KV": 53, "D_QK": 33, "D_V": 16}, "dtype": "bfloat16", "layout": "bthd", "scale": 4.0, "seed": 281},
+    "linear_elu_causal_h3_dv16": {"spec": {"name": "fuzz", "normalizer": "linear", "feature_map": "elu1", "mask": "k <= q", "normalize": True, "align": "bottom_right"},
+                                  "dims": {"B": 1, "H": 3, "H_KV": 3, "T_Q": 64, "T_KV": 31, "D_QK": 33, "D_V": 16}, "dtype": "bfloat16", "layout": "bthd", "scale": 4.0, "seed": 6544},
 }  # fmt: skip
 
 
@@ -56,7 +72,7 @@ def test_fuzz_case_found_on_the_h200_runs_and_matches(name, switch, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the subprocess test above runs these")
-@pytest.mark.parametrize("name", ["softmax_line_dv5", "sigmoid_mod2_dv5"])
+@pytest.mark.parametrize("name", ["softmax_line_dv5", "sigmoid_mod2_dv5", "linear_relu_causal_dv16", "linear_elu_causal_dv16"])
 def test_the_smallest_h200_fault_cases_match_the_reference_under_the_interpreter(name):
     from attngen.strategies import Case, run_case
 

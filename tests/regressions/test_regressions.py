@@ -246,3 +246,29 @@ def test_the_error_floor_covers_a_few_roundings_of_the_output():
         x = 1.0 + 1.5 * torch.finfo(dtype).eps  # halfway between two neighbours: off by half an ulp either way
         assert abs(torch.tensor(x, dtype=torch.float64).to(dtype).double().item() - x) <= FLOOR[dtype]
         assert FLOOR[dtype] == 4 * unit_roundoff
+
+
+@pytest.mark.parametrize("mask", ["k <= q", None], ids=["causal", "noncausal"])
+def test_linear_attention_with_one_key_has_zero_query_and_key_gradients_in_bf16(mask):
+    # Found by `attngen fuzz --random --device cuda` on the H200: normalised elu+1 linear
+    # attention in bf16 with a single key (T_Q = T_KV = 1, D_QK = 8, D_V = 80). Then o = v and
+    # dq = dk = 0 exactly, as the numerator's and the denominator's terms cancel; the kernels
+    # left dk at 1.9e-2, over the bf16 bound, because the two sides were rounded differently:
+    # the numerator's dot read the scores, features, dnum and the state in bf16 while the
+    # denominator summed them in float32, and the backward's do . o read o rounded to bf16.
+    # Both sides now read the same values (attngen/linear.py, templates/linear.py.j2).
+    spec = {"name": "one_key", "normalizer": "linear", "feature_map": "elu1", "mask": mask, "normalize": True}
+    op = attngen.compile(spec)
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 1, 1, 8, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    v = torch.randn(1, 1, 1, 80, generator=gen).to(DEVICE, torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = op(*leaves)
+    do = torch.randn(o.shape, generator=gen).to(DEVICE, torch.bfloat16)
+    dq, dk, dv = torch.autograd.grad(o, leaves, do)
+    # o = v a / (a + eps) with a = phi(q) . phi(k) >= 0: within bf16 rounding of v
+    assert torch.allclose(o.float(), v.float(), rtol=2**-7, atol=0)
+    # the exact gradients are 0 (up to eps = 1e-6 against a ~ 1); before the fix |dk| reached 1.9e-2
+    assert dq.abs().max() < 1e-4 and dk.abs().max() < 1e-4, (dq.abs().max(), dk.abs().max())
+    # dv = do * a / (a + eps): do itself, up to the bf16 roundings of do / (a + eps), a and dv
+    assert torch.allclose(dv.float(), do.float(), rtol=2**-5, atol=0)
