@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--max-t", type=int, default=None, help="longest T_Q / T_KV drawn (default 300 on a GPU, 64 on the CPU)")
     fuzz.add_argument("--replay", default=None, help="run one reproduction file written by a failing fuzz run")
     fuzz.add_argument("--jobs", type=int, default=1, metavar="N",
-                      help="split the examples over N processes (worker i draws with seed SEED+i); kernel compiles dominate a GPU run")
+                      help="split the examples over N processes (worker i draws with seed SEED+i; on a GPU host the workers take the "
+                           "visible GPUs in turn); kernel compiles dominate a GPU run")
     fuzz.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     tune = sub.add_parser("tune", help="tune a spec's kernels for this GPU and cache the winners")
@@ -520,6 +521,20 @@ def _fuzz_commands(args, device: str) -> list[list[str]]:
     ]
 
 
+def _worker_envs(device: str, n: int) -> list[dict[str, str]]:
+    """The environments of ``n`` fuzz workers. CPU workers interpret the kernels: Triton reads
+    ``TRITON_INTERPRET`` when it loads, so each worker gets it from the start (this process
+    may have imported Triton without it). GPU workers take the visible GPUs in turn (worker
+    ``i`` sees only GPU ``i mod count`` of ``CUDA_VISIBLE_DEVICES``, or of all GPUs)."""
+    if device == "cpu":
+        return [{**os.environ, "TRITON_INTERPRET": "1"} for _ in range(n)]
+    import torch
+
+    visible = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    gpus = visible or [str(i) for i in range(max(1, torch.cuda.device_count()))]
+    return [{**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(n)]
+
+
 def _fuzz_parallel(args, device: str) -> int:
     """Run ``fuzz --jobs N``: N worker processes, one progress bar, each worker's report."""
     import subprocess
@@ -552,11 +567,10 @@ def _fuzz_parallel(args, device: str) -> int:
                 if plain and done[0] % max(1, args.examples // 10) == 0:
                     print(f"fuzz: {done[0]}/{args.examples} examples passed, {time.perf_counter() - start:.0f} s", flush=True)
 
-    # CPU workers interpret the kernels: Triton reads TRITON_INTERPRET when it loads, so each
-    # worker gets it from the start (this process may have imported Triton without it)
-    env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "cpu" else None
+    envs = _worker_envs(device, len(commands))
     with progress:
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for cmd in commands]
+        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                 for cmd, env in zip(commands, envs)]  # fmt: skip
         threads = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
         for t in threads:
             t.start()

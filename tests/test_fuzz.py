@@ -63,6 +63,15 @@ def test_fuzz_jobs_split_the_examples_and_seed_each_worker_apart():
     assert [c[4] for c in _fuzz_commands(args, "cpu")] == ["causal", "causal"]
 
 
+def test_fuzz_workers_take_the_visible_gpus_in_turn(monkeypatch):
+    from attngen.cli import _worker_envs
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in _worker_envs("cuda", 5)] == ["2", "5", "2", "5", "2"]
+    cpu = _worker_envs("cpu", 2)
+    assert all(e["TRITON_INTERPRET"] == "1" and e["CUDA_VISIBLE_DEVICES"] == "2,5" for e in cpu)
+
+
 @pytest.mark.parametrize(
     "device",
     [pytest.param("cpu", marks=pytest.mark.skipif(INTERPRETER_BROKEN is not None, reason=str(INTERPRETER_BROKEN))),
