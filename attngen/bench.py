@@ -134,6 +134,8 @@ def run_suite(suite: str, *, out: Path | None, modes=("fwd", "fwd+bwd"), variant
         "command": command or command_line(),
         "dtype": "bfloat16",
         "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",
+        # the cases asked for (None: all of the suite's), so the report lists only those it missed
+        "selection": {"variants": variants, "dims": dims, "seqs": seqs},
     }
     rows: list[dict] = []
     done: set[tuple] = set()
@@ -244,11 +246,12 @@ def _cases(suite: str, variants=None, dims=None, seqs=None):
                 yield name, d, t, max(1, TOKENS // t), 2048 // d
 
 
-def _suite_keys(suite: str | None) -> list[tuple[str, int, int]]:
-    """``(variant, D, T)`` of every case of a named suite (none for an unknown name)."""
+def _suite_keys(suite: str | None, selection: dict | None = None) -> list[tuple[str, int, int]]:
+    """``(variant, D, T)`` of every case of a named suite (none for an unknown name), or of
+    the cases a run selected (``{"variants": ..., "dims": ..., "seqs": ...}``, None for all)."""
     if suite not in SUITES:
         return []
-    return [(name, d, t) for name, d, t, _, _ in _cases(suite)]
+    return [(name, d, t) for name, d, t, _, _ in _cases(suite, **(selection or {}))]
 
 
 def _case_inputs(var: Variant, b: int, h: int, t: int, d: int, device: str):
@@ -444,7 +447,7 @@ def markdown(result: dict) -> str:
         comp_s = f"{comp['cold_compile_s']} s / {comp['warm_compile_ms']} ms" if comp else "—"
         lines.append(f"| {variant} | {d} | {t} | {density if density is not None else '—'} | " + " | ".join(vals) + f" | {ratio} | {comp_s} |")
     suite = meta.get("suite") or next(iter(re.findall(r"--suite[ =](\w+)", meta.get("command", ""))), None)
-    missing = [c for c in _suite_keys(suite) if c not in set(keys)]
+    missing = [c for c in _suite_keys(suite, meta.get("selection")) if c not in set(keys)]
     if missing:
         lines += ["", f"Not measured ({len(missing)} of the suite's cases; the run stopped first, `--resume` adds them): "
                   + ", ".join(f"{v} D={d} T={t}" for v, d, t in missing) + "."]

@@ -75,6 +75,11 @@ def test_markdown_names_the_suite_cases_a_stopped_run_did_not_measure():
         {"system": "attngen", "variant": v, "D": 128, "T": 16384, "mode": "compile", "ms": None, "tflops": None, "status": "ok",
          "cold_compile_s": 1.0, "warm_compile_ms": 1.0} for v in ("causal", "sliding_window", "document", "prefix_lm", "strided")]}
     assert "Not measured" not in markdown(done)
+    # a run that asked for D=128 only does not count the D=64 cases as missed
+    sigmoid = {"meta": {**RESULT["meta"], "suite": "sigmoid", "selection": {"variants": None, "dims": [128], "seqs": None}},
+               "rows": []}
+    line = next(x for x in markdown(sigmoid).splitlines() if x.startswith("Not measured"))
+    assert "D=128" in line and "D=64" not in line
 
 
 def test_decode_suite_builds_a_paged_cache_equal_to_the_contiguous_one():

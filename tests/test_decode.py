@@ -378,8 +378,9 @@ def test_random_specs_and_caches_match_the_reference(mask, score, align, group, 
 
 
 def test_choose_num_splits():
-    assert choose_num_splits(programs=8, n_tiles=1000, processors=132) == 33  # two waves
-    assert choose_num_splits(programs=64, n_tiles=1000, processors=132) == 5
+    assert choose_num_splits(programs=8, n_tiles=1000, processors=132) == 33  # two waves, 264 programs
+    assert choose_num_splits(programs=64, n_tiles=1000, processors=132) == 4  # 256: the second wave nearly full
+    assert choose_num_splits(programs=100, n_tiles=1000, processors=132) == 2
     assert choose_num_splits(programs=8, n_tiles=6, processors=132) == 3  # at least 2 tiles a split
     assert choose_num_splits(programs=1, n_tiles=10**6, processors=132) == MAX_SPLITS
     assert choose_num_splits(programs=256, n_tiles=1000, processors=132) == 1  # one wave already
