@@ -113,9 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--suite", choices=("anchors", "sparse", "sigmoid", "long", "ring", "recompute", "llama", "decode", "linear"), default="anchors")
     bench.add_argument("--gpus", type=int, default=2, help="ring suite: GPUs (processes) the sequence is sharded over")
     bench.add_argument("--out", default=None, help="write NAME.json, NAME.md and NAME-d<D>.png here (e.g. docs/benchmarks)")
-    bench.add_argument("--variants", nargs="+", default=None)
-    bench.add_argument("--dims", type=int, nargs="+", default=None)
-    bench.add_argument("--seqs", type=int, nargs="+", default=None)
+    bench.add_argument("--variants", nargs="+", default=None, help="only these variants of the suite (default: all)")
+    bench.add_argument("--dims", type=int, nargs="+", default=None, help="only these head dims (default: the suite's)")
+    bench.add_argument("--seqs", type=int, nargs="+", default=None, help="only these sequence lengths (default: the suite's)")
     bench.add_argument("--name", default=None, help="file stem of the outputs under --out (default: the suite's name), e.g. h200")
     bench.add_argument("--resume", action="store_true", help="keep and skip the cases already in OUT/NAME.json (run a long suite in pieces)")
     bench.add_argument("--warm-jobs", type=int, default=0, metavar="N",
@@ -280,8 +280,10 @@ def _show_linear(compiled, source: bool) -> int:
         print(f"plan.{key} = {value}")
     path = write_kernel(compiled.spec.name, compiled.rendered)
     print("\n# rendered kernels")
-    for name in ("linear_fwd", "linear_bwd_prep", "linear_bwd_dq", "linear_bwd_dkdv"):
-        print(f"  {name:<24} {path}")
+    kernels = ("linear_fwd", "linear_bwd_prep", "linear_bwd_dq", "linear_bwd_dkdv", "linear_state_fwd", "linear_state_bwd")
+    for name in kernels:  # the prep kernel only with normalize, the state kernels only for causal walks
+        if f"def {name}(" in compiled.rendered.source:
+            print(f"  {name:<24} {path}")
     if source:
         print()
         print(compiled.rendered.source)

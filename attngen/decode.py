@@ -174,13 +174,19 @@ def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query
     if bad.any():
         b = int(bad.nonzero()[0])
         raise ShapeError(f"query_lens: sequence {b} has {int(qlens[b])} new tokens; each must be from 0 to q's T_Q={T_Q}")
-    bad = (lens < qlens) | (lens > capacity)
-    if bad.any():
-        b = int(bad.nonzero()[0])
+    over = lens > capacity
+    if over.any():
+        b = int(over.nonzero()[0])
         raise ShapeError(
-            f"cache_seqlens: sequence {b} has {int(lens[b])} cached positions but {int(qlens[b])} new tokens and room for "
-            f"{capacity}; append the new tokens' keys and values to the cache first, so that "
-            f"query_lens[b] <= cache_seqlens[b] <= {capacity}"
+            f"cache_seqlens: sequence {b} has {int(lens[b])} cached positions but the cache holds {capacity} per sequence; "
+            f"pass the number of positions filled, at most {capacity}, or a larger cache"
+        )
+    short = lens < qlens
+    if short.any():
+        b = int(short.nonzero()[0])
+        raise ShapeError(
+            f"cache_seqlens: sequence {b} has {int(lens[b])} cached positions but {int(qlens[b])} new token(s); append "
+            f"the new tokens' keys and values to the cache first, so that query_lens[b] <= cache_seqlens[b]"
         )
     if paged:
         used = torch.arange(block_table.shape[1]) < ((lens + page_size - 1) // page_size)[:, None]

@@ -397,8 +397,8 @@ def test_decode_errors_name_the_argument_and_the_fix():
     cases = [
         (dict(cache_seqlens=lens.long()), r"cache_seqlens: dtype int64; pass cache_seqlens.to\(torch.int32\)"),
         (dict(cache_seqlens=lens[:1]), r"cache_seqlens: expected shape \[B\] = \[2\], got \[1\]"),
-        (dict(cache_seqlens=torch.tensor([2, 20], dtype=torch.int32, device=DEVICE)), r"cache_seqlens: sequence 0 has 2 cached positions but 3 new tokens.*append"),
-        (dict(cache_seqlens=torch.tensor([10, 41], dtype=torch.int32, device=DEVICE)), r"cache_seqlens: sequence 1 has 41 cached positions.*room for 40"),
+        (dict(cache_seqlens=torch.tensor([2, 20], dtype=torch.int32, device=DEVICE)), r"cache_seqlens: sequence 0 has 2 cached positions but 3 new token\(s\); append"),
+        (dict(cache_seqlens=torch.tensor([10, 41], dtype=torch.int32, device=DEVICE)), r"cache_seqlens: sequence 1 has 41 cached positions but the cache holds 40 per sequence; pass the number"),
         (dict(q=torch.randn(2, 4, 17, 16, device=DEVICE)), r"q: T_Q=17 new tokens per sequence; decode takes 1 to 16"),
         (dict(q=q.double()), r"q: dtype float64 is not supported"),
         (dict(k_cache=k.half()), r"k_cache: dtype float16 differs from q's float32"),
