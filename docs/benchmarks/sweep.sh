@@ -50,6 +50,8 @@ EOF
 correctness() {
     step replays replays
     step zoo $PY -m attngen zoo --shape 2,8,2,1000,128 --dims 128 80 64 --jobs 12
+    # one new token per sequence for the normalisers without a softmax (T = 1)
+    step zoo_t1 $PY -m attngen zoo --spec linear_elu linear_relu based_taylor performer sigmoid_causal --shape 2,8,2,1,128 --dims 128 80 64 --dtype bf16 fp32 --jobs 12
     step pytest $PY -m pytest -q -n 8 -p no:cacheprovider tests
     step fuzz $PY -m attngen fuzz --random --examples 2000 --jobs 14 --device cuda --seed 0
 }
@@ -58,7 +60,8 @@ benchmarks() {
     step decode $PY -m attngen bench --suite decode --out "$R"
     step recompute $PY -m attngen bench --suite recompute --out "$R"
     step sigmoid $PY -m attngen bench --suite sigmoid --out "$R"
-    step linear $PY -m attngen bench --suite linear --out "$R"
+    # the shape (B=1, H=16, T=16384, D=128) next to the suite's, and one other block shape
+    step linear $PY -m attngen bench --suite linear --seqs 2048 8192 16384 --blocks 32x32 --out "$R"
     step llama $PY -m attngen bench --suite llama --out "$R"
     step sparse $PY -m attngen bench --suite sparse --out "$R" --name sparse
     step tune $PY -m attngen tune causal --gpu-shapes 1,16,16,16384,128
