@@ -45,6 +45,9 @@ def _blocks(text: str) -> tuple[int, int]:
     for b in (f, v):
         if b < 16 or b > 128 or b & (b - 1):
             raise argparse.ArgumentTypeError(f"{text!r}: blocks are powers of two from 16 to 128")
+    if v < f:
+        raise argparse.ArgumentTypeError(f"{text!r}: the value block may not be narrower than the feature block "
+                                         "(such launches raised illegal memory accesses on the H200)")
     return f, v
 
 
@@ -414,15 +417,17 @@ def _fuzz(args) -> int:
         raise UsageError("name a SPEC to fuzz its shapes, or pass --random to draw specs too")
     if args.jobs < 1 or args.examples < 1:
         raise UsageError(f"--jobs {args.jobs}, --examples {args.examples}: both must be at least 1")
-    if args.jobs > 1:
-        return _fuzz_parallel(args, device)
+    if args.max_t is not None and args.max_t < 1:
+        raise UsageError(f"--max-t {args.max_t}: the longest T_Q / T_KV drawn must be at least 1")
     spec = None
-    if args.spec:
+    if args.spec:  # loaded here, so a bad spec is a usage error before any worker starts
         from .schema import load_spec
 
         spec = load_spec(args.spec).to_dict()
+    if args.jobs > 1:
+        return _fuzz_parallel(args, device)
     dtypes = [DTYPES[d] for d in (args.dtype or (["bf16", "fp16"] if device == "cuda" else ["fp32"]))]
-    max_t = args.max_t or (300 if device == "cuda" else 64)
+    max_t = args.max_t if args.max_t is not None else (300 if device == "cuda" else 64)
     failures: list[tuple[Case, str]] = []
     start = time.perf_counter()
     progress = Progress(TextColumn("fuzz"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
@@ -641,6 +646,8 @@ def _bench(args) -> int:
     if args.resume and not args.out:
         raise UsageError("--resume needs --out DIR: the suite's JSON there (NAME.json) says which cases are done")
     _pick_device("cuda", "bench")
+    if args.blocks and args.suite != "linear":
+        raise UsageError(f"--blocks: only the linear suite forces linear-attention blocks, not --suite {args.suite}")
     if args.suite == "long":
         print(bench.long_window())
         return 0

@@ -15,6 +15,7 @@ Decoding is inference only: it records no autograd graph.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,7 @@ def _int32_vector(name: str, t: Any, B: int, device: torch.device) -> torch.Tens
         raise ShapeError(f"{name}: expected shape [B] = [{B}], got {list(t.shape)}")
     if t.device != device:
         raise ShapeError(f"{name}: on {t.device} but q is on {device}; move it with {name}.to(q.device)")
-    return t
+    return t.contiguous()  # the kernel reads element b at offset b (a strided or expanded view is copied)
 
 
 def check_decode_call(op, q, k_cache, v_cache, cache_seqlens, block_table, query_lens, inputs,
@@ -244,8 +245,14 @@ def decode_launch(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, n
     if num_splits is None:
         processors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 1
         num_splits = choose_num_splits(B * H_KV * row_blocks, -(-call.max_seqlen // cfg.block_kv), processors)
-    elif isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ShapeError(f"num_splits: {num_splits!r}; pass a positive int, or None to choose from the cache length")
+    else:
+        num_splits_arg = num_splits
+        try:
+            num_splits = operator.index(num_splits) if not isinstance(num_splits, bool) else 0
+        except TypeError:
+            num_splits = 0
+        if num_splits < 1:
+            raise ShapeError(f"num_splits: {num_splits_arg!r}; pass a positive int, or None to choose from the cache length")
     scale = op.scale_for(D_QK)
     block_dqk, block_dv = head_blocks(D_QK, D_V)
     if call.page_size:  # [num_blocks, block_size, H_KV, D]: page, head, slot, dim
@@ -263,7 +270,7 @@ def decode_launch(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, n
         *q.stride(), *kv_strides, *bt_strides,
     ]
     # the kernel never reads past the cache, whatever the values of cache_seqlens and the block
-    # table (clamped to the capacity, pages outside the pool read as absent keys)
+    # table (clamped to the capacity; pages outside the pool are not dereferenced, their positions read as zeros)
     constexprs = dict(
         GROUP=group, BOTTOM_RIGHT=op.spec.align == "bottom_right",
         D_QK=D_QK, D_V=D_V, BLOCK_R=cfg.block_q, BLOCK_KV=cfg.block_kv,

@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import numbers
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,6 +267,19 @@ class LinearAttentionOp:
     def __repr__(self) -> str:
         return f"LinearAttentionOp({self.spec.name!r}, kernels={str(self.kernel_file)!r})"
 
+    def decode(self, *args, **kwargs):
+        """Not available: split-KV decoding merges partial results by their log-sum-exp,
+        which linear attention does not have.
+
+        Raises:
+            UnsupportedError: always, naming what to call instead.
+        """
+        raise UnsupportedError(
+            f"decode: spec {self.spec.name!r} uses the linear normaliser; split-KV decoding merges partial results "
+            "by their log-sum-exp, which only softmax attention has. Call the operator itself on the valid part of "
+            "the cache: op(q, k_cache[:, :, :n], v_cache[:, :, :n])"
+        )
+
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
         if return_lse:
             raise UnsupportedError("return_lse: linear attention has no log-sum-exp; call without return_lse")
@@ -323,15 +337,19 @@ class LinearAttentionOp:
         For measuring launches against each other (``bench --suite linear --blocks``).
 
         Raises:
-            ValueError: a block that is not a power of two from 16 to 128.
+            ValueError: a block that is not a power of two from 16 to 128, or a value block
+                narrower than the feature block.
         """
         if block_f is None:
             self._blocks = None
         else:
             for name, b in (("block_f", block_f), ("block_v", block_v)):
-                if not isinstance(b, int) or b < 16 or b > 128 or b & (b - 1):
+                if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 16 or b > 128 or b & (b - 1):
                     raise ValueError(f"{name}={b!r}: pass a power of two from 16 to 128")
-            self._blocks = (block_f, block_v)
+            if block_v < block_f:
+                raise ValueError(f"block_v={block_v} < block_f={block_f}: the value block may not be narrower than the "
+                                 "feature block (such launches raised illegal memory accesses on the H200)")
+            self._blocks = (int(block_f), int(block_v))
         self._launches.clear()
 
     def _fixed(self, w, q) -> torch.Tensor | None:

@@ -211,7 +211,8 @@ class AttentionOp:
                 serving loop, where that synchronisation would stall the host; the check is
                 also skipped while a CUDA graph is being captured. Without it, bad values give
                 wrong rows but never a read outside the cache: lengths are clamped to the
-                cache's capacity, and block-table entries outside the pool read as absent keys.
+                cache's capacity, and block-table entries outside the pool are never dereferenced
+                (their positions read as zero keys and values).
             **inputs: the spec's runtime inputs; a declared ``T_KV`` dimension is the cache's
                 capacity (``T_max``, or ``max_blocks * block_size``), indexed by position.
 

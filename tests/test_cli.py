@@ -62,6 +62,10 @@ def test_usage_errors_say_what_to_change():
         (("run", "causal", "--device", "cpu", "--doc-len", "4"), "has no integer runtime input"),
         (("run", "document", "--device", "cpu", "--doc-len", "0"), "at least 1 token"),
         (("show", "causal", "--png", "map.png"), "add --tiles"),
+        # a bad spec or bound is a usage error before any fuzz worker starts
+        (("fuzz", "missing.yaml", "--jobs", "2", "--device", "cpu"), "no such spec file"),
+        (("fuzz", "--random", "--max-t", "0", "--device", "cpu"), "--max-t 0"),
+        (("bench", "--suite", "linear", "--blocks", "64x16"), "may not be narrower"),
     ):
         res = run_cli(*args)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)

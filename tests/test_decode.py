@@ -438,3 +438,37 @@ def test_merge_splits_equals_pairwise_merges():
     assert torch.all(got_o[1, 2] == 0) and got_lse[1, 2] == -math.inf and torch.isfinite(got_o).all()
     finite = torch.isfinite(want_lse)
     assert torch.allclose(got_lse[finite], torch.logsumexp(lse, dim=-1)[finite])
+
+
+def test_length_vectors_may_be_strided_or_expanded_views():
+    # cache_seqlens and query_lens are read element by element from their start: a strided or
+    # stride-0 view of them is copied first, so it gives what the plain tensor gives
+    lens = torch.tensor([45, 0, 100, 0], dtype=torch.int32, device=DEVICE)[::2]
+    qlens = torch.tensor([2, 3], dtype=torch.int32, device=DEVICE).unsqueeze(1).expand(2, 2)[:, 0]
+    assert not lens.is_contiguous()
+    op = attngen.compile("causal")
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 4, 3, 16, generator=gen).to(DEVICE)
+    k, v = make_cache(2, 2, 107, 16, (45, 100), gen=gen)
+    with torch.no_grad():
+        for validate in (True, False):
+            got = op.decode(q, k, v, lens, query_lens=qlens, validate=validate)
+            want = op.decode(q, k, v, lens.contiguous(), query_lens=qlens.contiguous(), validate=validate)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    same = torch.full((2,), 45, dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        got = op.decode(q, k, v, torch.tensor([45], dtype=torch.int32, device=DEVICE).expand(2), validate=False)
+        assert torch.equal(got[0], op.decode(q, k, v, same)[0])
+
+
+def test_a_linear_op_has_no_decode():
+    op = attngen.compile("linear_elu")
+    with pytest.raises(UnsupportedError, match="decode: spec 'linear_elu' uses the linear normaliser"):
+        op.decode(None, None, None, None)
+
+
+def test_num_splits_takes_any_integer_type():
+    import numpy as np
+
+    got = run_case("causal", num_splits=np.int64(3))
+    assert torch.allclose(got[0], run_case("causal", num_splits=3)[0])

@@ -517,3 +517,13 @@ def test_segment_count_policy_and_errors():
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="segments="):
             op.set_segments(bad)
+
+
+def test_set_blocks_refuses_value_blocks_narrower_than_the_features():
+    op = attngen.compile("linear_elu")
+    with pytest.raises(ValueError, match="block_v=16 < block_f=64"):
+        op.set_blocks(64, 16)
+    with pytest.raises(ValueError, match="block_f=48"):
+        op.set_blocks(48, 64)
+    op.set_blocks(32, 128)
+    op.set_blocks(None)
