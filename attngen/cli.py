@@ -645,9 +645,9 @@ def _bench(args) -> int:
 
     if args.resume and not args.out:
         raise UsageError("--resume needs --out DIR: the suite's JSON there (NAME.json) says which cases are done")
-    _pick_device("cuda", "bench")
-    if args.blocks and args.suite != "linear":
+    if args.blocks and args.suite != "linear":  # before the GPU check: a mistake on any machine
         raise UsageError(f"--blocks: only the linear suite forces linear-attention blocks, not --suite {args.suite}")
+    _pick_device("cuda", "bench")
     if args.suite == "long":
         print(bench.long_window())
         return 0

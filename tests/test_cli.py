@@ -66,6 +66,7 @@ def test_usage_errors_say_what_to_change():
         (("fuzz", "missing.yaml", "--jobs", "2", "--device", "cpu"), "no such spec file"),
         (("fuzz", "--random", "--max-t", "0", "--device", "cpu"), "--max-t 0"),
         (("bench", "--suite", "linear", "--blocks", "64x16"), "may not be narrower"),
+        (("bench", "--suite", "anchors", "--blocks", "64x64"), "only the linear suite"),
     ):
         res = run_cli(*args)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
