@@ -37,18 +37,17 @@ def _params(pairs: Sequence[str]) -> dict[str, int | float]:
 
 
 def _blocks(text: str) -> tuple[int, int]:
-    """``FxV`` -> ``(F, V)``, two powers of two from 16 to 128."""
+    """``FxV`` -> ``(F, V)``, checked as :func:`attngen.linear.check_blocks` checks them."""
+    from .linear import check_blocks
+
     try:
         f, v = (int(x) for x in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected FxV, e.g. 64x64") from None
-    for b in (f, v):
-        if b < 16 or b > 128 or b & (b - 1):
-            raise argparse.ArgumentTypeError(f"{text!r}: blocks are powers of two from 16 to 128")
-    if v < f:
-        raise argparse.ArgumentTypeError(f"{text!r}: the value block may not be narrower than the feature block "
-                                         "(such launches raised illegal memory accesses on the H200)")
-    return f, v
+    try:
+        return check_blocks(f, v)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
 
 
 def _shape(text: str) -> dict[str, int]:

@@ -15,7 +15,7 @@ Decoding is inference only: it records no autograd graph.
 from __future__ import annotations
 
 import math
-import operator
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,14 +245,9 @@ def decode_launch(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, n
     if num_splits is None:
         processors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 1
         num_splits = choose_num_splits(B * H_KV * row_blocks, -(-call.max_seqlen // cfg.block_kv), processors)
-    else:
-        num_splits_arg = num_splits
-        try:
-            num_splits = operator.index(num_splits) if not isinstance(num_splits, bool) else 0
-        except TypeError:
-            num_splits = 0
-        if num_splits < 1:
-            raise ShapeError(f"num_splits: {num_splits_arg!r}; pass a positive int, or None to choose from the cache length")
+    elif isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 1:
+        raise ShapeError(f"num_splits: {num_splits!r}; pass a positive int, or None to choose from the cache length")
+    num_splits = int(num_splits)
     scale = op.scale_for(D_QK)
     block_dqk, block_dv = head_blocks(D_QK, D_V)
     if call.page_size:  # [num_blocks, block_size, H_KV, D]: page, head, slot, dim

@@ -38,7 +38,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -343,13 +343,7 @@ class LinearAttentionOp:
         if block_f is None:
             self._blocks = None
         else:
-            for name, b in (("block_f", block_f), ("block_v", block_v)):
-                if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 16 or b > 128 or b & (b - 1):
-                    raise ValueError(f"{name}={b!r}: pass a power of two from 16 to 128")
-            if block_v < block_f:
-                raise ValueError(f"block_v={block_v} < block_f={block_f}: the value block may not be narrower than the "
-                                 "feature block (such launches raised illegal memory accesses on the H200)")
-            self._blocks = (int(block_f), int(block_v))
+            self._blocks = check_blocks(block_f, block_v)
         self._launches.clear()
 
     def _fixed(self, w, q) -> torch.Tensor | None:
@@ -435,6 +429,9 @@ class LinearAttentionOp:
         runtime = [H, T_Q, k.shape[2], position_offset(self.spec, T_Q, k.shape[2]), feature_scale(self.spec, D_QK), self.plan.eps]
         inputs = [*q.stride(), *k.stride(), *v.stride()]
         s0, z0 = init if init is not None else (den, den)  # unread placeholders with one segment
+        if name not in ("linear_fwd", "linear_state_fwd"):  # the kernels that read the output gradient
+            do = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device) if do is None else do
+            dden = den if dden is None else dden
         save_o32 = False
         if name in ("linear_state_fwd", "linear_state_bwd"):
             width_f, width_v = n_f * launch.block_f, n_v * launch.block_v
@@ -443,8 +440,7 @@ class LinearAttentionOp:
             if name == "linear_state_fwd":
                 args = [q, k, v, den, fw, *outputs, *inputs, *runtime]
             else:
-                do = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device) if do is None else do
-                args = [q, k, v, den, fw, den if dden is None else dden, do, *outputs, *inputs, *do.stride(), *runtime]
+                args = [q, k, v, den, fw, dden, do, *outputs, *inputs, *do.stride(), *runtime]
         elif name == "linear_fwd":
             if n_f == 1:  # o is final: normalised in the kernel
                 o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
@@ -457,8 +453,6 @@ class LinearAttentionOp:
             args = [q, k, v, den_out, fw, slices, o32 if save_o32 else slices, s0, z0, *inputs, *slices.stride(), *runtime]
             outputs = (o, den_out, o32)
         else:
-            do = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device) if do is None else do
-            dden = den if dden is None else dden
             group = H // k.shape[1]
             shares = n_v if self.plan.elementwise else n_f * n_v  # slices of dq and dk
             if name == "linear_bwd_dq":
@@ -546,16 +540,11 @@ class LinearAttentionOp:
         float32; the host takes the exclusive prefix sum over the segments (suffix sum for
         the reverse walk), which is the walk's state where the segment begins.
         """
-        state = "linear_state_bwd" if name == "linear_bwd_dkdv" else "linear_state_fwd"
+        reverse = name == "linear_bwd_dkdv"  # the later segments' queries: a suffix sum
+        state = "linear_state_bwd" if reverse else "linear_state_fwd"
         grid, args, constexprs, (ds, dz) = self.kernel_arguments(state, launch, q, k, v, n_seg=n_seg, **tensors)
         self.kernel(state, q.device)[grid](*args, **constexprs)
-        if state == "linear_state_bwd":  # the later segments' queries: a suffix sum
-            ds, dz = ds.flip(0), dz.flip(0)
-        s0, z0 = torch.zeros_like(ds), torch.zeros_like(dz)
-        s0[1:], z0[1:] = torch.cumsum(ds[:-1], 0), torch.cumsum(dz[:-1], 0)
-        if state == "linear_state_bwd":
-            s0, z0 = s0.flip(0).contiguous(), z0.flip(0).contiguous()
-        return s0, z0
+        return _exclusive_sum(ds, reverse), _exclusive_sum(dz, reverse)
 
     def set_segments(self, n: int | None) -> None:
         """Make causal kernels split the sequence into ``n`` segments (at most one per chunk),
@@ -564,7 +553,7 @@ class LinearAttentionOp:
         Raises:
             ValueError: ``n`` is not a positive int.
         """
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise ValueError(f"segments={n!r}: pass a positive int, or None to choose per call")
         self._segments = n
 
@@ -642,6 +631,32 @@ def shared_memory_estimate(plan: LinearPlan, name: str, d_qk: int, d_v: int, dty
     mm32 = 0 if plan.elementwise else 4 * (C * X + X * F)
     dot_bytes = 2 if dtype == torch.bfloat16 else 4
     return int(0.9 * (launch.num_stages - 1) * tiles * dtype.itemsize + 0.8 * operands * dot_bytes + 0.9 * mm32)
+
+
+def check_blocks(block_f: Any, block_v: Any) -> tuple[int, int]:
+    """``(block_f, block_v)`` as ints, if both are powers of two from 16 to 128 and the value
+    block is at least the feature block (:meth:`LinearAttentionOp.set_blocks`, ``bench
+    --blocks``).
+
+    Raises:
+        ValueError: naming the block and what it must be.
+    """
+    for name, b in (("block_f", block_f), ("block_v", block_v)):
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 16 or b > 128 or b & (b - 1):
+            raise ValueError(f"{name}={b!r}: pass a power of two from 16 to 128")
+    if block_v < block_f:
+        raise ValueError(f"block_v={block_v} < block_f={block_f}: the value block may not be narrower than the "
+                         "feature block (such launches raised illegal memory accesses on the H200)")
+    return int(block_f), int(block_v)
+
+
+def _exclusive_sum(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Along dim 0: the sum of the entries before each one (after it, with ``reverse``)."""
+    if reverse:
+        return _exclusive_sum(x.flip(0)).flip(0).contiguous()
+    out = torch.zeros_like(x)
+    out[1:] = torch.cumsum(x[:-1], 0)
+    return out
 
 
 def _dot_dtype(dtype: torch.dtype):
