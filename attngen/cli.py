@@ -282,7 +282,8 @@ def _show_linear(compiled, source: bool) -> int:
         print(f"plan.{key} = {value}")
     path = write_kernel(compiled.spec.name, compiled.rendered)
     print("\n# rendered kernels")
-    for name in ("linear_fwd", "linear_bwd_prep", "linear_bwd_dq", "linear_bwd_dkdv"):  # the prep kernel only with normalize
+    kernels = ("linear_fwd", "linear_bwd_prep", "linear_bwd_dq", "linear_bwd_dkdv", "linear_state_fwd", "linear_state_bwd")
+    for name in kernels:  # the prep kernel only with normalize, the state kernels only for causal walks
         if f"def {name}(" in compiled.rendered.source:
             print(f"  {name:<24} {path}")
     if source:

@@ -62,6 +62,10 @@ STAGES = (3, 2)
 #: CHUNK] scores and [CHUNK, BLOCK] operands (128 x 128 states take 128 registers a thread for
 #: the state alone, which spills); wider heads run as several programs whose shares add up
 MAX_STATE_BLOCK = 64
+#: programs per multiprocessor that splitting a causal walk into segments aims for
+SEGMENT_WAVES = 2
+#: the fewest chunks a segment of a causal walk takes
+MIN_SEGMENT_CHUNKS = 4
 #: bytes of shared memory a program may use on sm_90 (H100, H200) with the opt-in limit; the
 #: interpreter plans for it, so a CPU run takes the launches an H200 would
 SM90_SHARED_MEMORY = 232448
@@ -255,6 +259,7 @@ class LinearAttentionOp:
         self._features: dict[tuple[str, int, int], torch.Tensor] = {}
         self._launches: dict[tuple[str, int, int, torch.dtype, str], LinearLaunch] = {}
         self._blocks: tuple[int, int] | None = None
+        self._segments: int | None = None
         self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}-{_REVISION}"
         _ensure_registered()
         _REGISTRY[self.op_id] = self
@@ -392,9 +397,15 @@ class LinearAttentionOp:
         chosen = self._launches.get((name, d_qk, d_v, dtype, str(device)))
         return chosen or self.choose_launch(name, d_qk, d_v, dtype, shared_memory_budget(device))
 
-    def kernel_arguments(self, name: str, launch: LinearLaunch, q, k, v, *, w=None, den=None, dden=None, do=None) -> tuple:
-        """The launch of kernel ``name`` (one of :data:`KERNELS`) with ``launch`` on these inputs,
-        as ``(grid, args, constexprs, outputs)``, to run as ``kernel[grid](*args, **constexprs)``.
+    def kernel_arguments(self, name: str, launch: LinearLaunch, q, k, v, *, w=None, den=None, dden=None, do=None,
+                         init=None, n_seg: int = 1) -> tuple:
+        """The launch of kernel ``name`` (one of :data:`KERNELS`, or a state kernel
+        ``linear_state_fwd`` / ``linear_state_bwd``) with ``launch`` on these inputs, as
+        ``(grid, args, constexprs, outputs)``, to run as ``kernel[grid](*args, **constexprs)``.
+
+        ``n_seg`` segments of the sequence run side by side (:meth:`segment_count`); ``init``
+        is then the ``(S0, Z0)`` states the segments start from (:meth:`initial_states`), and
+        a state kernel's outputs are the per-segment sums ``(DS, DZ)``.
 
         ``w`` is the performer's ``sqrt(s) W`` (the fixed draw when None). ``den`` (the
         forward's denominator ``[B, H, T_Q]``), ``dden`` (``linear_bwd_prep``'s) and ``do`` are
@@ -417,8 +428,20 @@ class LinearAttentionOp:
         fw = den if w is None else w
         runtime = [H, T_Q, k.shape[2], position_offset(self.spec, T_Q, k.shape[2]), feature_scale(self.spec, D_QK), self.plan.eps]
         inputs = [*q.stride(), *k.stride(), *v.stride()]
+        s0, z0 = init if init is not None else (den, den)  # unread placeholders with one segment
+        if name not in ("linear_fwd", "linear_state_fwd"):  # the kernels that read the output gradient
+            do = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device) if do is None else do
+            dden = den if dden is None else dden
         save_o32 = False
-        if name == "linear_fwd":
+        if name in ("linear_state_fwd", "linear_state_bwd"):
+            width_f, width_v = n_f * launch.block_f, n_v * launch.block_v
+            outputs = (torch.empty((n_seg, B, H, width_f, width_v), dtype=torch.float32, device=q.device),
+                       torch.empty((n_seg, B, H, width_f), dtype=torch.float32, device=q.device))  # fmt: skip
+            if name == "linear_state_fwd":
+                args = [q, k, v, den, fw, *outputs, *inputs, *runtime]
+            else:
+                args = [q, k, v, den, fw, dden, do, *outputs, *inputs, *do.stride(), *runtime]
+        elif name == "linear_fwd":
             if n_f == 1:  # o is final: normalised in the kernel
                 o = _new_output((B, H, T_Q, D_V), q.dtype, q.device)
                 slices, den_out = o.unsqueeze(0), _new_output(rows, torch.float32, q.device)
@@ -427,20 +450,18 @@ class LinearAttentionOp:
                 o = slices = _new_output((n_f, B, H, T_Q, D_V), torch.float32, q.device)
                 den_out = _new_output((n_f, *rows) if self.plan.normalize else rows, torch.float32, q.device)
             o32 = _new_output(o.shape, torch.float32, q.device) if save_o32 else o.new_empty((0,), dtype=torch.float32)
-            args = [q, k, v, den_out, fw, slices, o32 if save_o32 else slices, *inputs, *slices.stride(), *runtime]
+            args = [q, k, v, den_out, fw, slices, o32 if save_o32 else slices, s0, z0, *inputs, *slices.stride(), *runtime]
             outputs = (o, den_out, o32)
         else:
-            do = torch.empty((B, H, T_Q, D_V), dtype=q.dtype, device=q.device) if do is None else do
-            dden = den if dden is None else dden
             group = H // k.shape[1]
             shares = n_v if self.plan.elementwise else n_f * n_v  # slices of dq and dk
             if name == "linear_bwd_dq":
                 outputs = _slices(shares, 1, q)
-                out_args = [outputs[0], *inputs, *do.stride(), *outputs[0].stride()]
+                out_args = [outputs[0], s0, z0, *inputs, *do.stride(), *outputs[0].stride()]
             else:
                 outputs = (_slices(shares, group, k), _slices(n_f, group, v))
                 dk, dv = outputs[0][0], outputs[1][0]
-                out_args = [dk, dv, *inputs, *do.stride(), *dk.stride(), *dv.stride()]
+                out_args = [dk, dv, s0, z0, *inputs, *do.stride(), *dk.stride(), *dv.stride()]
             args = [q, k, v, den, fw, dden, do, *out_args, *runtime]
 
         bf16 = q.dtype == torch.bfloat16
@@ -453,11 +474,11 @@ class LinearAttentionOp:
             # which left the performer's float16 outputs over the three-way bound on the H200
             # (zoo, D=128, T=1000: 7.7e-3 against 6.9e-3)
             DOT_DTYPE=_dot_dtype(q.dtype), DOT_PRECISION="ieee",
-            EMULATE_BF16_DOT=bf16 and config.interpret_all(), num_warps=NUM_WARPS, num_stages=launch.num_stages,
+            EMULATE_BF16_DOT=bf16 and config.interpret_all(), N_SEG=n_seg, num_warps=NUM_WARPS, num_stages=launch.num_stages,
         )  # fmt: skip
         if name == "linear_fwd":
             constexprs["SAVE_O32"] = save_o32
-        return (n_f * n_v, H, B), args, constexprs, outputs
+        return (n_seg * n_f * n_v, H, B), args, constexprs, outputs
 
     def _run(self, name: str, q, k, v, **tensors):
         """Run kernel ``name`` with the call's launch (see the class) and return its outputs
@@ -476,9 +497,65 @@ class LinearAttentionOp:
             gpu = q.device.type == "cuda"
             launch = self.choose_launch(name, D_QK, D_V, q.dtype, shared_memory_budget(q.device), compiled_shared if gpu else None)
             self._launches[key] = launch
-        grid, args, constexprs, outputs = self.kernel_arguments(name, launch, q, k, v, **tensors)
+        n_seg = self.segment_count(name, launch, q, k, v)
+        init = self.initial_states(name, launch, n_seg, q, k, v, **tensors) if n_seg > 1 else None
+        grid, args, constexprs, outputs = self.kernel_arguments(name, launch, q, k, v, init=init, n_seg=n_seg, **tensors)
         kernel[grid](*args, **constexprs)
         return outputs
+
+    def segment_count(self, name: str, launch: LinearLaunch, q, k, v) -> int:
+        """Segments of the sequence that kernel ``name`` runs side by side (1: one walk).
+
+        Only causal maps without chunk-local blocks, whose carried state is a plain sum, are
+        split. On a GPU, enough segments for about :data:`SEGMENT_WAVES` programs per
+        multiprocessor when ``B · H · N_F · N_V`` programs alone would not fill it, each
+        segment at least :data:`MIN_SEGMENT_CHUNKS` chunks long; on the CPU 1. The count set
+        with :meth:`set_segments` (tests, measurements) overrides the choice.
+        """
+        if not self.plan.causal or self.plan.local:
+            return 1
+        B, H, T_Q, D_QK = q.shape
+        T_KV = k.shape[2]
+        offset = position_offset(self.spec, T_Q, T_KV)
+        if name in ("linear_bwd_dkdv", "linear_state_bwd"):
+            n_chunks = _cdiv(max(offset + T_Q, T_KV), launch.chunk)
+        else:
+            n_chunks = _cdiv(offset + T_Q - min(offset, 0), launch.chunk)
+        if self._segments is not None:
+            return max(1, min(self._segments, n_chunks))
+        if q.device.type != "cuda":
+            return 1
+        n_f, n_v = launch.blocks(feature_count(self.plan.feature_map, D_QK, self.plan.features), v.shape[3])
+        programs = B * H * n_f * n_v
+        processors = torch.cuda.get_device_properties(q.device).multi_processor_count
+        if programs >= processors:
+            return 1
+        return max(1, min(SEGMENT_WAVES * processors // programs, n_chunks // MIN_SEGMENT_CHUNKS))
+
+    def initial_states(self, name: str, launch: LinearLaunch, n_seg: int, q, k, v, **tensors) -> tuple:
+        """``(S0, Z0)``: the state each of ``n_seg`` segments of kernel ``name`` starts from.
+
+        A state kernel sums each segment's keys (``linear_state_fwd``, for the forward and dQ
+        kernels) or queries (``linear_state_bwd``, for the reverse dK/dV walk) from zero, in
+        float32; the host takes the exclusive prefix sum over the segments (suffix sum for
+        the reverse walk), which is the walk's state where the segment begins.
+        """
+        reverse = name == "linear_bwd_dkdv"  # the later segments' queries: a suffix sum
+        state = "linear_state_bwd" if reverse else "linear_state_fwd"
+        grid, args, constexprs, (ds, dz) = self.kernel_arguments(state, launch, q, k, v, n_seg=n_seg, **tensors)
+        self.kernel(state, q.device)[grid](*args, **constexprs)
+        return _exclusive_sum(ds, reverse), _exclusive_sum(dz, reverse)
+
+    def set_segments(self, n: int | None) -> None:
+        """Make causal kernels split the sequence into ``n`` segments (at most one per chunk),
+        or with None go back to :meth:`segment_count`'s choice.
+
+        Raises:
+            ValueError: ``n`` is not a positive int.
+        """
+        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+            raise ValueError(f"segments={n!r}: pass a positive int, or None to choose per call")
+        self._segments = n
 
     def forward_impl(self, q, k, v, w):
         """Run the forward kernel; return ``o [B, H, T_Q, D_V]`` (q's dtype), the denominator
@@ -571,6 +648,15 @@ def check_blocks(block_f: Any, block_v: Any) -> tuple[int, int]:
         raise ValueError(f"block_v={block_v} < block_f={block_f}: the value block may not be narrower than the "
                          "feature block (such launches raised illegal memory accesses on the H200)")
     return int(block_f), int(block_v)
+
+
+def _exclusive_sum(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Along dim 0: the sum of the entries before each one (after it, with ``reverse``)."""
+    if reverse:
+        return _exclusive_sum(x.flip(0)).flip(0).contiguous()
+    out = torch.zeros_like(x)
+    out[1:] = torch.cumsum(x[:-1], 0)
+    return out
 
 
 def _dot_dtype(dtype: torch.dtype):

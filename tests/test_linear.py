@@ -355,7 +355,8 @@ def test_launches_an_h200_takes_fit_its_shared_memory():
     # An H200 takes, per kernel, the first candidate whose compiled kernel fits 232448 bytes
     # (choose_launch with Triton's metadata.shared). Here the kernels are compiled for sm_90
     # ahead, without a GPU, in a process without the interpreter: every walk must end in a
-    # launch that fits, within a few compiles.
+    # launch that fits, within a few compiles; the segmented kernels and the state kernels
+    # compile for sm_90 with that launch and fit as well.
     pytest.importorskip("triton.backends.nvidia")
     cases = [(spec, d_qk, d_v, dtype) for spec, d_qk, d_v in SM90_CASES for dtype in ("bfloat16", "float32")]
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
@@ -370,6 +371,10 @@ def test_launches_an_h200_takes_fit_its_shared_memory():
     for walk in result["walks"]:
         assert walk["shared"] <= SM90_SHARED_MEMORY, walk
         assert len(walk["compiled"]) <= 3, walk
+    # both specs are causal: each kernel's launch with segments, and its state kernel, fit too
+    assert len(result["segmented"]) == 2 * len(cases) * len(KERNELS)
+    for case in result["segmented"]:
+        assert case["shared"] <= SM90_SHARED_MEMORY, case
 
 
 def sm90_walks(cases: list) -> dict:
@@ -378,7 +383,7 @@ def sm90_walks(cases: list) -> dict:
     sm_90 ahead), its shared memory, its estimate and every compile on the way (``walks``);
     and ``check``, one kernel's shared memory from :func:`_sm90_shared` and from Triton's
     whole lowering to LLVM IR. Runs without the interpreter."""
-    walks = []
+    walks, segmented = [], []
     for spec, d_qk, d_v, dtype_name in cases:
         op = attngen.compile(spec)
         dtype = getattr(torch, dtype_name)
@@ -396,11 +401,18 @@ def sm90_walks(cases: list) -> dict:
             walks.append({"spec": spec, "D_QK": d_qk, "D_V": d_v, "dtype": dtype_name, "kernel": name, "launch": repr(launch),
                           "shared": compiled[launch], "estimate": shared_memory_estimate(op.plan, name, d_qk, d_v, dtype, launch),
                           "compiled": [[repr(c), s] for c, s in compiled.items()]})  # fmt: skip
+            # the same launch split into 4 segments (causal specs), and the state kernel it reads
+            if op.plan.causal and not op.plan.local:
+                state = "linear_state_bwd" if name == "linear_bwd_dkdv" else "linear_state_fwd"
+                for kernel in (name, state):
+                    _, args, constexprs, _ = op.kernel_arguments(kernel, launch, q, k, v, n_seg=4)
+                    segmented.append({"spec": spec, "D_QK": d_qk, "D_V": d_v, "dtype": dtype_name, "kernel": kernel,
+                                      "launch": repr(launch), "shared": _sm90_shared(getattr(op.module, kernel), args, constexprs)})
     op = attngen.compile("linear_elu")
     x = torch.empty(1, 2, 256, 128, dtype=torch.bfloat16)
     _, args, constexprs, _ = op.kernel_arguments("linear_bwd_dkdv", LinearLaunch(64, 128, 128, 2), x, x, x)
     check = [_sm90_shared(op.module.linear_bwd_dkdv, args, constexprs, whole=whole) for whole in (False, True)]
-    return {"walks": walks, "check": check}
+    return {"walks": walks, "check": check, "segmented": segmented}
 
 
 def _sm90_shared(fn, args, constexprs, whole: bool = False) -> int:
@@ -445,6 +457,66 @@ def _sm90_shared(fn, args, constexprs, whole: bool = False) -> int:
     nvidia.passes.ttgpuir.add_allocate_shared_memory_nv(pm, 90, nvidia_compiler.get_ptx_version_from_options(options, 90))
     pm.run(module, "sm90_shared")
     return module.get_int_attr("ttg.shared")
+
+
+def _run_with_grads(op, q, k, v, do):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    o = op(*leaves)
+    return [o.detach(), *torch.autograd.grad(o, leaves, do)]
+
+
+@pytest.mark.parametrize(
+    "kind, normalize, t_q, t_kv, align, h_kv, blocks16",
+    [("elu1", True, 70, 70, "bottom_right", 1, False), ("elu1", True, 45, 83, "bottom_right", 2, True),
+     ("relu", False, 83, 45, "bottom_right", 1, False), ("performer", True, 61, 61, "top_left", 1, True),
+     ("taylor2", True, 50, 50, "bottom_right", 1, False), ("identity", False, 33, 70, "top_left", 2, False)],
+)  # fmt: skip
+@pytest.mark.parametrize("segments", [2, 3, 7])
+def test_segments_of_a_causal_walk_give_the_one_walk_result(monkeypatch, kind, normalize, t_q, t_kv, align, h_kv, blocks16, segments):
+    # A causal walk split into segments that start from the summed states of the earlier ones
+    # (forward and dQ) or the later ones (dK/dV) computes what one walk does: same o, dq, dk,
+    # dv to float32 rounding, and both match the reference. Lengths not multiples of the
+    # chunk (16), both alignments, T_Q above and below T_KV, GQA, several feature and value
+    # blocks per head (blocks of 16), more segments than some walks have chunks.
+    if blocks16:
+        monkeypatch.setattr(attngen.linear, "MAX_STATE_BLOCK", 16)
+    spec = linear_spec(kind, normalize=normalize, align=align)
+    d_qk = 5 if kind == "taylor2" else 20
+    op = attngen.compile(spec)
+    gen = torch.Generator().manual_seed(segments)
+    q = torch.randn(1, 2, t_q, d_qk, generator=gen)
+    k = torch.randn(1, h_kv, t_kv, d_qk, generator=gen)
+    v = torch.randn(1, h_kv, t_kv, 24, generator=gen)
+    if kind == "identity":
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    q, k, v = (t.to(DEVICE) for t in (q, k, v))
+    do = torch.randn(1, 2, t_q, 24, generator=gen).to(DEVICE)
+    op.set_segments(1)
+    one_walk = _run_with_grads(op, q, k, v, do)
+    op.set_segments(segments)
+    split = _run_with_grads(op, q, k, v, do)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), split, one_walk):
+        scale = max(1.0, float(b.abs().max()))
+        assert float((a - b).abs().max()) <= 1e-5 * scale, name
+    rows = compare(op, attngen.reference(op.spec), q, k, v, {}, generator=gen)
+    assert all(r.ok for r in rows), format_rows(rows)
+
+
+def test_segment_count_policy_and_errors():
+    op = attngen.compile(linear_spec("elu1", chunk=64))
+    x = torch.zeros(1, 16, 16384, 128)
+    launch = LinearLaunch(64, 64, 64, 3)
+    assert op.segment_count("linear_fwd", launch, x, x, x) == 1  # the CPU: one walk
+    op.set_segments(4)
+    assert op.segment_count("linear_fwd", launch, x, x, x) == 4
+    assert op.segment_count("linear_fwd", launch, x[:, :, :100], x[:, :, :100], x[:, :, :100]) == 2  # two chunks
+    op.set_segments(None)
+    local = attngen.compile(linear_spec("elu1", mask="q // w == k // w and k <= q", params={"w": 7}))
+    local.set_segments(4)
+    assert local.segment_count("linear_fwd", launch, x, x, x) == 1  # chunk-local states are not plain sums
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="segments="):
+            op.set_segments(bad)
 
 
 def test_set_blocks_refuses_value_blocks_narrower_than_the_features():
