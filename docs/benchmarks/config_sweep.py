@@ -1,0 +1,67 @@
+"""The launch-config sweep behind docs/benchmarks/h200-config-sweep-d{64,128}.txt (run as
+``PYTHONPATH=. python docs/benchmarks/config_sweep.py D OUTDIR`` on one GPU): for causal,
+document (1000-token documents), sliding window 1024 and dense masks at the anchors' shapes
+(B=1, T=16384, H=2048/D, bf16), each kernel's default config and a few others, timed in
+turn: the forward alone, then forward+backward for dQ and for dK/dV (the earlier kernel at
+its winner). Times are do_bench medians with the gradients accumulating into the leaves;
+forward outputs are checked against the first config's. Writes OUTDIR/cfgsweep_d<D>.json."""
+import json, os, sys
+import torch, triton
+import attngen
+from attngen.tiles import LaunchConfig as L, default_config
+from attngen.tune import shape_bucket
+from attngen import bench as AB
+
+D = int(sys.argv[1]); out = sys.argv[2]
+T = 16384; B = 1; H = 2048 // D
+dt = torch.bfloat16
+FWD = [L(128, 64, 8, 2), L(128, 64, 8, 3), L(128, 128, 8, 2), L(128, 64, 4, 3), L(64, 64, 4, 2), L(64, 64, 4, 3), L(128, 32, 4, 3)]
+DQ = [L(128, 64, 8, 2), L(128, 64, 8, 3), L(128, 64, 8, 4), L(64, 64, 4, 3), L(128, 32, 4, 3)]
+DKDV = [L(64, 64, 4, 2), L(64, 128, 8, 2), L(64, 128, 8, 3), L(32, 128, 4, 3), L(32, 64, 4, 2)]
+rows = []
+for name in ("causal", "document", "sliding_window", "dense"):
+    var = AB.VARIANTS[name]
+    q, k, v, do, inputs = AB._case_inputs(var, B, H, T, D, "cuda")
+    dens = AB._density(var, T, inputs)
+    fl = 4.0 * B * H * T * T * D * dens
+    op = attngen.compile(var.spec, **var.params(T))
+    dims = {"B": B, "H": H, "H_KV": H, "T_Q": T, "T_KV": T, "D_QK": D, "D_V": D}
+    bucket = shape_bucket(dims, dt)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = op(q, k, v, **inputs).float()
+
+    def fb():
+        op(*leaves, **inputs).backward(do)
+
+    def time_fwd():
+        o = op(q, k, v, **inputs)
+        err = float((o.float() - ref).abs().max())
+        if not err < 5e-2:
+            raise RuntimeError(f"wrong: {err}")
+        return triton.testing.do_bench(lambda: op(q, k, v, **inputs), warmup=25, rep=100)
+
+    def time_fb():
+        fb()
+        return triton.testing.do_bench(fb, warmup=25, rep=100, grad_to_none=leaves)
+
+    res = {}
+    for kern, cands, timer in (("fwd", FWD, time_fwd), ("dq", DQ, time_fb), ("dkdv", DKDV, time_fb)):
+        dflt = default_config(kern, D, dt)
+        cands = [dflt] + [c for c in cands if c != dflt]
+        best = None
+        for c in cands:
+            op.set_config(kern, bucket, c)
+            try:
+                ms = timer()
+            except Exception as e:
+                print(f"{name} D={D} {kern} {(c.block_q, c.block_kv, c.num_warps, c.num_stages)} FAILED {type(e).__name__} {str(e)[:120]}", flush=True)
+                continue
+            work = fl if kern == "fwd" else 3.5 * fl
+            tag = " (default)" if c == dflt else ""
+            print(f"{name:15} D={D} {kern:5} {(c.block_q, c.block_kv, c.num_warps, c.num_stages)} {ms:.4f} ms {work / ms / 1e9:6.1f} TF/s{tag}", flush=True)
+            rows.append(dict(variant=name, D=D, kernel=kern, cfg=(c.block_q, c.block_kv, c.num_warps, c.num_stages), ms=ms, default=c == dflt))
+            if best is None or ms < best[1]:
+                best = (c, ms)
+        op.set_config(kern, bucket, best[0])  # later kernels are timed with this one's winner
+        print(f"  -> {name} D={D} {kern} best {(best[0].block_q, best[0].block_kv, best[0].num_warps, best[0].num_stages)} {best[1]:.4f} ms", flush=True)
+    json.dump(rows, open(os.path.join(out, f"cfgsweep_d{D}.json"), "w"), indent=1)
