@@ -76,9 +76,10 @@ def make_inputs(
     """Random q, k, v (standard normal) and runtime inputs for a spec.
 
     Runtime inputs: an input named ``slopes`` of shape ``[H]`` gets ALiBi slopes; other float
-    inputs uniform [0, 1); int inputs nondecreasing ids along their last dimension (packed
-    documents: runs of ``doc_len`` tokens if given, else random boundaries); bool inputs
-    Bernoulli(0.5).
+    inputs uniform [0, 1); int inputs indexed by a position (a ``T_Q`` or ``T_KV`` dimension)
+    nondecreasing ids along their last dimension (packed documents: runs of ``doc_len``
+    tokens if given, else random boundaries); other int inputs (per-sequence lengths such as
+    ``n[b]`` in ``k < n[b]``) uniform in ``[0, max(T_Q, T_KV)]``; bool inputs Bernoulli(0.5).
     """
     B, H, H_KV, T_Q, T_KV, D_QK, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_QK", "D_V"))
 
@@ -98,7 +99,9 @@ def make_inputs(
             t = t.to(getattr(torch, decl.dtype))
         elif decl.kind == "int":
             n = shape[-1]
-            if doc_len:
+            if not any(d in ("T_Q", "T_KV") for d in decl.shape):  # lengths: some keys kept, some masked
+                ids = torch.randint(0, max(T_Q, T_KV) + 1, tuple(shape), generator=generator)
+            elif doc_len:
                 ids = (torch.arange(n) // doc_len).expand(*shape)
             else:
                 ids = torch.randint(0, max(2, n // 8 + 1), tuple(shape), generator=generator).sort(dim=-1).values

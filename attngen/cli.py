@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="compile a spec, check it against the reference, time it on a GPU")
     run.add_argument("spec", help="a YAML file or the name of a zoo spec (specs/)")
-    run.add_argument("--shape", type=_shape, default=None, help="B,H,H_KV,T,D or B,H,H_KV,T_Q,T_KV,D")
+    run.add_argument("--shape", type=_shape, default=None,
+                     help="B,H,H_KV,T,D or B,H,H_KV,T_Q,T_KV,D; default 2,4,2,100,64 on the CPU, 2,8,2,1000,128 on a GPU")
     run.add_argument("--dv", type=int, default=None, help="value head dim D_V (default: D)")
     run.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     run.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-time", action="store_true", help="skip timing on the GPU")
 
     zoo = sub.add_parser("zoo", help="check every zoo spec against the reference, forward and backward")
-    zoo.add_argument("--shape", type=_shape, default=None, help="B,H,H_KV,T,D (D is replaced by each --dims)")
+    zoo.add_argument("--shape", type=_shape, default=None,
+                     help="B,H,H_KV,T,D (D is replaced by each --dims); default 2,4,2,100,64 on the CPU, 2,8,2,1000,128 on a GPU")
     zoo.add_argument("--dims", type=int, nargs="+", default=None, help="head dims to check (default: the shape's)")
     zoo.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["bf16", "fp16", "fp32"])
     zoo.add_argument("--device", choices=("cuda", "cpu"), default=None)
@@ -336,6 +338,14 @@ def _head_dims(dims: dict[str, int]) -> str:
     return str(dims["D_QK"]) if dims["D_QK"] == dims["D_V"] else f"{dims['D_QK']}/{dims['D_V']}"
 
 
+def default_shape(device: str) -> dict[str, int]:
+    """The shape ``run`` and ``zoo`` check without ``--shape``: small under Triton's
+    interpreter (the CPU), the issue-sized one on a GPU."""
+    if device == "cpu":
+        return {"B": 2, "H": 4, "H_KV": 2, "T_Q": 100, "T_KV": 100, "D_QK": 64}
+    return {"B": 2, "H": 8, "H_KV": 2, "T_Q": 1000, "T_KV": 1000, "D_QK": 128}
+
+
 def _zoo(args) -> int:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -346,7 +356,7 @@ def _zoo(args) -> int:
 
     device = _pick_device(args.device)
     names = args.spec or sorted(p.stem for p in resources.zoo_dir().glob("*.yaml"))
-    base = args.shape or {"B": 2, "H": 8, "H_KV": 2, "T_Q": 1000, "T_KV": 1000, "D_QK": 128}
+    base = args.shape or default_shape(device)
     head_dims = args.dims or [base["D_QK"]]
     taylor = {n for n in names if getattr(load_spec(n).feature_map, "kind", None) == "taylor2"}
     tasks = []
@@ -709,12 +719,12 @@ def _run(args) -> int:
     op = compile_spec(args.spec, **params)
     spec = op.spec
     _check_doc_len(args.doc_len, spec)
-    dims = args.shape or ({"B": 2, "H": 4, "H_KV": 2, "T_Q": 100, "T_KV": 100, "D_QK": 64} if device == "cpu" else {"B": 2, "H": 8, "H_KV": 2, "T_Q": 1000, "T_KV": 1000, "D_QK": 128})
+    dims = args.shape or default_shape(device)
     dims["D_V"] = args.dv or dims["D_QK"]
     dtype = getattr(torch, DTYPES[args.dtype])
     gen = torch.Generator().manual_seed(args.seed)
     q, k, v, inputs = make_inputs(spec, dims, dtype=dtype, device=device, generator=gen, doc_len=args.doc_len)
-    print(f"spec {spec.name}: {spec.description}")
+    print(f"spec {spec.name}" + (f": {spec.description}" if spec.description else ""))
     if spec.params:
         print("params: " + ", ".join(f"{n}={v}" for n, v in spec.params))
     print(f"shape {dims}, {args.dtype}, {device}" + (" (Triton interpreter)" if config.interpret_all() else ""))

@@ -6,6 +6,7 @@ by :mod:`attngen.expr` against a whitelist.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -300,11 +301,18 @@ def load_spec(source: str | Path | Mapping[str, Any] | AttentionSpec) -> Attenti
     raise SpecError("spec", f"expected a path, a dict or an AttentionSpec, got {type(source).__name__}")
 
 
+def _unknown_key(key: Any, known) -> str:
+    """The message for an unknown key: the closest known key if one is near, then all of them."""
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown key; {hint}known keys: {', '.join(sorted(str(k) for k in known))}"
+
+
 def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
     """Build an (unvalidated) spec from YAML-layout data; type errors raise :class:`SpecError`."""
     unknown = [key for key in data if key not in SPEC_KEYS]
     if unknown:
-        raise SpecError(str(unknown[0]), f"unknown key; known keys: {', '.join(SPEC_KEYS)}")
+        raise SpecError(str(unknown[0]), _unknown_key(unknown[0], SPEC_KEYS))
     if "name" not in data:
         raise SpecError("name", "missing; every spec needs a name like 'my_variant'")
     params = data.get("params") or {}
@@ -340,7 +348,7 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
     tiles = {}
     for key, value in tiles_data.items():
         if key not in tile_fields:
-            raise SpecError(f"tiles.{key}", f"unknown key; known keys: {', '.join(sorted(tile_fields))}")
+            raise SpecError(f"tiles.{key}", _unknown_key(key, tile_fields))
         values = value if isinstance(value, (list, tuple)) else [value]
         tiles[key] = tuple(values)
     def get(key: str, default):
@@ -353,7 +361,7 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
     elif isinstance(feature_map, Mapping):
         extra = [key for key in feature_map if key not in FEATURE_MAP_KEYS]
         if extra:
-            raise SpecError(f"feature_map.{extra[0]}", f"unknown key; a feature map has {', '.join(FEATURE_MAP_KEYS)}")
+            raise SpecError(f"feature_map.{extra[0]}", _unknown_key(extra[0], FEATURE_MAP_KEYS))
         if "kind" not in feature_map:
             raise SpecError("feature_map.kind", f"missing; one of {', '.join(FEATURE_MAPS)}")
         feature_map = FeatureMap(**{k: feature_map.get(k) for k in FEATURE_MAP_KEYS})

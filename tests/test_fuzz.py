@@ -146,3 +146,21 @@ def test_random_linear_specs_match_the_reference():
         check_spec(spec, dims(B=1, H=2, H_KV=1, T_Q=t_q, T_KV=t_kv, D_QK=8, D_V=8), torch.float32, seed=seed)
 
     check()
+
+
+def test_drawn_lengths_keep_some_keys_and_mask_others():
+    # an int input with no position dimension (a per-sequence length, `k < n[b]`) is drawn
+    # in [0, max(T_Q, T_KV)], so `run` and `fuzz` exercise both masked and visible keys
+    # (documents ids, drawn per position, stay small nondecreasing runs)
+    from attngen.check import make_inputs
+    from attngen.schema import load_spec
+
+    spec = load_spec({"name": "padded", "inputs": {"n": {"dtype": "int32", "shape": ["B"]},
+                                                   "doc": {"dtype": "int32", "shape": ["B", "T_KV"]}},
+                      "mask": "k < n[b] and doc[b, q] == doc[b, k]"})
+    gen = torch.Generator().manual_seed(0)
+    _, _, _, inputs = make_inputs(spec, dims(B=64, T_Q=20, T_KV=40), dtype=torch.float32, device="cpu", generator=gen)
+    n, doc = inputs["n"], inputs["doc"]
+    assert n.dtype == torch.int32 and n.shape == (64,)
+    assert 0 <= int(n.min()) and int(n.max()) <= 40 and len(set(n.tolist())) > 10
+    assert doc.shape == (64, 40) and bool((doc.diff(dim=-1) >= 0).all()) and int(doc.max()) <= 40 // 8
