@@ -555,7 +555,7 @@ class LinearAttentionOp:
         """
         if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
             raise ValueError(f"segments={n!r}: pass a positive int, or None to choose per call")
-        self._segments = n
+        self._segments = None if n is None else int(n)
 
     def forward_impl(self, q, k, v, w):
         """Run the forward kernel; return ``o [B, H, T_Q, D_V]`` (q's dtype), the denominator

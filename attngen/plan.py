@@ -117,8 +117,6 @@ class DecodePlan:
     outer_loads: tuple[LoadPlan, ...]
     inner_loads: tuple[LoadPlan, ...]
     ranges: RangePlan
-    #: the mask's conditions on the key alone (see :func:`guard_codes`); "" when it has none
-    key_guard: str = ""
 
 
 @dataclass(frozen=True)
@@ -157,9 +155,6 @@ class ModulePlan:
     store_p: bool = False
     #: the store_p variant of this module (kernel names ending in ``_sp``), rendered after it
     stored: "ModulePlan | None" = None
-    #: the mask's conditions on the key alone and on the query alone (:func:`guard_codes`)
-    key_guard: str = ""
-    query_guard: str = ""
 
     @property
     def needs_scores(self) -> bool:
@@ -194,7 +189,6 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     def code(node: str) -> str:
         return pr(g.nodes[node]["expr"]) if node in g else ""
 
-    key_guard, query_guard = guard_codes(g.nodes["mask"]["expr"], loads_nodes, pr) if "mask" in g else ("", "")
     score_code = code("score") or "s"
     if "score" in g and SYMBOLS["s"] not in g.nodes["score"]["expr"].free_symbols:
         # a score free of s (a bias alone) must still be a full tile: broadcast it
@@ -233,8 +227,6 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
             dkdv_ranges=_ranges(g.graph[tiles + "q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"]),
             perm_stride=perm_stride,
             grad_loads=tuple(grad_loads),
-            key_guard=key_guard,
-            query_guard=query_guard,
         )
 
     decode_loads = split("k", "attn_decode")  # its loop runs over key tiles, as the forward's
@@ -244,7 +236,6 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         outer_loads=decode_loads.outer_loads,
         inner_loads=decode_loads.inner_loads,
         ranges=_ranges(g.graph["decode_tiles_k"], pr, loads, {}, ()),
-        key_guard=key_guard,
     )
     split_ = g.graph.get("periodic")
     if not split_:
@@ -262,41 +253,6 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     main = module(natural_code, "natural_tiles_")
     perm = module(pr(split_["perm"]), "perm_tiles_", perm_stride=split_["stride"], suffix="_perm")
     return dataclasses.replace(main, perm=perm, decode=decode)
-
-
-def guard_codes(mask: sympy.Basic, loads_nodes: list[dict], pr: TritonPrinter) -> tuple[str, str]:
-    """Triton code of the mask's top-level conditions on the key alone and on the query alone.
-
-    A key that fails a condition free of the query (``k < n[b]``: padding past a sequence's
-    length) is masked for every query, so the kernels zero its key and value rows before the
-    matrix products: garbage there (inf, NaN in uninitialised padding) cannot reach any output
-    or gradient through ``0 * inf``. The query conditions do the same for query rows in the
-    dK/dV kernel. Keys masked only by conditions that involve the query (causal, windows,
-    documents) are not zeroed: as in FlashAttention, their values must be finite. Both codes
-    are ``""`` when the mask has no such condition; the head ``h`` counts as a query variable
-    (the decoding kernel's rows span heads).
-
-    Args:
-        mask: the mask expression (sympy boolean in ``q``, ``k``, ``b``, ``h``, params and
-            runtime-input loads ``ldN``).
-        loads_nodes: the graph's ``load_input`` nodes (``symbol`` and ``deps``).
-        pr: the printer of the kernels' expressions.
-
-    Returns:
-        ``(key_code, query_code)``: each a Triton boolean expression, or ``""``.
-    """
-    deps = {d["symbol"]: set(d["deps"]) for d in loads_nodes}
-
-    def uses(cond, names: set[str]) -> bool:
-        for sym in cond.free_symbols:
-            if sym.name in names or names & deps.get(sym, set()):
-                return True
-        return False
-
-    conds = mask.args if isinstance(mask, sympy.And) else (mask,)
-    keys = [c for c in conds if uses(c, {"k"}) and not uses(c, {"q", "h"})]
-    queries = [c for c in conds if uses(c, {"q"}) and not uses(c, {"k"})]
-    return tuple(pr(sympy.And(*cs)) if cs else "" for cs in (keys, queries))
 
 
 def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads) -> RangePlan:

@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import sympy
 
-import attngen
 from attngen import IRVerifyError, build
 from attngen.expr import SYMBOLS
 from attngen.lower import lower
@@ -86,18 +85,3 @@ def test_kernel_file_is_written_atomically_under_the_cache_dir(tmp_path, monkeyp
     path = write_kernel("causal", compiled.rendered)
     assert path.parent == tmp_path / "kernels" and path.read_text() == compiled.rendered.source
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
-
-
-def test_guards_take_the_top_level_conditions_on_the_key_alone_and_on_the_query_alone():
-    # plan.guard_codes: the rows a masked tile zeroes before its products (docs/architecture.md,
-    # Numerics); conditions under an `or`, or on both positions, guard nothing
-    padded = {"name": "padded", "inputs": {"n": {"dtype": "int32", "shape": ["B"]}}, "mask": "k < n[b] and q < n[b]"}
-    plan = attngen.compile(padded).plan
-    assert (plan.key_guard, plan.query_guard, plan.decode.key_guard) == ("(pos_k < ld0)", "(pos_q < ld0)", "(pos_k < ld0)")
-    mixed = {"name": "mixed", "inputs": {"doc": {"dtype": "int32", "shape": ["B", "T_KV"]}},
-             "mask": "doc[b, k] >= 0 and k <= q and h < 3"}
-    plan = attngen.compile(mixed).plan
-    assert (plan.key_guard, plan.query_guard) == ("(ld0 >= 0)", "")
-    for name in ("causal", "document", "streaming_sinks", "prefix_lm"):
-        plan = attngen.compile(name).plan
-        assert (plan.key_guard, plan.query_guard) == ("", ""), name

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -509,6 +510,8 @@ def test_segment_count_policy_and_errors():
     assert op.segment_count("linear_fwd", launch, x, x, x) == 1  # the CPU: one walk
     op.set_segments(4)
     assert op.segment_count("linear_fwd", launch, x, x, x) == 4
+    op.set_segments(np.int64(3))  # numpy integers are stored as Python ints (a kernel constexpr)
+    assert type(op.segment_count("linear_fwd", launch, x, x, x)) is int
     assert op.segment_count("linear_fwd", launch, x[:, :, :100], x[:, :, :100], x[:, :, :100]) == 2  # two chunks
     op.set_segments(None)
     local = attngen.compile(linear_spec("elu1", mask="q // w == k // w and k <= q", params={"w": 7}))

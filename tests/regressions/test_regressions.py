@@ -73,10 +73,9 @@ def test_zero_inputs_give_exact_zero_output_small():
 
 
 def test_masked_and_skipped_keys_are_never_read():
-    # Tiles that the kernels skip must not even be loaded: garbage (inf/nan) in them would
-    # leak into outputs and gradients through 0 * inf. Here every key and value of the tiles
-    # wholly outside the window of the last 16 queries is poisoned. (Garbage in keys that
-    # fail a key-only condition, padding, is covered by the test below.)
+    # Garbage (inf/nan) in keys and values that a query must not see leaked into outputs and
+    # gradients through 0 * inf in other libraries; tiles that are skipped must not even be
+    # loaded. Here every key and value outside the window of the last 16 queries is poisoned.
     op = attngen.compile("sliding_window", window=8)
     gen = torch.Generator().manual_seed(3)
     t = 200
@@ -95,11 +94,55 @@ def test_masked_and_skipped_keys_are_never_read():
     k_bad, v_bad = k.clone(), v.clone()
     k_bad[:, :, : first_visible - 64] = float("nan")  # whole key tiles the kernels skip
     v_bad[:, :, : first_visible - 64] = float("inf")
+    k_bad[:, :, first_visible - 1] = float("inf")  # a masked key inside a visited tile
+    v_bad[:, :, first_visible - 1] = float("nan")  # 0 * nan in p @ v would poison the rows
     dirty = run(k_bad, v_bad)
     for name, a, b in zip(("o", "dq"), clean[:2], dirty[:2]):
         assert torch.equal(a, b), name
     # gradients of keys nobody sees are exactly zero
     assert torch.all(dirty[2][:, :, :first_visible] == 0) and torch.all(dirty[3][:, :, :first_visible] == 0)
+
+
+@pytest.mark.parametrize(
+    "mask, garbage",
+    [
+        # padding written without a condition on the key alone: hidden through k <= q < n[b]
+        ("q < n[b] and k <= q", "qkv"),
+        # the same padding in another logical form (no top-level `and`)
+        ("not (k >= n[b] or q >= n[b])", "qkv"),
+        # the transformers integration's mask with left padding: padded queries see no key
+        # only through the causal condition joined with the keys' padding
+        ("k <= q and keep[b, k] != 0", "left"),
+    ],
+)
+def test_garbage_hidden_by_any_form_of_the_mask_changes_nothing(mask, garbage):
+    # A masked tile zeroes every key and query row that no partner in the tile sees, found
+    # from the whole mask. Guards taken from the mask's wording alone (conditions on the key
+    # only) let NaN in padding reach real rows through 0 * NaN for each of these forms
+    # (found by review of a faster variant, kept here so that it cannot come back).
+    declared = {"n": {"dtype": "int32", "shape": ["B"]}, "keep": {"dtype": "int32", "shape": ["B", "T_KV"]}}
+    used = [name for name in declared if f"{name}[" in mask]
+    op = attngen.compile({"name": "pad_forms", "inputs": {name: declared[name] for name in used}, "mask": mask})
+    gen = torch.Generator().manual_seed(7)
+    t, n = 40, 27
+    q, k, v, do = (torch.randn(1, 2, t, 16, generator=gen).to(DEVICE) for _ in range(4))
+    inputs = {"n": torch.tensor([n], dtype=torch.int32, device=DEVICE),
+              "keep": (torch.arange(t) >= t - n).to(torch.int32)[None].to(DEVICE)}
+    real = slice(t - n, t) if garbage == "left" else slice(0, n)
+    pad = slice(0, t - n) if garbage == "left" else slice(n, t)
+
+    def run(q, k, v):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = op(*leaves, **{name: inputs[name] for name in used})
+        return (o, *torch.autograd.grad(o, leaves, do))
+
+    clean = run(q, k, v)
+    bad = [x.clone() for x in (q, k, v)]
+    for x in bad:
+        x[:, :, pad] = float("nan")
+    dirty = run(*bad)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), clean, dirty):
+        assert torch.equal(a[:, :, real], b[:, :, real]), name
 
 
 def test_padding_keys_and_queries_with_garbage_change_nothing():
