@@ -66,7 +66,11 @@ def intervals(spec: Any, t_q: int, t_kv: int, block_q: int, block_kv: int, param
     ranges = g.graph["tiles_k" if var == "k" else "tiles_q"]
     for conj in ranges.conjuncts:
         if any(n.startswith("ld") for n in conj.bound_symbols):
-            raise UnsupportedError(f"the tile map of {spec.name!r} depends on runtime inputs; it has no closed form")
+            used = ", ".join(i.name for i in spec.inputs)
+            raise UnsupportedError(
+                f"the tile map of {spec.name!r} depends on runtime inputs ({used}): a bound of the visible "
+                "keys reads them, so it has no closed form; to see the map for one value, write that input "
+                "as a param (e.g. 'params: {n: 1000}' and 'k < n' for 'k < n[b]') and show that spec")
     off = position_offset(spec, t_q, t_kv)
     if var == "k":
         n_given, b_given, g_off, n_var, b_var, var_off = t_q, block_q, off, t_kv, block_kv, 0

@@ -134,3 +134,15 @@ def test_left_window_without_right_limit_on_gpu():
     from helpers import check_spec
 
     check_spec({"name": "left333", "params": {"w": 333}, "mask": "q - k < w"}, dims(B=1, H=8, H_KV=2, T_Q=300, T_KV=4096, D_QK=128), torch.float16)
+
+
+def test_a_tile_map_whose_bounds_read_inputs_says_how_to_see_one():
+    from attngen.errors import UnsupportedError
+    from attngen.tilemap import tile_counts
+
+    spec = {"name": "padded", "inputs": {"n": {"dtype": "int32", "shape": ["B"]}}, "mask": "k < n[b] and k <= q"}
+    with pytest.raises(UnsupportedError, match=r"runtime inputs \(n\).*write that input as a param"):
+        tile_counts(spec, 256, 256)
+    # written as a param, the same mask has a closed form: 2 of 4 tiles visited, both PARTIAL at n = 100
+    counts = tile_counts({"name": "padded_at", "params": {"n": 100}, "mask": "k < n and k <= q"}, 256, 256)
+    assert (counts.empty, counts.partial, counts.full) == (2, 2, 0)
