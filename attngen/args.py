@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Mapping
 
 import torch
 
 from .errors import ShapeError, UnsupportedError
 from .schema import AttentionSpec
+
+
+def is_int(value) -> bool:
+    """Whether ``value`` is an integer (a Python or numpy integer), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
 
 #: dtypes the generated kernels take for q, k and v.
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

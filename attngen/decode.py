@@ -15,7 +15,6 @@ Decoding is inference only: it records no autograd graph.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ import torch
 import triton
 
 from . import config
-from .args import KERNEL_DTYPES, MAX_HEAD_DIM, _dtype_name, check_inputs
+from .args import KERNEL_DTYPES, MAX_HEAD_DIM, _dtype_name, check_inputs, is_int
 from .errors import ShapeError, UnsupportedError
 from .tiles import decode_config, head_blocks
 
@@ -245,7 +244,7 @@ def decode_launch(op, q, k_cache, v_cache, cache_seqlens, *, block_table=None, n
     if num_splits is None:
         processors = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 1
         num_splits = choose_num_splits(B * H_KV * row_blocks, -(-call.max_seqlen // cfg.block_kv), processors)
-    elif isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral) or num_splits < 1:
+    elif not is_int(num_splits) or num_splits < 1:
         raise ShapeError(f"num_splits: {num_splits!r}; pass a positive int, or None to choose from the cache length")
     num_splits = int(num_splits)
     scale = op.scale_for(D_QK)

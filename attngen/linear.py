@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import numbers
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +42,7 @@ from typing import Any, Callable
 import torch
 
 from . import config
-from .args import check_call, position_offset
+from .args import check_call, is_int, position_offset
 from .errors import ShapeError, UnsupportedError
 from .features import ELEMENTWISE_MAPS, TAYLOR2_MAX_DIM, feature_count, feature_scale, performer_features
 from .op import _custom_op, _new_output, _NoSecondDerivative, kernel_of
@@ -553,7 +552,7 @@ class LinearAttentionOp:
         Raises:
             ValueError: ``n`` is not a positive int.
         """
-        if n is not None and (isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1):
+        if n is not None and (not is_int(n) or n < 1):
             raise ValueError(f"segments={n!r}: pass a positive int, or None to choose per call")
         self._segments = None if n is None else int(n)
 
@@ -642,7 +641,7 @@ def check_blocks(block_f: Any, block_v: Any) -> tuple[int, int]:
         ValueError: naming the block and what it must be.
     """
     for name, b in (("block_f", block_f), ("block_v", block_v)):
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 16 or b > 128 or b & (b - 1):
+        if not is_int(b) or b < 16 or b > 128 or b & (b - 1):
             raise ValueError(f"{name}={b!r}: pass a power of two from 16 to 128")
     if block_v < block_f:
         raise ValueError(f"block_v={block_v} < block_f={block_f}: the value block may not be narrower than the "

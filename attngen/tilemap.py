@@ -64,9 +64,10 @@ def intervals(spec: Any, t_q: int, t_kv: int, block_q: int, block_kv: int, param
     """
     spec, g = _graph(spec, params or {})
     ranges = g.graph["tiles_k" if var == "k" else "tiles_q"]
+    read = {d["symbol"].name: d["input"] for _, d in g.nodes(data=True) if d.get("op") == "load_input"}
     for conj in ranges.conjuncts:
-        if any(n.startswith("ld") for n in conj.bound_symbols):
-            used = ", ".join(i.name for i in spec.inputs)
+        if any(n in read for n in conj.bound_symbols):
+            used = ", ".join(sorted({read[n] for n in conj.bound_symbols if n in read}))
             raise UnsupportedError(
                 f"the tile map of {spec.name!r} depends on runtime inputs ({used}): a bound of the visible "
                 "keys reads them, so it has no closed form; to see the map for one value, write that input "
