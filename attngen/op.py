@@ -275,7 +275,8 @@ class AttentionOp:
         """The launch config of ``kernel`` for a call: a tuned one if this process set or the
         on-disk cache holds one for the call's shape bucket, else the default (tuning first
         when the op was compiled with ``autotune=True``)."""
-        default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype)
+        smem = DeviceInfo.of(device).shared_memory if device.type == "cuda" else 0
+        default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype, smem)
         if kernel == "preprocess":
             return default
         bucket = shape_bucket(dims, dtype)
@@ -315,6 +316,9 @@ class AttentionOp:
             TILE_SKIP=config.tile_skipping(),
         )
         q_start, k_start, t_keys = self._placement(T_Q, T_KV, shard)
+        # queries and keys at the same positions under a mask every position passes with
+        # itself: nothing is hidden from all partners, so masked tiles need no guard
+        constexprs["GUARD_UNSEEN"] = not (self.plan.sees_itself and T_Q == T_KV and q_start == k_start)
         runtime = [H, T_Q, T_KV, q_start, k_start, scale, scale * LOG2E]
         if self.plan.sigmoid:
             runtime.append(self.spec.bias if self.spec.bias is not None else -math.log(t_keys))

@@ -155,6 +155,10 @@ class ModulePlan:
     store_p: bool = False
     #: the store_p variant of this module (kernel names ending in ``_sp``), rendered after it
     stored: "ModulePlan | None" = None
+    #: every position sees its own partner: the mask holds at q == k whatever the runtime
+    #: inputs (:func:`sees_itself`), so no position is hidden from all partners when queries
+    #: and keys cover the same positions, and the kernels may skip the unseen-row guards
+    sees_itself: bool = False
 
     @property
     def needs_scores(self) -> bool:
@@ -227,6 +231,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
             dkdv_ranges=_ranges(g.graph[tiles + "q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"]),
             perm_stride=perm_stride,
             grad_loads=tuple(grad_loads),
+            sees_itself=sees_itself(g),
         )
 
     decode_loads = split("k", "attn_decode")  # its loop runs over key tiles, as the forward's
@@ -253,6 +258,34 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     main = module(natural_code, "natural_tiles_")
     perm = module(pr(split_["perm"]), "perm_tiles_", perm_stride=split_["stride"], suffix="_perm")
     return dataclasses.replace(main, perm=perm, decode=decode)
+
+
+def sees_itself(g: nx.DiGraph) -> bool:
+    """Whether the mask holds for every pair at the same position (``q == k``), for all
+    values of the runtime inputs it reads.
+
+    Then, when a call's queries and keys cover the same positions (``T_Q == T_KV``, same
+    offsets), every query sees at least one key and every key is seen by at least one query,
+    so no position can hold garbage that the mask hides from all partners, and the kernels
+    skip the guards that zero such rows inside masked tiles (``GUARD_UNSEEN``). Causal,
+    windowed, chunked, prefix-LM and document masks qualify; a padding condition such as
+    ``q < n[b]`` does not. Decided symbolically: the reads of an input at ``k`` become the
+    same reads at ``q`` and the mask must simplify to true. A float input read by the mask
+    disqualifies it (a NaN compares unequal to itself).
+    """
+    if "mask" not in g:
+        return True
+    expr = g.nodes["mask"]["expr"]
+    q, k = SYMBOLS["q"], SYMBOLS["k"]
+    loads = [d for _, d in g.nodes(data=True) if d.get("op") == "load_input" and d["symbol"] in expr.free_symbols]
+    if any(not d["symbol"].is_integer for d in loads):
+        return False
+    canonical: dict[tuple, sympy.Symbol] = {}
+    renames = {}
+    for d in sorted(loads, key=lambda d: d["symbol"].name):
+        key = (d["input"], tuple(sympy.sympify(i).subs(k, q) for i in d["indices"]))
+        renames[d["symbol"]] = canonical.setdefault(key, d["symbol"])
+    return bool(expr.xreplace(renames).subs(k, q) is sympy.true)
 
 
 def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads) -> RangePlan:

@@ -45,22 +45,36 @@ def head_blocks(d_qk: int, d_v: int) -> tuple[int, int]:
     return bdqk, max(bdqk, head_block(d_v))
 
 
-def default_config(kernel: str, d_max: int, dtype: torch.dtype) -> LaunchConfig:
+#: Shared memory per block (bytes) from which the forward and dQ kernels at head dims up to
+#: 128 take three pipeline stages and 8 warps (Hopper: 227 KiB; A100: 163 KiB; consumer
+#: cards about 99 KiB). Measured on the H200 in docs/benchmarks/h200-config-sweep-d128.txt.
+LARGE_SHARED_MEMORY = 200 * 1024
+
+
+def default_config(kernel: str, d_max: int, dtype: torch.dtype, shared_memory: int = 0) -> LaunchConfig:
     """A config that compiles and runs well on recent NVIDIA GPUs for any shape.
 
     Args:
         kernel: ``fwd``, ``dkdv``, ``dq`` or ``preprocess``.
         d_max: the larger of ``D_QK`` and ``D_V``.
         dtype: the dtype of q, k and v; float32 tiles take twice the shared memory.
+        shared_memory: bytes of shared memory a block may use on the target GPU (0: unknown,
+            the interpreter); from :data:`LARGE_SHARED_MEMORY` on, 16-bit forward and dQ
+            kernels at ``64 < d_max <= 128`` take the deeper configs that the H200 ran
+            fastest (7-16% on the forward, 2-23% on dQ against the smaller ones).
+
+    Raises:
+        ValueError: an unknown kernel name.
     """
     wide = dtype == torch.float32
+    large = shared_memory >= LARGE_SHARED_MEMORY and not wide
     if kernel == "preprocess":
         return LaunchConfig(64, 16, 4, 1)
     if kernel == "fwd":
         if d_max <= 64:
             cfg = LaunchConfig(128, 64, 4, 3)
         elif d_max <= 128:
-            cfg = LaunchConfig(128, 64, 8, 2)
+            cfg = LaunchConfig(128, 64, 8, 3 if large else 2)
         else:
             cfg = LaunchConfig(64, 32, 4, 2)
     elif kernel == "dkdv":
@@ -72,9 +86,11 @@ def default_config(kernel: str, d_max: int, dtype: torch.dtype) -> LaunchConfig:
             cfg = LaunchConfig(16, 32, 4, 1)
     elif kernel == "dq":
         if d_max <= 64:
+            # (64, 64, 4, 3) ran 2-8% faster at D = 64 on the H200 but raised illegal memory
+            # accesses there at D_QK = 5 and 8 (Triton 3.6; docs/perf-notes.md)
             cfg = LaunchConfig(128, 32, 4, 3)
         elif d_max <= 128:
-            cfg = LaunchConfig(64, 32, 4, 2)
+            cfg = LaunchConfig(128, 64, 8, 3) if large else LaunchConfig(64, 32, 4, 2)
         else:
             cfg = LaunchConfig(32, 16, 4, 1)
     else:

@@ -18,6 +18,7 @@ when asked (``attngen.compile(spec, autotune=True)`` or ``python -m attngen tune
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -57,9 +58,14 @@ class DeviceInfo:
         device = torch.device(device)
         if device.type != "cuda":
             return cls("triton-interpreter", "cpu", 228 * 1024, 1)
-        props = torch.cuda.get_device_properties(device)
-        smem = getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 48 * 1024)
-        return cls(props.name, f"{props.major}.{props.minor}", int(smem), props.multi_processor_count)
+        return _cuda_info(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_info(index: int) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    smem = getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 48 * 1024)
+    return DeviceInfo(props.name, f"{props.major}.{props.minor}", int(smem), props.multi_processor_count)
 
 
 def shape_bucket(dims: dict[str, int], dtype: torch.dtype) -> dict[str, Any]:
@@ -254,7 +260,7 @@ def tune(
     results = []
     for kernel in kernels:
         key = cache_key(op.plan.spec_digest, op.source_digest, info, kernel, bucket)
-        default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype)
+        default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype, 0 if info.capability == "cpu" else info.shared_memory)
         hit = cache.get(key)
         if hit is not None:
             op.set_config(kernel, bucket, hit)

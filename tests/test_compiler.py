@@ -85,3 +85,31 @@ def test_kernel_file_is_written_atomically_under_the_cache_dir(tmp_path, monkeyp
     path = write_kernel("causal", compiled.rendered)
     assert path.parent == tmp_path / "kernels" and path.read_text() == compiled.rendered.source
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left
+
+
+@pytest.mark.parametrize(
+    "mask, inputs, expected",
+    [
+        ("k <= q", {}, True),
+        ("k <= q and q - k < 7", {}, True),
+        ("k <= q or k < 5", {}, True),  # prefix-LM
+        ("q // 8 == k // 8", {}, True),  # chunk-local
+        ("(q - k) % 4 == 0", {}, True),  # strided
+        ("doc[b, q] == doc[b, k] and k <= q", {"doc": ["B", "T_Q"]}, True),
+        ("k <= q and q - k < 0", {}, False),  # an empty window hides everything
+        ("k < q", {}, False),  # a position does not see itself
+        ("q < n[b] and k <= q", {"n": ["B"]}, False),  # padding
+        ("k <= q and keep[b, k] != 0", {"keep": ["B", "T_KV"]}, False),
+        ("doc[b, q] == doc[b, k]", {"doc": ["B", "T_Q"], "x": ["B", "T_KV"]}, True),
+    ],
+)
+def test_masks_that_every_position_passes_with_itself(mask, inputs, expected):
+    # Such masks hide no query and no key from every partner when T_Q == T_KV, which is what
+    # lets the kernels drop the unseen-row guards; a wrong True would let padding garbage leak.
+    spec = {"name": "m", "mask": mask, "inputs": {n: {"dtype": "int32", "shape": s} for n, s in inputs.items() if n in mask}}
+    assert build(spec).plan.sees_itself is expected
+
+
+def test_float_input_in_the_mask_keeps_the_guards():
+    spec = {"name": "m", "mask": "x[b, q] == x[b, k]", "inputs": {"x": {"dtype": "float32", "shape": ["B", "T_Q"]}}}
+    assert build(spec).plan.sees_itself is False

@@ -152,13 +152,23 @@ def test_gpu_calls_read_the_cache_and_fall_back_to_the_default(tmp_path, monkeyp
     d = dims(T_Q=3000, T_KV=3000, D_QK=128)
     cuda = torch.device("cuda")
     op = attngen.compile("causal")
-    assert op.config_for("fwd", d, torch.bfloat16, cuda) == default_config("fwd", 128, torch.bfloat16)
+    # a Hopper-sized shared memory takes the deeper pipeline
+    assert op.config_for("fwd", d, torch.bfloat16, cuda) == LaunchConfig(128, 64, 8, 3)
     tuned = LaunchConfig(64, 128, 8, 3)
     key = cache_key(op.plan.spec_digest, op.source_digest, H200, "fwd", shape_bucket(d, torch.bfloat16))
     TuneCache().put(key, tuned)
     fresh = attngen.compile("causal")
     assert fresh.config_for("fwd", d, torch.bfloat16, cuda) == tuned
-    assert fresh.config_for("dq", d, torch.bfloat16, cuda) == default_config("dq", 128, torch.bfloat16)
+    assert fresh.config_for("dq", d, torch.bfloat16, cuda) == LaunchConfig(128, 64, 8, 3)
+
+
+def test_defaults_fit_the_shared_memory_of_smaller_cards():
+    # three stages of 128 x 64 tiles at D = 128 need about 128 KiB of shared memory
+    assert default_config("fwd", 128, torch.bfloat16, 99 * 1024) == LaunchConfig(128, 64, 8, 2)
+    assert default_config("fwd", 128, torch.bfloat16, 227 * 1024) == LaunchConfig(128, 64, 8, 3)
+    assert default_config("dq", 128, torch.bfloat16, 99 * 1024) == LaunchConfig(64, 32, 4, 2)
+    # float32 halves the tiles and runs one stage whatever the card
+    assert default_config("fwd", 128, torch.float32, 227 * 1024) == LaunchConfig(64, 32, 8, 1)
 
 
 def test_json_that_is_not_an_entry_and_illegal_configs_are_ignored(tmp_path):

@@ -1,5 +1,6 @@
 """The launch-config sweep behind docs/benchmarks/h200-config-sweep-d{64,128}.txt (run as
-``PYTHONPATH=. python docs/benchmarks/config_sweep.py D OUTDIR`` on one GPU): for causal,
+``PYTHONPATH=. python docs/benchmarks/config_sweep.py D OUTDIR [KERNEL ...]`` on one GPU;
+KERNEL in fwd, dq, dkdv picks the kernels to sweep, the others keep their defaults): for causal,
 document (1000-token documents), sliding window 1024 and dense masks at the anchors' shapes
 (B=1, T=16384, H=2048/D, bf16), each kernel's default config and a few others, timed in
 turn: the forward alone, then forward+backward for dQ and for dK/dV (the earlier kernel at
@@ -8,11 +9,11 @@ forward outputs are checked against the first config's. Writes OUTDIR/cfgsweep_d
 import json, os, sys
 import torch, triton
 import attngen
-from attngen.tiles import LaunchConfig as L, default_config
+from attngen.tiles import LaunchConfig as L
 from attngen.tune import shape_bucket
 from attngen import bench as AB
 
-D = int(sys.argv[1]); out = sys.argv[2]
+D = int(sys.argv[1]); out = sys.argv[2]; only = set(sys.argv[3:]) or {"fwd", "dq", "dkdv"}
 T = 16384; B = 1; H = 2048 // D
 dt = torch.bfloat16
 FWD = [L(128, 64, 8, 2), L(128, 64, 8, 3), L(128, 128, 8, 2), L(128, 64, 4, 3), L(64, 64, 4, 2), L(64, 64, 4, 3), L(128, 32, 4, 3)]
@@ -46,7 +47,9 @@ for name in ("causal", "document", "sliding_window", "dense"):
 
     res = {}
     for kern, cands, timer in (("fwd", FWD, time_fwd), ("dq", DQ, time_fb), ("dkdv", DKDV, time_fb)):
-        dflt = default_config(kern, D, dt)
+        dflt = op.config_for(kern, dims, dt, q.device)
+        if kern not in only:
+            continue
         cands = [dflt] + [c for c in cands if c != dflt]
         best = None
         for c in cands:

@@ -184,17 +184,32 @@ def test_backward_skips_the_tiles_the_forward_skips():
 
 @pytest.mark.gpu
 @gpu
-def test_window_backward_costs_at_most_three_and_a_half_forwards():
-    # On the H200: forward+backward of a 256-token local window at T = 32768 must take at
-    # most 3.5 times the forward (the backward skips what the forward skips).
-    from attngen.timing import bench
+@pytest.mark.xfail(strict=True, reason="known fault, cause not found: linear_bwd_dq raises an illegal memory "
+                   "access on the H200 (Triton 3.6) for this case, while the interpreter's address check passes it")
+def test_linear_relu_backward_with_narrow_heads_on_the_gpu():
+    # Found by `attngen fuzz --random --seed 500` (worker seed 508) on the H200: relu features,
+    # no normalisation, D_QK = 8 (feature block 16), D_V = 24, T = 100. The forward and the
+    # dK/dV kernel run; the dQ kernel faults with blocking launches. It runs in a subprocess,
+    # since a fault loses the CUDA context of the process that raised it.
+    import os
+    import subprocess
+    import sys
+    import textwrap
 
-    op = attngen.compile("sliding_window", window=256)
-    q, k, v = (torch.randn(1, 16, 32768, 128, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
-    do = torch.randn_like(q)
-    fwd = bench(lambda: op(q, k, v))
-    both = bench(lambda: torch.autograd.grad(op(q, k, v), (q, k, v), do))
-    assert both <= 3.5 * fwd, (fwd, both)
+    code = textwrap.dedent("""
+        import torch, attngen
+        spec = {"name": "r", "normalizer": "linear", "feature_map": "relu", "mask": "k <= q", "normalize": False}
+        op = attngen.compile(spec)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k = (torch.randn(1, 1, 100, 8, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(2))
+        v = torch.randn(1, 1, 100, 24, device="cuda", generator=gen).bfloat16().requires_grad_()
+        o = op(q, k, v)
+        torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
+        torch.cuda.synchronize()
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "CUDA_LAUNCH_BLOCKING": "1"})
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 @pytest.mark.gpu
