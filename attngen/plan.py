@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 import sympy
+from sympy.logic.inference import satisfiable
 
 from .classify import full_segments, masked_segments, range_statements, runtime_tests, segment_statements
 from .expr import SYMBOLS
@@ -262,30 +263,53 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
 
 def sees_itself(g: nx.DiGraph) -> bool:
     """Whether the mask holds for every pair at the same position (``q == k``), for all
-    values of the runtime inputs it reads.
+    values of the runtime inputs it reads, in the kernels' int32 and float32 arithmetic.
 
     Then, when a call's queries and keys cover the same positions (``T_Q == T_KV``, same
     offsets), every query sees at least one key and every key is seen by at least one query,
     so no position can hold garbage that the mask hides from all partners, and the kernels
     skip the guards that zero such rows inside masked tiles (``GUARD_UNSEEN``). Causal,
-    windowed, chunked, prefix-LM and document masks qualify; a padding condition such as
-    ``q < n[b]`` does not. Decided symbolically: the reads of an input at ``k`` become the
-    same reads at ``q`` and the mask must simplify to true. A float input read by the mask
-    disqualifies it (a NaN compares unequal to itself).
+    windowed, chunked, strided, prefix-LM and document masks qualify; a padding condition
+    such as ``q < n[b]`` does not.
+
+    Decided per comparison, with the reads of an input at ``k`` replaced by the same reads
+    at ``q``: a comparison of two integer sides that become the same expression is decided
+    whatever the values (wraparound included), and one whose sides both become integer
+    constants below 2³¹ is decided by them (``q - k < w`` is ``0 < w``). Every other
+    comparison counts as unknown: float arithmetic (rounding, ``0 / 0``), sides that differ
+    by a constant (``doc[q] < doc[k] + 1`` wraps at the int32 maximum) and conditions on
+    one position alone. The mask qualifies when it is true for every value of the unknowns.
     """
     if "mask" not in g:
         return True
     expr = g.nodes["mask"]["expr"]
     q, k = SYMBOLS["q"], SYMBOLS["k"]
     loads = [d for _, d in g.nodes(data=True) if d.get("op") == "load_input" and d["symbol"] in expr.free_symbols]
-    if any(not d["symbol"].is_integer for d in loads):
-        return False
     canonical: dict[tuple, sympy.Symbol] = {}
-    renames = {}
+    same = {k: q}
     for d in sorted(loads, key=lambda d: d["symbol"].name):
-        key = (d["input"], tuple(sympy.sympify(i).subs(k, q) for i in d["indices"]))
-        renames[d["symbol"]] = canonical.setdefault(key, d["symbol"])
-    return bool(expr.xreplace(renames).subs(k, q) is sympy.true)
+        key = (d["input"], tuple(sympy.sympify(i).xreplace({k: q}) for i in d["indices"]))
+        same[d["symbol"]] = canonical.setdefault(key, d["symbol"])
+    limit = 2**31
+
+    def decided(atom: sympy.Expr) -> bool | None:
+        lhs, rhs = atom.lhs.xreplace(same), atom.rhs.xreplace(same)
+        if not (lhs.is_integer and rhs.is_integer):
+            return None
+        if lhs == rhs:
+            return atom.rel_op in ("==", "<=", ">=")
+        if lhs.is_Integer and rhs.is_Integer and abs(int(lhs)) < limit and abs(int(rhs)) < limit:
+            return bool(atom.func(lhs, rhs))
+        return None
+
+    values = {}
+    for atom in expr.atoms(sympy.core.relational.Relational):
+        d = decided(atom)
+        values[atom] = sympy.Dummy("unknown") if d is None else sympy.true if d else sympy.false
+    reduced = expr.xreplace(values)
+    if reduced is sympy.true or reduced is sympy.false:
+        return reduced is sympy.true
+    return not satisfiable(sympy.Not(reduced))
 
 
 def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads) -> RangePlan:

@@ -113,3 +113,27 @@ def test_masks_that_every_position_passes_with_itself(mask, inputs, expected):
 def test_float_input_in_the_mask_keeps_the_guards():
     spec = {"name": "m", "mask": "x[b, q] == x[b, k]", "inputs": {"x": {"dtype": "float32", "shape": ["B", "T_Q"]}}}
     assert build(spec).plan.sees_itself is False
+
+
+@pytest.mark.parametrize(
+    "mask, inputs",
+    [
+        # found by review: each holds at q == k in exact arithmetic but hides a position in
+        # the kernels' int32 / float32 arithmetic, where a skipped guard let NaN reach every row
+        ("k <= q and doc[b, q] < doc[b, k] + 1", {"doc": ["B", "T_KV"]}),  # wraps at the int32 maximum
+        ("q / n[b] == k / n[b]", {"n": ["B"]}),  # 0 / 0 is NaN
+        ("q * 100000000.0 + 1.0 > k * 100000000.0", {}),  # float32 rounding
+        ("q + 2147483647 > k + 2147483646", {}),  # int32 overflow
+        ("k <= q and flag[b, q] != 0", {"flag": ["B", "T_Q"]}),  # a condition on one position
+    ],
+)
+def test_masks_that_pass_with_themselves_only_in_exact_arithmetic_keep_the_guards(mask, inputs):
+    spec = {"name": "m", "mask": mask, "inputs": {n: {"dtype": "int32", "shape": s} for n, s in inputs.items()}}
+    assert build(spec).plan.sees_itself is False
+
+
+def test_reflexive_masks_with_conditions_that_stay_unknown():
+    # q < 16 stays unknown, but the window's |q - k| <= 256 holds at q == k whatever it is
+    assert build("longformer").plan.sees_itself is True
+    spec = {"name": "m", "mask": "doc[b, q] - doc[b, k] < 1 and k <= q", "inputs": {"doc": {"dtype": "int32", "shape": ["B", "T_Q"]}}}
+    assert build(spec).plan.sees_itself is True  # x - x is 0 in wrapping arithmetic too

@@ -218,3 +218,25 @@ def test_interpreter_switched_on_after_triton_was_imported_is_named_not_a_crash(
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300).stdout
     assert "set after Triton was imported" in out and "before anything imports triton" in out
+
+
+@pytest.mark.parametrize(
+    "spec, t_q, t_kv, shard, guarded",
+    [
+        ("causal", 40, 40, None, False),  # every position sees itself: nothing can be hidden
+        ("document", 40, 40, None, False),
+        ("causal", 30, 40, None, True),  # bottom-right: keys before the first query's window
+        ("sliding_window", 40, 70, None, True),
+        ({"name": "pad", "inputs": {"n": {"dtype": "int32", "shape": ["B"]}}, "mask": "k <= q and q < n[b]"}, 40, 40, None, True),
+        ("causal", 40, 40, (40, 0, 80), True),  # a shard of queries after its keys (ring attention): kept, conservatively
+        ("causal", 40, 40, (40, 40, 80), False),  # the diagonal shard
+    ],
+)
+def test_unseen_row_guards_are_skipped_only_when_queries_and_keys_share_positions(spec, t_q, t_kv, shard, guarded):
+    from attngen.op import Shard
+
+    op = attngen.compile(spec, window=8) if spec == "sliding_window" else attngen.compile(spec)
+    q = torch.zeros(1, 2, t_q, 16)
+    k = v = torch.zeros(1, 2, t_kv, 16)
+    _, _, constexprs = op._common(q, k, v, None if shard is None else Shard(*shard))
+    assert constexprs["GUARD_UNSEEN"] is guarded

@@ -145,6 +145,32 @@ def test_garbage_hidden_by_any_form_of_the_mask_changes_nothing(mask, garbage):
         assert torch.equal(a[:, :, real], b[:, :, real]), name
 
 
+def test_padding_id_at_the_int32_maximum_hides_its_garbage():
+    # The mask holds at q == k in exact arithmetic, so an exact check would drop the guards,
+    # but doc + 1 wraps in int32 at the padding id and hides the padding from everyone
+    # (review finding: NaN in the padding reached every real row when the guards were off).
+    spec = {"name": "pad_max", "inputs": {"doc": {"dtype": "int32", "shape": ["B", "T_KV"]}},
+            "mask": "k <= q and doc[b, q] < doc[b, k] + 1"}
+    op = attngen.compile(spec)
+    gen = torch.Generator().manual_seed(11)
+    t, n = 40, 32
+    doc = torch.tensor([[0] * 20 + [1] * 12 + [2**31 - 1] * 8], dtype=torch.int32).to(DEVICE)
+    q, k, v, do = (torch.randn(1, 2, t, 16, generator=gen).to(DEVICE) for _ in range(4))
+
+    def run(q, k, v, do):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        o = op(*leaves, doc=doc)
+        return (o, *torch.autograd.grad(o, leaves, do))
+
+    clean = run(q, k, v, do)
+    bad = [x.clone() for x in (q, k, v, do)]
+    for x in bad:
+        x[:, :, n:] = float("nan")
+    dirty = run(*bad)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), clean, dirty):
+        assert torch.equal(a[:, :, :n], b[:, :, :n]), name
+
+
 def test_padding_keys_and_queries_with_garbage_change_nothing():
     # Padded batches keep garbage (uninitialised memory: inf, nan) in the padding positions.
     # Keys past a sequence's length and queries past it must not reach any other row, in
