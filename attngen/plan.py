@@ -6,6 +6,7 @@ Every decision is made here or in the passes; templates only ``if``/``for`` over
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import networkx as nx
@@ -13,7 +14,7 @@ import sympy
 from sympy.logic.inference import satisfiable
 
 from .classify import full_segments, masked_segments, range_statements, runtime_tests, segment_statements
-from .expr import SYMBOLS
+from .expr import SYMBOLS, FloorDiv
 from .errors import UnsupportedError
 from .printer import TritonPrinter
 
@@ -263,7 +264,8 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
 
 def sees_itself(g: nx.DiGraph) -> bool:
     """Whether the mask holds for every pair at the same position (``q == k``), for all
-    values of the runtime inputs it reads, in the kernels' int32 and float32 arithmetic.
+    values of the runtime inputs it reads, in the kernels' own arithmetic (int32 that wraps,
+    float32 that rounds).
 
     Then, when a call's queries and keys cover the same positions (``T_Q == T_KV``, same
     offsets), every query sees at least one key and every key is seen by at least one query,
@@ -272,13 +274,20 @@ def sees_itself(g: nx.DiGraph) -> bool:
     windowed, chunked, strided, prefix-LM and document masks qualify; a padding condition
     such as ``q < n[b]`` does not.
 
-    Decided per comparison, with the reads of an input at ``k`` replaced by the same reads
-    at ``q``: a comparison of two integer sides that become the same expression is decided
-    whatever the values (wraparound included), and one whose sides both become integer
-    constants below 2³¹ is decided by them (``q - k < w`` is ``0 < w``). Every other
-    comparison counts as unknown: float arithmetic (rounding, ``0 / 0``), sides that differ
-    by a constant (``doc[q] < doc[k] + 1`` wraps at the int32 maximum) and conditions on
-    one position alone. The mask qualifies when it is true for every value of the unknowns.
+    Each comparison of the mask is decided at ``q == k`` (a read of an input at ``k`` becomes
+    the same read at ``q``) only when the kernel's result is certain:
+
+    * both sides are the same integer computation (``doc[b, q] == doc[b, k]``,
+      ``q // 8 == k // 8``): sums, products, ``//`` and ``%`` by constants, ``min``, ``max``
+      and ``abs`` of positions, integer inputs and constants, compared as trees, never
+      simplified first, so equal trees mean equal results even when a value wraps;
+    * both sides take a constant value below 2³¹ that wrapping cannot change: a sum or
+      product of such terms (exact modulo 2³² in int32), then ``//`` or ``%`` by a nonzero
+      constant, ``abs``, ``min`` or ``max`` of known values (``q - k < w`` is ``0 < w``).
+
+    Everything else is unknown (float arithmetic, ``doc[b, q] < doc[b, k] + 1``, which wraps
+    at the int32 maximum, conditions on one position), and the mask must hold for every
+    value of the unknowns.
     """
     if "mask" not in g:
         return True
@@ -286,21 +295,67 @@ def sees_itself(g: nx.DiGraph) -> bool:
     q, k = SYMBOLS["q"], SYMBOLS["k"]
     loads = [d for _, d in g.nodes(data=True) if d.get("op") == "load_input" and d["symbol"] in expr.free_symbols]
     canonical: dict[tuple, sympy.Symbol] = {}
-    same = {k: q}
+    same: dict[sympy.Symbol, sympy.Symbol] = {k: q}
+    ints = {q, k, SYMBOLS["b"], SYMBOLS["h"], SYMBOLS["T_Q"], SYMBOLS["T_KV"]}
     for d in sorted(loads, key=lambda d: d["symbol"].name):
-        key = (d["input"], tuple(sympy.sympify(i).xreplace({k: q}) for i in d["indices"]))
-        same[d["symbol"]] = canonical.setdefault(key, d["symbol"])
+        if d["symbol"].is_integer:
+            ints.add(d["symbol"])
+            key = (d["input"], tuple(sympy.sympify(i).xreplace({k: q}) for i in d["indices"]))
+            same[d["symbol"]] = canonical.setdefault(key, d["symbol"])
     limit = 2**31
+    commutative = (sympy.Add, sympy.Mul, sympy.Min, sympy.Max)
 
-    def decided(atom: sympy.Expr) -> bool | None:
-        lhs, rhs = atom.lhs.xreplace(same), atom.rhs.xreplace(same)
-        if not (lhs.is_integer and rhs.is_integer):
+    def tree(e):
+        """A hashable form of an integer computation with k read as q; None if unsure."""
+        if isinstance(e, sympy.Symbol):
+            return ("sym", same.get(e, e).name) if e in ints else None
+        if isinstance(e, sympy.Integer):
+            return ("int", int(e))
+        if isinstance(e, (FloorDiv, sympy.Mod)) and not (isinstance(e.args[1], sympy.Integer) and e.args[1] != 0):
             return None
-        if lhs == rhs:
+        if not isinstance(e, (*commutative, FloorDiv, sympy.Mod, sympy.Abs)):
+            return None
+        args = [tree(a) for a in e.args]
+        if any(a is None for a in args):
+            return None
+        return (type(e).__name__, tuple(sorted(args)) if isinstance(e, commutative) else tuple(args))
+
+    def ring(e) -> bool:
+        """Only sums and products of integer symbols and constants (exact modulo 2^32)."""
+        if isinstance(e, sympy.Symbol):
+            return e in ints
+        if isinstance(e, sympy.Integer):
+            return True
+        return isinstance(e, (sympy.Add, sympy.Mul)) and all(ring(a) for a in e.args)
+
+    def value(e) -> int | None:
+        """The value the kernel computes for e at q == k, when it is certain."""
+        if ring(e):
+            exact = sympy.expand(e.xreplace(same))
+            return int(exact) if exact.is_Integer and abs(int(exact)) < limit else None
+        vals = [value(a) for a in e.args]
+        if any(v is None for v in vals):
+            return None
+        if isinstance(e, (sympy.Add, sympy.Mul)):
+            result = sum(vals) if isinstance(e, sympy.Add) else math.prod(vals)
+        elif isinstance(e, (FloorDiv, sympy.Mod)) and vals[1] != 0:
+            result = vals[0] // vals[1] if isinstance(e, FloorDiv) else vals[0] % vals[1]
+        elif isinstance(e, sympy.Abs):
+            result = abs(vals[0])
+        elif isinstance(e, (sympy.Min, sympy.Max)):
+            result = min(vals) if isinstance(e, sympy.Min) else max(vals)
+        else:
+            return None
+        return result if abs(result) < limit else None
+
+    def decided(atom) -> bool | None:
+        lt, rt = tree(atom.lhs), tree(atom.rhs)
+        if lt is not None and lt == rt:
             return atom.rel_op in ("==", "<=", ">=")
-        if lhs.is_Integer and rhs.is_Integer and abs(int(lhs)) < limit and abs(int(rhs)) < limit:
-            return bool(atom.func(lhs, rhs))
-        return None
+        lv, rv = value(atom.lhs), value(atom.rhs)
+        if lv is None or rv is None:
+            return None
+        return bool(atom.func(sympy.Integer(lv), sympy.Integer(rv)))
 
     values = {}
     for atom in expr.atoms(sympy.core.relational.Relational):

@@ -63,6 +63,15 @@ def intervals(spec: Any, t_q: int, t_kv: int, block_q: int, block_kv: int, param
         UnsupportedError: the classification reads runtime inputs (it then depends on data).
     """
     spec, g = _graph(spec, params or {})
+    return graph_intervals(spec, g, t_q, t_kv, block_q, block_kv, var=var)
+
+
+def graph_intervals(spec, g, t_q: int, t_kv: int, block_q: int, block_kv: int, *, var: str = "k"):
+    """:func:`intervals` from a spec and the graph :func:`attngen.build` made of it.
+
+    Raises:
+        UnsupportedError: the classification reads runtime inputs.
+    """
     ranges = g.graph["tiles_k" if var == "k" else "tiles_q"]
     read = {d["symbol"].name: d["input"] for _, d in g.nodes(data=True) if d.get("op") == "load_input"}
     for conj in ranges.conjuncts:
@@ -198,3 +207,16 @@ def write_zoo_page(docs: str | Path, t: int = 16384, block: int = 128) -> Path:
     page = docs / "zoo.md"
     page.write_text("\n".join(lines))
     return page
+
+
+def keeps_no_pair(spec, g, t: int = 4096) -> bool:
+    """Whether the mask of a built spec keeps no (q, k) pair at ``T_Q = T_KV = t`` (a window
+    of 0, contradictory conditions): every output row would be 0. False when it cannot tell
+    (bounds that read runtime inputs, a mask that is not an interval of keys per row)."""
+    if "mask" not in g:
+        return False
+    try:
+        rows = graph_intervals(spec, g, t, t, 1, 1)
+    except UnsupportedError:
+        return False
+    return sum(int((e - s).sum()) for s, fs, fe, e in rows) == 0
