@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,23 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
     Raises:
         SpecError: a malformed spec or an unknown or mistyped param override.
         UnsupportedError: a normaliser or recompute policy that is not built yet.
+
+    Warns:
+        UserWarning: the mask keeps no (q, k) pair at ``T_Q = T_KV = 4096`` (a window of 0,
+            contradictory conditions), so every output row would be 0. Masks whose key
+            bounds read runtime inputs are not checked.
     """
     compiled = build(spec, **params)
     module, path = load_module(compiled.spec.name, compiled.rendered)
+    if not isinstance(compiled.plan, LinearPlan):
+        from .tilemap import keeps_no_pair
+
+        if keeps_no_pair(compiled.spec, compiled.graph):
+            values = ", ".join(f"{k}={v}" for k, v in compiled.spec.params)
+            warnings.warn(
+                f"spec {compiled.spec.name!r}: mask {compiled.spec.mask!r}{f' with {values}' if values else ''} keeps no "
+                "(q, k) pair at T_Q = T_KV = 4096, so every output row there is 0; "
+                "check the mask and its params (a window must be at least 1)", stacklevel=2)
     if isinstance(compiled.plan, LinearPlan):
         return LinearAttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest)
     return AttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest, autotune=autotune)

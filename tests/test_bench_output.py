@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from helpers import DEVICE
 
@@ -119,3 +120,32 @@ def test_markdown_compares_sigmoid_with_softmax_causal():
             for v, m, f in (("causal", "fwd", 400.0), ("causal", "fwd+bwd", 300.0), ("sigmoid", "fwd", 360.0), ("sigmoid", "fwd+bwd", 330.0))]
     text = markdown({"meta": meta, "rows": rows})
     assert "D=128, T=16384): forward 0.90×, forward+backward 1.10×" in text
+
+
+def test_timing_keeps_the_garbage_collector_out_of_the_timed_loop(monkeypatch):
+    # A full collection of the objects a FlexAttention compile leaves behind stalled the host
+    # inside do_bench; bench() collects first, times with the collector off, and restores it.
+    import gc
+
+    import triton.testing
+
+    from attngen.timing import bench
+
+    seen = []
+
+    def fake_do_bench(fn, **kwargs):
+        seen.append((gc.isenabled(), kwargs["grad_to_none"]))
+        return 1.25
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    assert gc.isenabled()
+    assert bench(lambda: None, grads=["g"]) == 1.25
+    assert seen == [(False, ["g"])] and gc.isenabled()
+
+    def failing(fn, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(triton.testing, "do_bench", failing)
+    with pytest.raises(RuntimeError):
+        bench(lambda: None)
+    assert gc.isenabled()

@@ -153,3 +153,16 @@ def test_reflexive_masks_with_conditions_that_stay_unknown():
         assert build(spec).plan.sees_itself is True, mask
     spec = {"name": "m", "mask": "doc[b, q] - doc[b, k] < 1 and k <= q", "inputs": {"doc": {"dtype": "int32", "shape": ["B", "T_Q"]}}}
     assert build(spec).plan.sees_itself is True  # x - x is 0 in wrapping arithmetic too
+
+
+def test_a_mask_that_keeps_no_pair_warns_at_compile_time():
+    import warnings
+
+    import attngen
+
+    with pytest.warns(UserWarning, match="window=0 keeps no"):
+        attngen.compile("sliding_window", window=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attngen.compile("sliding_window", window=1)  # the token itself: one pair per row
+        attngen.compile("document")  # reads runtime inputs: no verdict, no warning
