@@ -281,9 +281,11 @@ def sees_itself(g: nx.DiGraph) -> bool:
       ``q // 8 == k // 8``): sums, products, ``//`` and ``%`` by constants, ``min``, ``max``
       and ``abs`` of positions, integer inputs and constants, compared as trees, never
       simplified first, so equal trees mean equal results even when a value wraps;
-    * both sides take a constant value below 2³¹ that wrapping cannot change: a sum or
-      product of such terms (exact modulo 2³² in int32), then ``//`` or ``%`` by a nonzero
-      constant, ``abs``, ``min`` or ``max`` of known values (``q - k < w`` is ``0 < w``).
+    * both sides take a constant value that wrapping cannot change: a sum or product of
+      positions and constants (exact modulo 2³² in int32, so ``q - k`` is 0), then ``//`` or
+      ``%`` by a nonzero constant, ``abs``, ``min`` or ``max`` of known values, every value
+      and divisor within ±2³⁰ (``q - k < w`` is ``0 < w``). Input reads do not take part:
+      a narrower integer tensor than declared (int8 for int32) wraps sooner.
 
     Everything else is unknown (float arithmetic, ``doc[b, q] < doc[b, k] + 1``, which wraps
     at the int32 maximum, conditions on one position), and the mask must hold for every
@@ -302,7 +304,7 @@ def sees_itself(g: nx.DiGraph) -> bool:
             ints.add(d["symbol"])
             key = (d["input"], tuple(sympy.sympify(i).xreplace({k: q}) for i in d["indices"]))
             same[d["symbol"]] = canonical.setdefault(key, d["symbol"])
-    limit = 2**31
+    limit = 2**30  # values and divisors this small leave the printed // and % no room to wrap
     commutative = (sympy.Add, sympy.Mul, sympy.Min, sympy.Max)
 
     def tree(e):
@@ -321,9 +323,10 @@ def sees_itself(g: nx.DiGraph) -> bool:
         return (type(e).__name__, tuple(sorted(args)) if isinstance(e, commutative) else tuple(args))
 
     def ring(e) -> bool:
-        """Only sums and products of integer symbols and constants (exact modulo 2^32)."""
+        """Only sums and products of positions and constants (exact modulo 2^32 in int32).
+        Inputs are left out: an int8 tensor passed for an int32 input wraps at 8 bits."""
         if isinstance(e, sympy.Symbol):
-            return e in ints
+            return e in (q, k)
         if isinstance(e, sympy.Integer):
             return True
         return isinstance(e, (sympy.Add, sympy.Mul)) and all(ring(a) for a in e.args)
@@ -332,7 +335,7 @@ def sees_itself(g: nx.DiGraph) -> bool:
         """The value the kernel computes for e at q == k, when it is certain."""
         if ring(e):
             exact = sympy.expand(e.xreplace(same))
-            return int(exact) if exact.is_Integer and abs(int(exact)) < limit else None
+            return int(exact) if exact.is_Integer and abs(int(exact)) <= limit else None
         vals = [value(a) for a in e.args]
         if any(v is None for v in vals):
             return None
@@ -346,7 +349,7 @@ def sees_itself(g: nx.DiGraph) -> bool:
             result = min(vals) if isinstance(e, sympy.Min) else max(vals)
         else:
             return None
-        return result if abs(result) < limit else None
+        return result if abs(result) <= limit else None
 
     def decided(atom) -> bool | None:
         lt, rt = tree(atom.lhs), tree(atom.rhs)

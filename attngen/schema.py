@@ -586,7 +586,8 @@ def linear_mask_form(spec: AttentionSpec) -> tuple[bool, int]:
 
 
 def _check_divisors(field_name: str, expr, params: Mapping[str, int | float]) -> None:
-    """Reject ``//``, ``%`` or ``/`` by a param whose value is 0."""
+    """Reject ``//``, ``%`` or ``/`` by a param whose value is 0, and integer ``//`` or ``%``
+    by a constant past ±2^30 (the kernels compute them in int32 through ``a % d + d``)."""
     import sympy
 
     from .expr import FloorDiv
@@ -595,6 +596,10 @@ def _check_divisors(field_name: str, expr, params: Mapping[str, int | float]) ->
         divisor = None
         if isinstance(node, (FloorDiv, sympy.Mod)):
             divisor = node.args[1]
+            value = bind_params(divisor, params)
+            if value.is_Integer and abs(int(value)) > 2**30:
+                raise SpecError(field_name, f"{'//' if isinstance(node, FloorDiv) else '%'} by {value}: the kernels compute "
+                                "it in 32-bit integers, which hold divisors up to 2^30 = 1073741824; use a smaller one")
         elif isinstance(node, sympy.Pow) and node.exp.is_negative:
             divisor = node.base
         if divisor is not None and divisor.free_symbols:

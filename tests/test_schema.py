@@ -110,3 +110,11 @@ def test_division_by_a_zero_param_is_a_spec_error():
     for mask in ("q % d == 0", "q // d == k // d", "q / d < 3"):
         with pytest.raises(SpecError, match="divides by d = 0"):
             load_spec({"name": "x", "params": {"d": 0}, "mask": mask})
+
+
+def test_integer_division_by_a_constant_past_two_to_the_30_is_a_spec_error():
+    # the kernels compute a % d as (a % d + d) % d in int32, which wraps for larger divisors
+    for mask in ("(q - k) % 2147483647 == 0", "q // 2000000000 == k // 2000000000"):
+        with pytest.raises(SpecError, match="divisors up to 2\\^30"):
+            load_spec({"name": "x", "mask": mask})
+    load_spec({"name": "x", "mask": "q // 1073741824 == k // 1073741824"})
