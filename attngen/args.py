@@ -11,6 +11,10 @@ from .errors import ShapeError, UnsupportedError
 from .schema import AttentionSpec
 
 
+
+#: Appended to shape errors that a [B, T, H, D] tensor passed as [B, H, T, D] would cause.
+LAYOUT_HINT = "q, k and v are [B, H, T, D] (a [B, T, H, D] tensor needs .transpose(1, 2))"
+
 def is_int(value) -> bool:
     """Whether ``value`` is an integer (a Python or numpy integer), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -92,7 +96,7 @@ def check_call(
     if k.shape[3] != D_QK:
         raise ShapeError(f"k: head dim {k.shape[3]} differs from q's D_QK={D_QK}")
     if H_KV == 0 or H % H_KV != 0:
-        raise ShapeError(f"k: H_KV={H_KV} must divide q's H={H} (grouped-query attention)")
+        raise ShapeError(f"k: H_KV={H_KV} must divide q's H={H} (grouped-query attention); {LAYOUT_HINT}")
     if T_Q < 1 or T_KV < 1 or B < 1 or H < 1:
         raise ShapeError(f"empty attention: B={B}, H={H}, T_Q={T_Q}, T_KV={T_KV}; every size must be at least 1")
     for name, d in (("D_QK", D_QK), ("D_V", D_V)):
@@ -152,6 +156,7 @@ def check_inputs(
         if tuple(t.shape) != expected:
             raise ShapeError(
                 f"{name}: expected shape [{', '.join(map(str, decl.shape))}] = {list(expected)}, got {list(t.shape)}"
+                + (f"; {LAYOUT_HINT}" if any(d in ("T_Q", "T_KV") for d in decl.shape) else "")
             )
         kind_ok = {
             "float": t.is_floating_point(),

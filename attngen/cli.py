@@ -136,10 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     show.add_argument("--source", action="store_true", help="also print the rendered kernel source")
     show.add_argument("--tiles", action="store_true", help="print the tile classification at --t-q, --t-kv")
-    show.add_argument("--t-q", type=int, default=4096)
-    show.add_argument("--t-kv", type=int, default=None, help="default: --t-q")
-    show.add_argument("--block-q", type=int, default=128)
-    show.add_argument("--block-kv", type=int, default=128)
+    show.add_argument("--t-q", type=int, default=4096, help="with --tiles: query length (default 4096)")
+    show.add_argument("--t-kv", type=int, default=None, help="with --tiles: key length (default: --t-q)")
+    show.add_argument("--block-q", type=int, default=128,
+                      help="with --tiles: query tile size (default 128; any size classifies, the kernels use powers of two "
+                           "from 16 to 256, and the forward's default at head dims up to 128 is 128 x 64)")
+    show.add_argument("--block-kv", type=int, default=128, help="with --tiles: key tile size (default 128)")
     show.add_argument("--png", default=None, help="with --tiles: write a picture of the tile map here")
     return parser
 

@@ -83,10 +83,11 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
 
         if keeps_no_pair(compiled.spec, compiled.graph):
             values = ", ".join(f"{k}={v}" for k, v in compiled.spec.params)
+            hint = " (a window must be at least 1)" if any("window" in k for k, _ in compiled.spec.params) else ""
             warnings.warn(
                 f"spec {compiled.spec.name!r}: mask {compiled.spec.mask!r}{f' with {values}' if values else ''} keeps no "
-                "(q, k) pair at T_Q = T_KV = 4096, so every output row there is 0; "
-                "check the mask and its params (a window must be at least 1)", stacklevel=2)
+                f"(q, k) pair (checked at T_Q = T_KV = 4096), so every output row is 0; check the mask and its params{hint}",
+                stacklevel=2)
     if isinstance(compiled.plan, LinearPlan):
         return LinearAttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest)
     return AttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest, autotune=autotune)

@@ -168,7 +168,8 @@ def parse_expression(
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as exc:
-        raise SpecError(field, f"syntax error in {text!r}: {exc.msg} (column {exc.offset})") from None
+        hint = "; join conditions with 'and', 'or' and 'not'" if "&&" in text or "||" in text else ""
+        raise SpecError(field, f"syntax error in {text!r}: {exc.msg} (column {exc.offset}){hint}") from None
     except (RecursionError, MemoryError):
         raise SpecError(field, f"expression nests too deeply; at most {MAX_DEPTH} levels") from None
     depth = _depth(tree.body)
@@ -266,6 +267,8 @@ class _Converter:
     def visit_UnaryOp(self, node: ast.UnaryOp) -> Parsed:
         if isinstance(node.op, ast.Not):
             return Parsed(sympy.Not(self.boolean(node.operand).sym), "bool")
+        if isinstance(node.op, ast.Invert):  # FlexAttention's mask_mod writes ~
+            raise self.fail(node, "'~' is not allowed; write 'not' (as in 'not (k > q)')")
         p = self.numeric(node.operand)
         if isinstance(node.op, ast.USub):
             return Parsed(-p.sym, p.kind)
@@ -274,6 +277,12 @@ class _Converter:
         raise self.fail(node, f"unary operator {type(node.op).__name__} is not allowed")
 
     def visit_BinOp(self, node: ast.BinOp) -> Parsed:
+        bitwise = {ast.BitAnd: ("&", "'and', as in 'k <= q and q - k < window'"),
+                   ast.BitOr: ("|", "'or', as in 'k <= q or k < prefix'"),
+                   ast.BitXor: ("^", "'!=' between the two conditions in parentheses")}
+        if type(node.op) in bitwise:  # FlexAttention's mask_mod joins conditions with & and |
+            sign, fix = bitwise[type(node.op)]
+            raise self.fail(node, f"'{sign}' is not allowed; join conditions with {fix}")
         a, b = self.numeric(node.left), self.numeric(node.right)
         both_int = a.kind == "int" and b.kind == "int"
         kind: Kind = "int" if both_int else "float"

@@ -285,8 +285,10 @@ def load_spec(source: str | Path | Mapping[str, Any] | AttentionSpec) -> Attenti
             if zoo.is_file():
                 path = zoo
             else:
-                known = ", ".join(sorted(p.stem for p in resources.zoo_dir().glob("*.yaml")))
-                raise SpecError("spec", f"no file {source!r} and no zoo spec of that name; zoo specs: {known}")
+                names = sorted(p.stem for p in resources.zoo_dir().glob("*.yaml"))
+                close = difflib.get_close_matches(source, names, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise SpecError("spec", f"no file {source!r} and no zoo spec of that name; {hint}zoo specs: {', '.join(names)}")
         if not path.is_file():
             raise SpecError("spec", f"no such spec file: {str(path)!r}")
         try:

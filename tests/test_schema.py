@@ -118,3 +118,18 @@ def test_integer_division_by_a_constant_past_two_to_the_30_is_a_spec_error():
         with pytest.raises(SpecError, match="divisors up to 2\\^30"):
             load_spec({"name": "x", "mask": mask})
     load_spec({"name": "x", "mask": "q // 1073741824 == k // 1073741824"})
+
+
+@pytest.mark.parametrize(
+    "mask, fix",
+    [("(k <= q) & (q - k < 8)", "'and'"), ("(k <= q) | (k < 4)", "'or'"), ("~(k > q)", "'not'"), ("k <= q && k > 2", "'and'")],
+)
+def test_flex_attention_style_masks_are_told_the_words_to_use(mask, fix):
+    # FlexAttention's mask_mod joins tensor conditions with & | ~; specs use and / or / not
+    with pytest.raises(SpecError, match=fix):
+        load_spec({"name": "x", "mask": mask})
+
+
+def test_a_misspelt_zoo_name_suggests_the_closest():
+    with pytest.raises(SpecError, match="did you mean 'sliding_window'"):
+        load_spec("sliding_windw")
