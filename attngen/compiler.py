@@ -79,6 +79,7 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
     compiled = build(spec, **params)
     module, path = load_module(compiled.spec.name, compiled.rendered)
     if not isinstance(compiled.plan, LinearPlan):
+        _warn_unused(compiled.spec)
         from .tilemap import keeps_no_pair
 
         if keeps_no_pair(compiled.spec, compiled.graph):
@@ -91,3 +92,20 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
     if isinstance(compiled.plan, LinearPlan):
         return LinearAttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest)
     return AttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest, autotune=autotune)
+
+
+def _warn_unused(spec: AttentionSpec) -> None:
+    """Warn about params and inputs that neither the mask nor the score reads (a typo in an
+    expression, or a leftover): an unused input is still required at call time."""
+    used: set[str] = set()
+    for parsed in (spec.parsed_mask(), spec.parsed_score()):
+        if parsed is not None:
+            used |= {str(sym) for sym in parsed.sym.free_symbols}
+    for name, _ in spec.params:
+        if name not in used:
+            warnings.warn(f"spec {spec.name!r}: params.{name} is never read by the mask or the score; remove it "
+                          "or use it", stacklevel=3)
+    for inp in spec.inputs:
+        if inp.name not in used:
+            warnings.warn(f"spec {spec.name!r}: inputs.{inp.name} is never read by the mask or the score, but every "
+                          "call must still pass it; remove it or use it", stacklevel=3)

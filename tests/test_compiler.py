@@ -168,3 +168,16 @@ def test_a_mask_that_keeps_no_pair_warns_at_compile_time():
         warnings.simplefilter("error")
         attngen.compile("sliding_window", window=1)  # the token itself: one pair per row
         attngen.compile("document")  # reads runtime inputs: no verdict, no warning
+
+
+def test_params_and_inputs_no_expression_reads_warn_at_compile_time():
+    import attngen
+
+    spec = {"name": "x", "params": {"window": 3, "windw": 2}, "inputs": {"pad": {"dtype": "int32", "shape": ["B"]}},
+            "mask": "k <= q and q - k < window"}
+    with pytest.warns(UserWarning) as record:
+        attngen.compile(spec)
+    messages = [str(r.message) for r in record]
+    assert any("params.windw is never read" in m for m in messages)
+    assert any("inputs.pad is never read" in m and "must still pass it" in m for m in messages)
+    assert not any("params.window " in m for m in messages)
