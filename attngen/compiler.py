@@ -74,7 +74,8 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
     Warns:
         UserWarning: the mask keeps no (q, k) pair at ``T_Q = T_KV = 4096`` (a window of 0,
             contradictory conditions), so every output row would be 0. Masks whose key
-            bounds read runtime inputs are not checked.
+            bounds read runtime inputs are not checked. Also a param or an input that
+            neither the mask nor the score reads (an unused input is still required).
     """
     compiled = build(spec, **params)
     module, path = load_module(compiled.spec.name, compiled.rendered)

@@ -367,7 +367,10 @@ def sees_itself(g: nx.DiGraph) -> bool:
     reduced = expr.xreplace(values)
     if reduced is sympy.true or reduced is sympy.false:
         return reduced is sympy.true
-    return not satisfiable(sympy.Not(reduced))
+    try:
+        return not satisfiable(sympy.Not(reduced))
+    except (TypeError, ValueError, NotImplementedError):  # a form the SAT solver cannot take: keep the guards
+        return False
 
 
 def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads) -> RangePlan:
