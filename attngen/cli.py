@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="override a spec param")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--doc-len", type=int, default=None, help="int runtime inputs: documents of this many tokens")
+    run.add_argument("--doc-len", type=int, default=None,
+                     help="int runtime inputs along positions: documents of this many tokens (default: sorted random ids, "
+                          "about 8 tokens a document); inputs without a position dimension are drawn as lengths in [0, T]")
     run.add_argument("--no-time", action="store_true", help="skip timing on the GPU")
 
     zoo = sub.add_parser("zoo", help="check every zoo spec against the reference, forward and backward")
