@@ -10,10 +10,9 @@ import torch
 from .errors import ShapeError, UnsupportedError
 from .schema import AttentionSpec
 
-
-
 #: Appended to shape errors that a [B, T, H, D] tensor passed as [B, H, T, D] would cause.
 LAYOUT_HINT = "q, k and v are [B, H, T, D] (a [B, T, H, D] tensor needs .transpose(1, 2))"
+
 
 def is_int(value) -> bool:
     """Whether ``value`` is an integer (a Python or numpy integer), not a bool."""
@@ -156,7 +155,7 @@ def check_inputs(
         if tuple(t.shape) != expected:
             raise ShapeError(
                 f"{name}: expected shape [{', '.join(map(str, decl.shape))}] = {list(expected)}, got {list(t.shape)}"
-                + (f"; {LAYOUT_HINT}" if any(d in ("T_Q", "T_KV") for d in decl.shape) else "")
+                + (f"; {LAYOUT_HINT}" if decl.along_positions else "")
             )
         kind_ok = {
             "float": t.is_floating_point(),

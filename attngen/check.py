@@ -99,7 +99,7 @@ def make_inputs(
             t = t.to(getattr(torch, decl.dtype))
         elif decl.kind == "int":
             n = shape[-1]
-            if not any(d in ("T_Q", "T_KV") for d in decl.shape):  # lengths: some keys kept, some masked
+            if not decl.along_positions:  # lengths: some keys kept, some masked
                 ids = torch.randint(0, max(T_Q, T_KV) + 1, tuple(shape), generator=generator)
             elif doc_len:
                 ids = (torch.arange(n) // doc_len).expand(*shape)

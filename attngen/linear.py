@@ -48,6 +48,7 @@ from .features import ELEMENTWISE_MAPS, TAYLOR2_MAX_DIM, feature_count, feature_
 from .op import _custom_op, _new_output, _NoSecondDerivative, kernel_of
 from .schema import DEFAULT_EPS, AttentionSpec, linear_mask_form
 from .tiles import head_block
+from .tune import DeviceInfo
 
 #: warps per program of the linear kernels (no tuner for them yet)
 NUM_WARPS = 4
@@ -526,7 +527,7 @@ class LinearAttentionOp:
             return 1
         n_f, n_v = launch.blocks(feature_count(self.plan.feature_map, D_QK, self.plan.features), v.shape[3])
         programs = B * H * n_f * n_v
-        processors = torch.cuda.get_device_properties(q.device).multi_processor_count
+        processors = DeviceInfo.of(q.device).sm_count
         if programs >= processors:
             return 1
         return max(1, min(SEGMENT_WAVES * processors // programs, n_chunks // MIN_SEGMENT_CHUNKS))

@@ -96,6 +96,12 @@ class InputSpec:
     shape: tuple[str | int, ...]
 
     @property
+    def along_positions(self) -> bool:
+        """Whether a dimension runs along the sequence (``T_Q`` or ``T_KV``): per-token ids
+        such as ``doc``, rather than per-sequence values such as lengths ``n[b]``."""
+        return any(d in ("T_Q", "T_KV") for d in self.shape)
+
+    @property
     def kind(self) -> str:
         return INPUT_DTYPES[self.dtype]
 
@@ -286,9 +292,8 @@ def load_spec(source: str | Path | Mapping[str, Any] | AttentionSpec) -> Attenti
                 path = zoo
             else:
                 names = sorted(p.stem for p in resources.zoo_dir().glob("*.yaml"))
-                close = difflib.get_close_matches(source, names, n=1, cutoff=0.6)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise SpecError("spec", f"no file {source!r} and no zoo spec of that name; {hint}zoo specs: {', '.join(names)}")
+                raise SpecError("spec", f"no file {source!r} and no zoo spec of that name; {_closest(source, names)}"
+                                        f"zoo specs: {', '.join(names)}")
         if not path.is_file():
             raise SpecError("spec", f"no such spec file: {str(path)!r}")
         try:
@@ -303,11 +308,15 @@ def load_spec(source: str | Path | Mapping[str, Any] | AttentionSpec) -> Attenti
     raise SpecError("spec", f"expected a path, a dict or an AttentionSpec, got {type(source).__name__}")
 
 
+def _closest(word: Any, known) -> str:
+    """``did you mean 'x'? `` for the known name closest to ``word``, or "" if none is near."""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
 def _unknown_key(key: Any, known) -> str:
     """The message for an unknown key: the closest known key if one is near, then all of them."""
-    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"unknown key; {hint}known keys: {', '.join(sorted(str(k) for k in known))}"
+    return f"unknown key; {_closest(key, known)}known keys: {', '.join(sorted(str(k) for k in known))}"
 
 
 def from_dict(data: Mapping[str, Any]) -> AttentionSpec:

@@ -101,6 +101,12 @@ def graph_intervals(spec, g, t_q: int, t_kv: int, block_q: int, block_kv: int, *
     return evaluate_intervals(ranges, env, n_var=n_var, block_var=b_var, var_off=var_off)
 
 
+def _count(ivs) -> tuple[int, int]:
+    """Visited and FULL tiles over per-given-tile intervals ``(s, fs, fe, e)`` (with 1 x 1
+    tiles: pairs that may be visible, and pairs that surely are)."""
+    return sum(int((e - s).sum()) for s, fs, fe, e in ivs), sum(int((fe - fs).sum()) for s, fs, fe, e in ivs)
+
+
 def tile_counts(spec: Any, t_q: int, t_kv: int, block_q: int = 128, block_kv: int = 128, params: dict | None = None) -> TileCounts:
     """Counts of EMPTY, PARTIAL and FULL (query tile, key tile) pairs, and the mask's density.
 
@@ -111,11 +117,8 @@ def tile_counts(spec: Any, t_q: int, t_kv: int, block_q: int = 128, block_kv: in
     params = params or {}
     ivs = intervals(spec, t_q, t_kv, block_q, block_kv, params)
     q_tiles, kv_tiles = -(-t_q // block_q), -(-t_kv // block_kv)
-    visited = sum(int((e - s).sum()) for s, fs, fe, e in ivs)
-    full = sum(int((fe - fs).sum()) for s, fs, fe, e in ivs)
-    rows = intervals(spec, t_q, t_kv, 1, 1, params)
-    upper = sum(int((e - s).sum()) for s, fs, fe, e in rows)
-    lower = sum(int((fe - fs).sum()) for s, fs, fe, e in rows)
+    visited, full = _count(ivs)
+    upper, lower = _count(intervals(spec, t_q, t_kv, 1, 1, params))  # per pair: may be / surely visible
     return TileCounts(
         q_tiles=q_tiles,
         kv_tiles=kv_tiles,
@@ -219,4 +222,4 @@ def keeps_no_pair(spec, g, t: int = 4096) -> bool:
         rows = graph_intervals(spec, g, t, t, 1, 1)
     except UnsupportedError:
         return False
-    return sum(int((e - s).sum()) for s, fs, fe, e in rows) == 0
+    return _count(rows)[0] == 0
