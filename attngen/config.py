@@ -52,13 +52,6 @@ def tile_skipping() -> bool:
     return os.environ.get("ATTNGEN_NO_SKIP", "0") != "1"
 
 
-def document_alignment() -> bool:
-    """``ATTNGEN_NO_ALIGN=1`` (read at compile time) renders kernels with fixed query and key
-    tiles even where the mask reads document ids along the positions, for comparing
-    against the work list of document-aligned tiles (:class:`attngen.plan.MetaPlan`)."""
-    return os.environ.get("ATTNGEN_NO_ALIGN", "0") != "1"
-
-
 def forced_stages() -> int | None:
     """``num_stages`` forced on every launch by ``ATTNGEN_STAGES``, else None.
 

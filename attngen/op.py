@@ -63,44 +63,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@dataclass
-class TileMeta:
-    """What the metadata kernels of one loop direction computed for a call (all on the
-    device, no host synchronisation).
-
-    Attributes:
-        ranges: int32 ``[B, n_given, n_conjuncts, 4]``: per given tile (or work item) and
-            data-dependent conjunct, the visible var tiles ``[lo, hi)`` and the FULL run
-            ``[flo, fhi)``. None when the direction needs no metadata.
-        items: int32 ``[B, n_given + 1]`` for aligned directions (:attr:`MetaPlan.aligned`
-            in attngen.plan): work item ``i`` covers the given rows ``[items[b, i],
-            items[b, i + 1])``; items past a sequence's last are empty. None otherwise.
-    """
-
-    ranges: torch.Tensor | None = None
-    items: torch.Tensor | None = None
-
-    @property
-    def args(self) -> list:
-        """The attention kernel's arguments that follow its inputs' (META, ITEMS, N_ITEMS)."""
-        if self.ranges is None:
-            return []
-        if self.items is None:
-            return [self.ranges]
-        return [self.ranges, self.items, self.items.shape[1] - 1]
-
-    def programs(self, fixed: int) -> int:
-        """Programs along the given positions: one per work item, else ``fixed``."""
-        return fixed if self.items is None else self.items.shape[1] - 1
-
-
-def work_items(n_fixed: int) -> int:
-    """Room for work items along positions cut into ``n_fixed`` fixed tiles: a quarter more,
-    so runs (documents) down to about four tiles long keep their own tiles; shorter runs
-    fall back to the fixed tiles."""
-    return n_fixed + n_fixed // 4 + 2
-
-
 def kernel_of(module: ModuleType, name: str, device: torch.device):
     """The kernel ``name`` of a loaded kernel module, for tensors on ``device``.
 
@@ -379,14 +341,9 @@ class AttentionOp:
 
     # -- the work ------------------------------------------------------------------------
     def tile_meta(self, var: str, block_q: int, block_kv: int, inputs: list[torch.Tensor], dims: dict, device: torch.device,
-                  shard: Shard | None = None) -> TileMeta:
-        """Run the metadata kernels of a loop direction when the mask reads runtime inputs
-        along the positions (``doc[b, q] == doc[b, k]``).
-
-        When the given side reads runtime values (the query's document), a work-list kernel
-        first cuts the given positions into items that start at each run of equal values
-        (each document) and every tile size after, so no item straddles two documents
-        (FlashAttention's variable-length tiling, Dao 2023); the ranges are then per item.
+                  shard: Shard | None = None) -> list:
+        """Run the metadata kernel of a loop direction when the mask reads runtime inputs
+        along the positions (``doc[b, q] == doc[b, k]``); return the kernel argument.
 
         Args:
             var: ``"k"`` for the forward and dQ kernels (given query tiles), ``"q"`` for dK/dV.
@@ -399,34 +356,28 @@ class AttentionOp:
                 spec's alignment).
 
         Returns:
-            A :class:`TileMeta` (empty when the direction needs no metadata). The ranges
-            take O(T) per given tile, the work list O(T) per sequence.
+            ``[]`` when the direction needs no metadata, else ``[meta]``: int32
+            ``[B, n_given_tiles, n_conjuncts, 4]``, per given tile and data-dependent conjunct
+            the visible var tiles ``[lo, hi)`` and the FULL run ``[flo, fhi)``. Computed in
+            O(T) per given tile, on the device, with no host synchronisation.
         """
         ranges = self.plan.fwd_ranges if var == "k" else self.plan.dkdv_ranges
         if ranges.meta is None:
-            return TileMeta()
+            return []
         B, T_Q, T_KV = dims["B"], dims["T_Q"], dims["T_KV"]
         bg, bv = (block_q, block_kv) if var == "k" else (block_kv, block_q)
         n_given = _cdiv(T_Q if var == "k" else T_KV, bg)
         import triton.language as tl  # not at import: TRITON_INTERPRET is read when Triton loads
 
-        input_args = [*self._input_args(inputs), T_Q, T_KV, *self._placement(T_Q, T_KV, shard)[:2]]
-        items = None
-        if ranges.meta.aligned:
-            n_given = work_items(n_given)
-            items = torch.empty((B, n_given + 1), dtype=torch.int32, device=device)
-            self.kernel(ranges.meta.items_name, device)[(B,)](
-                items, n_given, *input_args, BLOCK_G=bg, CHUNK=4096, num_warps=8,
-            )  # fmt: skip
         meta = torch.empty((B, n_given, ranges.meta.count, 4), dtype=torch.int32, device=device)
         # compare in int64 when any input holds int64 values (whatever its declared dtype)
         wide = any(t.dtype == torch.int64 for t in inputs)
         self.kernel(ranges.meta.name, device)[(n_given, B)](
-            meta, *([items, n_given] if items is not None else []), *input_args,
+            meta, *self._input_args(inputs), T_Q, T_KV, *self._placement(T_Q, T_KV, shard)[:2],
             BLOCK_G=bg, BLOCK_V=bv, CHUNK=max(1, 4096 // bv),
             ACC=tl.int64 if wide else tl.int32, BIG=2**62 if wide else 2**31 - 1, num_warps=4,
         )  # fmt: skip
-        return TileMeta(meta, items)
+        return [meta]
 
     @property
     def parts(self) -> list:
@@ -463,10 +414,10 @@ class AttentionOp:
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
         for part in [self.plan.stored] if p is not None else self.parts:
-            grid = (meta.programs(self._tiles(part, T_Q, cfg.block_q)), H, B)
+            grid = (self._tiles(part, T_Q, cfg.block_q), H, B)
             self.kernel(part.fwd.name, q.device)[grid](
                 q, k, v, o, lse, *([p] if p is not None else []),
-                *self._input_args(inputs), *meta.args,
+                *self._input_args(inputs), *meta,
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                 *runtime,
                 **constexprs, **self._launch(cfg),
@@ -502,9 +453,9 @@ class AttentionOp:
         cfg = self.config_for("dkdv", dims, q.dtype, q.device)
         meta = self.tile_meta("q", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
         for part in parts:  # the residue-order part adds to what the natural part stored
-            self.kernel(part.dkdv.name, q.device)[(meta.programs(self._tiles(part, T_KV, cfg.block_kv)), H_KV, B)](
+            self.kernel(part.dkdv.name, q.device)[(self._tiles(part, T_KV, cfg.block_kv), H_KV, B)](
                 q, k, v, do, lse, delta, dk, dv, *p_arg,
-                *input_args, *meta.args,
+                *input_args, *meta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
                 *runtime,
                 **constexprs, **self._launch(cfg),
@@ -518,9 +469,9 @@ class AttentionOp:
         grad_args = [grads.get(n, t) for n, t in zip(names, inputs) if n in self._grad_inputs]
         extra = {"INPUT_GRAD": wanted} if self._grad_inputs else {}
         for part in parts:
-            self.kernel(part.dq.name, q.device)[(meta.programs(self._tiles(part, T_Q, cfg.block_q)), H, B)](
+            self.kernel(part.dq.name, q.device)[(self._tiles(part, T_Q, cfg.block_q), H, B)](
                 q, k, v, do, lse, delta, dq, *p_arg,
-                *input_args, *meta.args, *grad_args,
+                *input_args, *meta, *grad_args,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 *runtime,
                 **constexprs, **extra, **self._launch(cfg),

@@ -13,7 +13,6 @@ import networkx as nx
 import sympy
 from sympy.logic.inference import satisfiable
 
-from . import config
 from .classify import full_segments, masked_segments, range_statements, runtime_tests, segment_statements
 from .expr import SYMBOLS, FloorDiv
 from .errors import UnsupportedError
@@ -99,19 +98,10 @@ class MetaPlan:
     var_loads: tuple[LoadPlan, ...]
     batch_loads: tuple[LoadPlan, ...]
     tests: tuple[tuple[str, str], ...]
-    #: given tiles start where a run of equal given-side values (a document) starts, as in
-    #: FlashAttention's variable-length kernels: a device-built work list of row ranges
-    #: (``attn_tile_items_<var>``) replaces the fixed tiles of the given positions
-    aligned: bool = False
 
     @property
     def count(self) -> int:
         return len(self.tests)
-
-    @property
-    def items_name(self) -> str:
-        """The name of the work-list kernel of this direction (``aligned`` only)."""
-        return f"attn_tile_items_{self.var}"
 
 
 @dataclass(frozen=True)
@@ -220,8 +210,6 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
                 reduce = {(False, False): "all", (True, False): "rows", (False, True): "cols", (True, True): "none"}[(q_dep, k_dep)]
                 grad_loads.append(GradLoad(ld, pr(sympy.diff(score, sym)), reduce))
 
-    align = not g.graph.get("periodic") and config.document_alignment()
-
     def module(mask_code: str, tiles: str, perm_stride: int = 0, suffix: str = "") -> ModulePlan:
         return ModulePlan(
             spec_name=spec.name,
@@ -241,8 +229,8 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
             fwd=split("k", "attn_fwd" + suffix),
             dkdv=split("q", "attn_bwd_dkdv" + suffix),
             dq=split("k", "attn_bwd_dq" + suffix),
-            fwd_ranges=_ranges(g.graph[tiles + "k"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], align),
-            dkdv_ranges=_ranges(g.graph[tiles + "q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"], align),
+            fwd_ranges=_ranges(g.graph[tiles + "k"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"]),
+            dkdv_ranges=_ranges(g.graph[tiles + "q"], pr, loads, g.graph["position_loads"], g.graph["batch_loads"]),
             perm_stride=perm_stride,
             grad_loads=tuple(grad_loads),
             sees_itself=sees_itself(g),
@@ -385,9 +373,7 @@ def sees_itself(g: nx.DiGraph) -> bool:
         return False
 
 
-def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads, align: bool = False) -> RangePlan:
-    """The loop bounds of one direction; ``align``: given tiles may follow runs of equal
-    given-side runtime values (not in residue order, whose tiles are fixed by the stride)."""
+def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], batch_loads) -> RangePlan:
     names = dict(pr.names)
     names.update({n: n for n in ("g_first", "g_last", "var_min", "var_max")})
     n = len(ranges.conjuncts)
@@ -398,15 +384,13 @@ def _ranges(ranges, pr: TritonPrinter, loads, position_loads: dict[str, str], ba
             for atom in ranges.conjuncts[j].runtime:
                 used |= {s.name for s in atom.lhs.free_symbols | atom.rhs.free_symbols}
         by_var = {ld.var: ld for ld in loads if ld.var in used}
-        given_loads = tuple(ld for v, ld in by_var.items() if position_loads.get(v) == ranges.given)
         meta = MetaPlan(
             name=f"attn_tile_ranges_{ranges.var}",
             var=ranges.var,
-            given_loads=given_loads,
+            given_loads=tuple(ld for v, ld in by_var.items() if position_loads.get(v) == ranges.given),
             var_loads=tuple(ld for v, ld in by_var.items() if position_loads.get(v) == ranges.var),
             batch_loads=tuple(ld for v, ld in by_var.items() if v in batch_loads),
             tests=tuple(runtime_tests(ranges, pr, position_loads)),
-            aligned=align and bool(given_loads),
         )
     return RangePlan(
         statements=tuple(range_statements(ranges, TritonPrinter(names))),

@@ -59,15 +59,16 @@ def test_metadata_ranges_are_sound(mask, t_q, extra, bq, bkv, kind, seed):
     d = dims(B=2, T_Q=t_q, T_KV=t_kv)
     rt = runtime(ids[:, extra:, None], ids[:, None, :]).expand(2, t_q, t_kv)  # [B, T_Q, T_KV]
     for var in ("k", "q"):
-        tm = op.tile_meta(var, bq, bkv, [ids.to(DEVICE)], d, torch.device(DEVICE))
-        meta = tm.ranges.cpu()
+        (meta,) = op.tile_meta(var, bq, bkv, [ids.to(DEVICE)], d, torch.device(DEVICE))
+        meta = meta.cpu()
         pairs = rt if var == "k" else rt.transpose(1, 2)  # [B, given, var]
         bg, bv = (bq, bkv) if var == "k" else (bkv, bq)
-        n_v = -(-pairs.shape[2] // bv)
+        n_g, n_v = -(-pairs.shape[1] // bg), -(-pairs.shape[2] // bv)
+        assert meta.shape == (2, n_g, 1, 4)
         for b in range(2):
-            for i, (start, end) in enumerate(_item_rows(tm, b, pairs.shape[1], bg)):
+            for i in range(n_g):
                 lo, hi, flo, fhi = meta[b, i, 0].tolist()
-                rows = pairs[b, start:end]
+                rows = pairs[b, i * bg : (i + 1) * bg]
                 hit = [bool(rows[:, j * bv : (j + 1) * bv].any()) for j in range(n_v)]
                 every = [bool(rows[:, j * bv : (j + 1) * bv].all()) for j in range(n_v)]
                 for j in range(n_v):
@@ -80,47 +81,15 @@ def test_metadata_ranges_are_sound(mask, t_q, extra, bq, bkv, kind, seed):
                     assert (lo, hi) == (first, last + 1)
 
 
-def _item_rows(tm, b: int, n: int, block: int) -> list[tuple[int, int]]:
-    """The given rows of every non-empty program: fixed tiles, or the work list's items
-    (which must cover the n rows once, in at most ``block`` rows each)."""
-    if tm.items is None:
-        return [(i * block, min(n, (i + 1) * block)) for i in range(-(-n // block))]
-    bounds = tm.items[b].cpu().tolist()
-    rows = [(min(x, y), max(x, y)) for x, y in zip(bounds, bounds[1:])]
-    live = [r for r in rows if r[0] < r[1]]
-    assert sorted(r for s, e in live for r in range(s, e)) == list(range(n)), "items must cover each row once"
-    assert all(e - s <= block for s, e in live)
-    return [r if r[0] < r[1] else (0, 0) for r in rows]
-
-
 def test_sorted_documents_get_exact_full_runs():
     op = attngen.compile("document")
     ids = (torch.arange(256) // 64).to(torch.int32).view(1, -1)
-    tm = op.tile_meta("k", 32, 16, [ids.to(DEVICE)], dims(T_Q=256, T_KV=256), torch.device(DEVICE))
-    assert tm.items[0, :9].tolist() == list(range(256, -1, -32))  # documents of 64 rows: fixed tiles, from the end
-    meta = tm.ranges.cpu()[0, :, 0]
-    # item i holds the query tile 7 - i (32 tokens), in document (7 - i) // 2, whose keys are tiles 4·doc .. +3
+    (meta,) = op.tile_meta("k", 32, 16, [ids.to(DEVICE)], dims(T_Q=256, T_KV=256), torch.device(DEVICE))
+    meta = meta.cpu()[0, :, 0]
+    # query tile i (32 tokens) lies in document i // 2, whose keys are tiles 4·(i//2) .. +3
     for i in range(8):
-        first = 4 * ((7 - i) // 2)
+        first = 4 * (i // 2)
         assert meta[i].tolist() == [first, first + 4, first, first + 4]
-
-
-def test_work_items_follow_the_documents():
-    """Documents of 30, 50 and 20 tokens in tiles of 16: query items are cut from each
-    document's end and listed downwards, key items from its start and listed upwards; runs
-    too short for the work list's room fall back to the fixed tiles."""
-    op = attngen.compile("document")
-    ids = torch.tensor([0] * 30 + [1] * 50 + [2] * 20, dtype=torch.int32).view(1, -1)
-    d = dims(T_Q=100, T_KV=100)
-    q_items = op.tile_meta("k", 16, 16, [ids.to(DEVICE)], d, torch.device(DEVICE)).items[0].tolist()
-    assert q_items == [100, 84, 80, 64, 48, 32, 30, 14, 0, 0, 0]
-    k_items = op.tile_meta("q", 16, 16, [ids.to(DEVICE)], d, torch.device(DEVICE)).items[0].tolist()
-    assert k_items == [0, 16, 30, 46, 62, 78, 80, 96, 100, 100, 100]
-    alternating = (torch.arange(100) % 2).to(torch.int32).view(1, -1)  # 100 runs of one token
-    q_items = op.tile_meta("k", 16, 16, [alternating.to(DEVICE)], d, torch.device(DEVICE)).items[0].tolist()
-    assert q_items == [100, 96, 80, 64, 48, 32, 16, 0, 0, 0, 0]
-    k_items = op.tile_meta("q", 16, 16, [alternating.to(DEVICE)], d, torch.device(DEVICE)).items[0].tolist()
-    assert k_items == [0, 16, 32, 48, 64, 80, 96, 100, 100, 100, 100]
 
 
 def _small_tiles(op, d, dtype):
