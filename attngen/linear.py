@@ -169,11 +169,8 @@ def launch_candidates(plan: LinearPlan, d_qk: int, d_v: int) -> list[LinearLaunc
     again with one stage.
     """
     features = feature_count(plan.feature_map, d_qk, plan.features)
-    # a value block narrower than the feature block is raised to it (padding value columns):
-    # on the H200 such launches (feature block 64 or 128 against value block 16) raised illegal
-    # memory accesses, as the softmax kernels did with BLOCK_DV < BLOCK_DQK (attngen.tiles.head_blocks)
     shapes = sorted(
-        {(f, max(v, f)) for f, v in itertools.product(_halvings(features), _halvings(d_v))},
+        {_launchable(f, v) for f, v in itertools.product(_halvings(features), _halvings(d_v))},
         key=lambda s: (_cdiv(features, s[0]) * _cdiv(d_v, s[1]), -s[0], s[1]),
     )
     return [
@@ -192,6 +189,26 @@ def _halvings(n: int) -> list[int]:
         out.append(width)
         width //= 2
     return out or [floor]
+
+
+def _launchable(block_f: int, block_v: int) -> tuple[int, int]:
+    """The block shape a launch takes for ``(block_f, block_v)``, around two Triton 3.6
+    miscompiles seen on the H200:
+
+    * a value block narrower than the feature block is raised to it (padding value
+      columns): feature blocks of 64 or 128 against value blocks of 16 raised illegal memory
+      accesses, as the softmax kernels did with BLOCK_DV < BLOCK_DQK
+      (:func:`attngen.tiles.head_blocks`);
+    * a feature block of 16 against a wider value block is raised to 32 (padding feature
+      columns): with value blocks of 32, compute-sanitizer caught ``linear_bwd_dq`` reading
+      512 bytes past its shared memory in a ``tl.dot`` (relu features, D_QK = 8, D_V = 24),
+      which faulted in 2 to 8 of 8 processes; 16 x 16 and 32 x 64 read nothing outside it.
+      (Narrowing the value block to 16 instead would split the value columns over more
+      programs, whose shares of dq round apart where they must cancel.)
+    """
+    if block_f == 16 and block_v > 16:
+        block_f = 32
+    return block_f, max(block_v, block_f)
 
 
 def shared_memory_budget(device: torch.device) -> int:
@@ -337,8 +354,9 @@ class LinearAttentionOp:
         For measuring launches against each other (``bench --suite linear --blocks``).
 
         Raises:
-            ValueError: a block that is not a power of two from 16 to 128, or a value block
-                narrower than the feature block.
+            ValueError: a block that is not a power of two from 16 to 128, a value block
+                narrower than the feature block, or a feature block of 16 with a wider value
+                block.
         """
         if block_f is None:
             self._blocks = None
@@ -647,6 +665,9 @@ def check_blocks(block_f: Any, block_v: Any) -> tuple[int, int]:
     if block_v < block_f:
         raise ValueError(f"block_v={block_v} < block_f={block_f}: the value block may not be narrower than the "
                          "feature block (such launches raised illegal memory accesses on the H200)")
+    if (block_f, block_v) != _launchable(block_f, block_v):
+        raise ValueError(f"block_v={block_v} with block_f={block_f}: a feature block of 16 takes a value block of 16; "
+                         "use block_f=32 (wider value blocks read outside shared memory on the H200, Triton 3.6)")
     return int(block_f), int(block_v)
 
 

@@ -314,6 +314,12 @@ def test_launch_candidates_take_the_spec_chunks_then_the_fewest_programs():
     narrow = launch_candidates(attngen.compile("linear_elu").plan, 33, 16)
     assert narrow[0] == L(64, 64, 64, 3) and narrow[0].blocks(33, 16) == (1, 1)
     assert {(c.block_f, c.block_v) for c in narrow} == {(64, 64), (32, 32), (16, 16)}
+    # a feature block of 16 takes only value blocks of 16; against wider ones it is raised to
+    # 32 (16 x 32 read outside shared memory on the H200)
+    relu = launch_candidates(attngen.compile("linear_relu").plan, 8, 24)
+    assert {(c.block_f, c.block_v) for c in relu} == {(32, 32), (16, 16)} and relu[0].blocks(8, 24) == (1, 1)
+    wide = launch_candidates(attngen.compile("linear_elu").plan, 32, 128)
+    assert (32, 64) in {(c.block_f, c.block_v) for c in wide} and all(c.block_v == 16 for c in wide if c.block_f == 16)
 
 
 def test_choose_launch_takes_the_first_candidate_whose_compiled_kernel_fits():
@@ -528,5 +534,8 @@ def test_set_blocks_refuses_value_blocks_narrower_than_the_features():
         op.set_blocks(64, 16)
     with pytest.raises(ValueError, match="block_f=48"):
         op.set_blocks(48, 64)
+    with pytest.raises(ValueError, match="block_v=32 with block_f=16: a feature block of 16 takes a value block of 16; use block_f=32"):
+        op.set_blocks(16, 32)
     op.set_blocks(32, 128)
+    op.set_blocks(16, 16)
     op.set_blocks(None)

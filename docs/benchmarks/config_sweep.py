@@ -5,7 +5,8 @@ document (1000-token documents), sliding window 1024 and dense masks at the anch
 (B=1, T=16384, H=2048/D, bf16), each kernel's default config and a few others, timed in
 turn: the forward alone, then forward+backward for dQ and for dK/dV (the earlier kernel at
 its winner). Times are do_bench medians with the gradients accumulating into the leaves;
-forward outputs are checked against the first config's. Writes OUTDIR/cfgsweep_d<D>.json."""
+forward outputs are checked against the first config's. SWEEP_MASKS=document,causal picks the
+masks. Writes OUTDIR/cfgsweep_d<D>.json."""
 import json, os, sys
 import torch, triton
 import attngen
@@ -20,7 +21,7 @@ FWD = [L(128, 64, 8, 2), L(128, 64, 8, 3), L(128, 128, 8, 2), L(128, 64, 4, 3), 
 DQ = [L(128, 64, 8, 2), L(128, 64, 8, 3), L(128, 64, 8, 4), L(64, 64, 4, 3), L(128, 32, 4, 3)]
 DKDV = [L(64, 64, 4, 2), L(64, 128, 8, 2), L(64, 128, 8, 3), L(32, 128, 4, 3), L(32, 64, 4, 2)]
 rows = []
-for name in ("causal", "document", "sliding_window", "dense"):
+for name in os.environ.get("SWEEP_MASKS", "causal,document,sliding_window,dense").split(","):
     var = AB.VARIANTS[name]
     q, k, v, do, inputs = AB._case_inputs(var, B, H, T, D, "cuda")
     dens = AB._density(var, T, inputs)
