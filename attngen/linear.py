@@ -163,7 +163,8 @@ def launch_candidates(plan: LinearPlan, d_qk: int, d_v: int) -> list[LinearLaunc
 
     The spec's chunks in order; per chunk the block shapes ``(block_f, block_v)`` (powers of
     two from the padded feature count and ``D_V``, capped at :data:`MAX_STATE_BLOCK`, down to
-    16; the value block at least the feature block) with the fewest programs ``N_F · N_V``
+    16, adjusted by :func:`_launchable`: the value block at least the feature block, and a
+    feature block of 16 only with a value block of 16) with the fewest programs ``N_F · N_V``
     first, the wider feature block first among equals (value blocks keep the normalisation
     inside the forward kernel); per shape the depths of :data:`STAGES`. Then all of that
     again with one stage.
@@ -200,11 +201,15 @@ def _launchable(block_f: int, block_v: int) -> tuple[int, int]:
       accesses, as the softmax kernels did with BLOCK_DV < BLOCK_DQK
       (:func:`attngen.tiles.head_blocks`);
     * a feature block of 16 against a wider value block is raised to 32 (padding feature
-      columns): with value blocks of 32, compute-sanitizer caught ``linear_bwd_dq`` reading
-      512 bytes past its shared memory in a ``tl.dot`` (relu features, D_QK = 8, D_V = 24),
-      which faulted in 2 to 8 of 8 processes; 16 x 16 and 32 x 64 read nothing outside it.
+      columns): with value blocks of 32, compute-sanitizer caught ``linear_bwd_dq`` making a
+      512-byte read outside its shared memory in a ``tl.dot`` (relu features, D_QK = 8,
+      D_V = 24), and the case faulted in 2 to 8 of 8 processes. Under the sanitizer 16 x 16
+      and 32 x 64 read nothing outside it; 32 x 32, which this rule gives that case, ran
+      clean in 8 of 8 processes but was not run under the sanitizer. Value blocks wider than
+      32 against 16 features were never seen to fault; they are raised too, as a precaution.
       (Narrowing the value block to 16 instead would split the value columns over more
-      programs, whose shares of dq round apart where they must cancel.)
+      programs: the one-key bf16 test, whose dq and dk must cancel to 1e-4, then fails at
+      D_V = 80.)
     """
     if block_f == 16 and block_v > 16:
         block_f = 32
@@ -652,9 +657,9 @@ def shared_memory_estimate(plan: LinearPlan, name: str, d_qk: int, d_v: int, dty
 
 
 def check_blocks(block_f: Any, block_v: Any) -> tuple[int, int]:
-    """``(block_f, block_v)`` as ints, if both are powers of two from 16 to 128 and the value
-    block is at least the feature block (:meth:`LinearAttentionOp.set_blocks`, ``bench
-    --blocks``).
+    """``(block_f, block_v)`` as ints, if both are powers of two from 16 to 128, the value
+    block is at least the feature block, and a feature block of 16 comes with a value block
+    of 16 (:func:`_launchable`; :meth:`LinearAttentionOp.set_blocks`, ``bench --blocks``).
 
     Raises:
         ValueError: naming the block and what it must be.
@@ -667,7 +672,8 @@ def check_blocks(block_f: Any, block_v: Any) -> tuple[int, int]:
                          "feature block (such launches raised illegal memory accesses on the H200)")
     if (block_f, block_v) != _launchable(block_f, block_v):
         raise ValueError(f"block_v={block_v} with block_f={block_f}: a feature block of 16 takes a value block of 16; "
-                         "use block_f=32 (wider value blocks read outside shared memory on the H200, Triton 3.6)")
+                         "use block_f=32 (16 x 32 read outside shared memory on the H200, Triton 3.6; wider value "
+                         "blocks are refused as a precaution)")
     return int(block_f), int(block_v)
 
 
