@@ -214,9 +214,10 @@ def test_linear_relu_backward_with_narrow_heads_on_the_gpu():
     # Found by `attngen fuzz --random --seed 500` (worker seed 508) on the H200: relu features,
     # no normalisation, D_QK = 8, D_V = 24, T = 100. With feature blocks of 16 and value
     # blocks of 32 the dQ kernel made a 512-byte read outside its shared memory in a tl.dot
-    # (compute-sanitizer), which faulted in some processes and not others; a feature block of
-    # 16 now takes value blocks of 16. Several draws in a subprocess, since a fault loses the
-    # CUDA context of the process that raised it.
+    # (compute-sanitizer), which faulted in some processes and not others; a 16-feature block
+    # against a wider value block is now raised to 32 features (attngen.linear._launchable).
+    # Several draws in a subprocess, since a fault loses the CUDA context of the process that
+    # raised it.
     import os
     import subprocess
     import sys
