@@ -29,13 +29,14 @@ class Variant:
     """One benchmark row family: the attngen spec and FlexAttention's equivalent."""
 
     name: str
-    spec: str
+    spec: str | dict
     params: Callable[[int], dict] = lambda t: {}
     mask_mod: Callable[..., Any] | None = None  # flex mask_mod factory(inputs) -> mod
     score_mod: Callable[..., Any] | None = None  # flex score_mod factory(inputs) -> mod
     sdpa: dict | None = None  # how SDPA expresses it, if it can
     inputs: Callable[[int, int, int, str], dict] = lambda b, h, t, dev: {}
     flex: bool = True  # False: FlexAttention cannot express it (softmax only); checked against the reference
+    note: str = ""  # printed under the suite's table when the variant ran
 
 
 def _causal(_):
@@ -71,8 +72,16 @@ VARIANTS = {
         mask_mod=_causal,
         score_mod=lambda ins: (lambda s, b, h, q, k: s - ins["slopes"][h] * (q - k)),
     ),
+    # tanh through the GPU's tanh.approx.f32 (the spec's fast_tanh), as FlashAttention soft-caps
     "softcap": Variant(
-        "softcap", "softcap", params=lambda t: {"cap": 30.0}, mask_mod=_causal,
+        "softcap", {"name": "softcap_fast", "mask": "k <= q", "score": "cap * tanh(s / cap)", "params": {"cap": 30.0},
+                    "fast_tanh": True},
+        mask_mod=_causal, score_mod=lambda ins: (lambda s, b, h, q, k: 30.0 * torch.tanh(s / 30.0)),
+        note="softcap: attngen's spec sets fast_tanh: true (tanh.approx.f32, relative error below 2^-10.9; "
+             "FlexAttention computes tanh exactly); softcap_exact is the same row without it",
+    ),
+    "softcap_exact": Variant(
+        "softcap_exact", "softcap", params=lambda t: {"cap": 30.0}, mask_mod=_causal,
         score_mod=lambda ins: (lambda s, b, h, q, k: 30.0 * torch.tanh(s / 30.0)),
     ),
     "sigmoid": Variant("sigmoid", "sigmoid_causal", flex=False),
@@ -449,7 +458,7 @@ def markdown(result: dict) -> str:
     suite = meta.get("suite") or next(iter(re.findall(r"--suite[ =](\w+)", meta.get("command", ""))), None)
     missing = [c for c in _suite_keys(suite, meta.get("selection")) if c not in set(keys)]
     if missing:
-        lines += ["", f"Not measured ({len(missing)} of the suite's cases; the run stopped first, `--resume` adds them): "
+        lines += ["", f"Not measured in this run ({len(missing)} of the suite's cases; `--resume` adds them): "
                   + ", ".join(f"{v} D={d} T={t}" for v, d, t in missing) + "."]
     for d, t in sorted({(d, t) for v, d, t in keys if v == "sigmoid"}):
         sig = [cell("attngen", "sigmoid", d, t, m) for m in ("fwd", "fwd+bwd")]
@@ -458,6 +467,11 @@ def markdown(result: dict) -> str:
             lines += ["", f"Sigmoid against softmax (both causal, attngen, D={d}, T={t}): forward "
                       f"{sig[0]['tflops'] / soft[0]['tflops']:.2f}×, forward+backward {sig[1]['tflops'] / soft[1]['tflops']:.2f}× "
                       "the TFLOP/s."]
+    notes = [VARIANTS[v].note for v in sorted({v for v, _, _ in keys}) if v in VARIANTS and VARIANTS[v].note]
+    if notes:
+        lines += [""] + [f"Note on {n}." for n in notes]
+    if meta.get("note"):  # written by hand into a result file, e.g. when a variant was renamed after the run
+        lines += ["", f"Note: {meta['note']}"]
     metas = [r for r in rows if r["mode"] == "compile" and r.get("metadata_ms") is not None]
     if metas:
         lines += ["", "Tile metadata of masks that read runtime inputs (the forward's metadata kernel alone, GPU time"

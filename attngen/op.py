@@ -44,6 +44,10 @@ LOG2E = 1.0 / math.log(2.0)
 _OPS_REVISION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:8]
 
 
+#: Call signatures an op memoises before it forgets them all (see AttentionOp._common).
+_MEMO_LIMIT = 1024
+
+
 @dataclass(frozen=True)
 class Shard:
     """Where a call's queries and keys sit in a longer sequence (context parallelism).
@@ -123,15 +127,22 @@ class AttentionOp:
     """
 
     def __init__(
-        self, spec: AttentionSpec, module: ModuleType, kernel_file: Path, plan: Any, source_digest: str, autotune: bool = False
+        self, spec: AttentionSpec, module: ModuleType, kernel_file: Path, plan: Any, source_digest: str, autotune: bool = False,
+        mask_class: str = "other",
     ) -> None:
         self.spec = spec
+        #: how the mask shapes the key loops, for the default launch configs (attngen.tilemap.mask_class)
+        self.mask_class = mask_class
         self.module = module
         self.kernel_file = kernel_file
         self.plan = plan
         self.source_digest = source_digest
         self.autotune = autotune
         self._configs: dict[tuple[str, str], LaunchConfig | None] = {}
+        # per-call host work memoised by call signature (lengths, dtype, device, debug switches):
+        # every launch costs 50-100 us of host time on the H200 hosts, so the rest must not add to it
+        self._picked: dict[tuple, LaunchConfig] = {}
+        self._common_memo: dict[tuple, tuple[dict, list, dict]] = {}
         # the revision of this file is part of the id: graphs that torch.compile caches on disk
         # embed the id, so a changed autograd formula or op schema never meets a stale graph
         self.op_id = f"{spec.name}-{plan.spec_digest[:12]}-{Path(kernel_file).stem[-16:]}-{_OPS_REVISION}"
@@ -267,16 +278,27 @@ class AttentionOp:
     def set_config(self, kernel: str, bucket: dict, cfg: LaunchConfig) -> None:
         """Use ``cfg`` for ``kernel`` on calls in ``bucket`` (see :func:`attngen.tune.shape_bucket`)."""
         self._configs[(kernel, self._bucket_id(bucket))] = cfg
+        self._picked.clear()
 
     def clear_config(self, kernel: str, bucket: dict) -> None:
         self._configs.pop((kernel, self._bucket_id(bucket)), None)
+        self._picked.clear()
 
     def config_for(self, kernel: str, dims: dict[str, int], dtype: torch.dtype, device: torch.device) -> LaunchConfig:
         """The launch config of ``kernel`` for a call: a tuned one if this process set or the
         on-disk cache holds one for the call's shape bucket, else the default (tuning first
         when the op was compiled with ``autotune=True``)."""
+        memo = (kernel, tuple(sorted(dims.items())), dtype, device)
+        picked = self._picked.get(memo)
+        if picked is None:
+            if len(self._picked) >= _MEMO_LIMIT:
+                self._picked.clear()
+            picked = self._picked[memo] = self._pick_config(kernel, dims, dtype, device)
+        return picked
+
+    def _pick_config(self, kernel: str, dims: dict[str, int], dtype: torch.dtype, device: torch.device) -> LaunchConfig:
         smem = DeviceInfo.of(device).shared_memory if device.type == "cuda" else 0
-        default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype, smem)
+        default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype, smem, self.mask_class)
         if kernel == "preprocess":
             return default
         bucket = shape_bucket(dims, dtype)
@@ -300,6 +322,18 @@ class AttentionOp:
         return args
 
     def _common(self, q, k, v, shard: Shard | None = None):
+        """``dims``, the runtime scalars and the constexprs of a call (memoised per call
+        signature, with the debug switches read on every call; callers must not mutate them)."""
+        memo = (q.shape, k.shape[1:3], v.shape[3], q.dtype, shard, config.tile_skipping(), config.interpret_all(),
+                config.min_head_block())  # fmt: skip
+        hit = self._common_memo.get(memo)
+        if hit is None:
+            if len(self._common_memo) >= _MEMO_LIMIT:  # many lengths (variable-length batches): start over
+                self._common_memo.clear()
+            hit = self._common_memo[memo] = self._signature(q, k, v, shard)
+        return hit
+
+    def _signature(self, q, k, v, shard: Shard | None):
         B, H, T_Q, D_QK = q.shape
         H_KV, T_KV, D_V = k.shape[1], k.shape[2], v.shape[3]
         scale = self.scale_for(D_QK)

@@ -161,6 +161,8 @@ class ModulePlan:
     #: inputs (:func:`sees_itself`), so no position is hidden from all partners when queries
     #: and keys cover the same positions, and the kernels may skip the unseen-row guards
     sees_itself: bool = False
+    #: the score's tanh runs through the rendered ``_tanh`` helper (the spec's ``fast_tanh``)
+    fast_tanh: bool = False
 
     @property
     def needs_scores(self) -> bool:
@@ -182,7 +184,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     loads_nodes = [d for _, d in g.nodes(data=True) if d.get("op") == "load_input"]
     names = dict(KERNEL_NAMES)
     names.update({d["symbol"].name: d["symbol"].name for d in loads_nodes})
-    pr = TritonPrinter(names)
+    pr = TritonPrinter(names, fast_tanh=spec.fast_tanh)
     loads = tuple(_load_plan(d, pr) for d in sorted(loads_nodes, key=lambda d: int(d["symbol"].name[2:])))
 
     def split(inner_dep: str, name: str) -> KernelPlan:
@@ -234,6 +236,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
             perm_stride=perm_stride,
             grad_loads=tuple(grad_loads),
             sees_itself=sees_itself(g),
+            fast_tanh=spec.fast_tanh,
         )
 
     decode_loads = split("k", "attn_decode")  # its loop runs over key tiles, as the forward's

@@ -31,10 +31,14 @@ class TritonPrinter:
 
     Args:
         names: code for each free symbol (``{"q": "pos_q", "ld0": "ld0"}``), by symbol name.
+        fast_tanh: print ``tanh`` as the rendered module's ``_tanh`` helper, which takes the
+            hardware ``tanh.approx.f32`` when the launch's ``FAST_SIGMOID`` is set (the spec's
+            ``fast_tanh``); else as ``2 sigmoid(2x) - 1``.
     """
 
-    def __init__(self, names: Mapping[str, str]) -> None:
+    def __init__(self, names: Mapping[str, str], fast_tanh: bool = False) -> None:
         self.names = names
+        self.fast_tanh = fast_tanh
 
     def __call__(self, expr: sympy.Basic) -> str:
         return self.p(expr)
@@ -101,6 +105,8 @@ class TritonPrinter:
             return f"tl.log({self.flt(e.args[0])})"
         if isinstance(e, sympy.tanh):
             x = self.flt(e.args[0])
+            if self.fast_tanh:
+                return f"_tanh({x}, FAST_SIGMOID)"
             return f"(2.0 * tl.sigmoid(2.0 * {x}) - 1.0)"
         if isinstance(e, sigmoid):
             return f"tl.sigmoid({self.flt(e.args[0])})"

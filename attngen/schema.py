@@ -75,6 +75,7 @@ SPEC_KEYS = (
     "feature_map",
     "normalize",
     "eps",
+    "fast_tanh",
 )
 #: Keys only linear attention reads.
 LINEAR_KEYS = ("feature_map", "normalize", "eps")
@@ -168,6 +169,13 @@ class AttentionSpec:
         feature_map: linear only: the feature map ``φ`` (:class:`FeatureMap`).
         normalize: linear only: divide by ``Σ φ(q)·φ(k) + eps`` (default true).
         eps: linear only, with ``normalize``: added to the denominator (default 1e-6).
+        fast_tanh: compute every ``tanh`` of the score (and of its derivative in the backward)
+            with the GPU's ``tanh.approx.f32`` when q, k and v are bfloat16 or float16, as
+            FlashAttention does for soft-capping, instead of an exponential and a division.
+            Its relative error is at most 2^-10.9 (PTX ISA), so a soft-capped score
+            ``cap * tanh(s / cap)`` is off by at most ``cap * 2^-10.9`` (0.016 at cap 30) and
+            each weight ``p`` by a factor within ``exp(±cap * 2^-10.9)``. float32 inputs and
+            Triton's interpreter keep the exact formula. Default false.
     """
 
     name: str
@@ -186,6 +194,7 @@ class AttentionSpec:
     feature_map: FeatureMap | None = None
     normalize: bool | None = None
     eps: float | None = None
+    fast_tanh: bool = False
 
     @property
     def param_values(self) -> dict[str, int | float]:
@@ -212,6 +221,8 @@ class AttentionSpec:
             "recompute": self.recompute,
             "store_p_limit": self.store_p_limit,
         }
+        if self.fast_tanh is not False:  # added later: specs without it hash as before
+            data["fast_tanh"] = self.fast_tanh
         if self.normalizer != "linear":  # keys added for linear attention: other specs hash as before
             del data["tiles"]["chunk"]
             return data
@@ -396,6 +407,7 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
         feature_map=feature_map,
         normalize=data.get("normalize"),
         eps=data.get("eps"),
+        fast_tanh=data.get("fast_tanh", False),
     )
 
 
@@ -471,6 +483,15 @@ def validate(spec: AttentionSpec) -> AttentionSpec:
         )
     if spec.normalizer not in NORMALIZERS:
         raise SpecError("normalizer", f"{spec.normalizer!r} is not one of {', '.join(NORMALIZERS)}")
+    if not isinstance(spec.fast_tanh, bool):
+        raise SpecError("fast_tanh", f"expected true or false, got {spec.fast_tanh!r}")
+    if spec.fast_tanh:
+        import sympy
+
+        score = spec.parsed_score()
+        if score is None or not score.sym.has(sympy.tanh):
+            raise SpecError("fast_tanh", "the score has no tanh to approximate; remove fast_tanh, or soft-cap the score "
+                            "with tanh (e.g. score: 'cap * tanh(s / cap)')")
     if spec.normalizer == "linear":
         _validate_linear(spec)
     else:

@@ -223,3 +223,33 @@ def keeps_no_pair(spec, g, t: int = 4096) -> bool:
     except UnsupportedError:
         return False
     return _count(rows)[0] == 0
+
+
+#: Mean key positions a query tile visits, at T = 16384, up to which a mask whose visited
+#: keys grow linearly with T counts as a band for :func:`mask_class`.
+BAND_KEYS = 2048
+
+
+def mask_class(spec, g, plan) -> str:
+    """How a built spec's mask shapes the kernels' key loops, for picking launch configs
+    (:func:`attngen.tiles.default_config`).
+
+    Returns:
+        ``"data_dependent"`` when the forward needs per-call tile metadata (a mask that
+        compares runtime inputs along positions, such as document ids); ``"band"`` when the
+        visited 64 x 64 tiles grow linearly with ``T`` (counted in closed form at
+        ``T = 8192`` and ``16384``) and a query tile visits at most :data:`BAND_KEYS` keys on
+        average at ``16384`` (sliding and dilated windows, chunks, sinks); ``"other"`` for
+        the rest (dense, causal, prefix-LM, and masks whose bounds read runtime inputs).
+    """
+    if plan.fwd_ranges.meta is not None:
+        return "data_dependent"
+    if "mask" not in g:
+        return "other"
+    try:
+        visited = [_count(graph_intervals(spec, g, t, t, 64, 64))[0] for t in (8192, 16384)]
+    except UnsupportedError:
+        return "other"
+    if visited[0] and visited[1] < 3 * visited[0] and visited[1] * 64 <= BAND_KEYS * (16384 // 64):
+        return "band"
+    return "other"

@@ -51,7 +51,11 @@ def head_blocks(d_qk: int, d_v: int) -> tuple[int, int]:
 LARGE_SHARED_MEMORY = 200 * 1024
 
 
-def default_config(kernel: str, d_max: int, dtype: torch.dtype, shared_memory: int = 0) -> LaunchConfig:
+#: The kinds of mask :func:`default_config` tells apart (:func:`attngen.tilemap.mask_class`).
+MASK_CLASSES = ("band", "data_dependent", "other")
+
+
+def default_config(kernel: str, d_max: int, dtype: torch.dtype, shared_memory: int = 0, mask_class: str = "other") -> LaunchConfig:
     """A config that compiles and runs well on recent NVIDIA GPUs for any shape.
 
     Args:
@@ -59,29 +63,48 @@ def default_config(kernel: str, d_max: int, dtype: torch.dtype, shared_memory: i
         d_max: the larger of ``D_QK`` and ``D_V``.
         dtype: the dtype of q, k and v; float32 tiles take twice the shared memory.
         shared_memory: bytes of shared memory a block may use on the target GPU (0: unknown,
-            the interpreter); from :data:`LARGE_SHARED_MEMORY` on, 16-bit forward and dQ
-            kernels at ``64 < d_max <= 128`` take the deeper configs that the H200 ran
-            fastest (7-16% on the forward, 2-23% on dQ against the smaller ones).
+            the interpreter); from :data:`LARGE_SHARED_MEMORY` on, 16-bit kernels take the
+            deeper configs that the H200 ran fastest (docs/perf-notes.md).
+        mask_class: how the mask shapes the key loops (:func:`attngen.tilemap.mask_class`):
+            ``band`` (a bounded window of keys per query tile: short loops), ``data_dependent``
+            (tiles classified from runtime inputs, such as documents) or ``other`` (dense,
+            causal, prefix-LM). Only large shared memory tells them apart. Measured on the
+            H200 at T = 16384 (docs/benchmarks/h200-config-sweep-s7.txt): at D = 128 a band
+            forward ran 8% faster on 64 x 64 tiles, dK/dV on (64, 128, 8, 3) ran 5-15% faster
+            than (32, 64, 4, 2) on all but bands, which took (64, 64, 4, 2) (6%); at D = 64 a
+            band forward ran 10% faster with 8 warps and a document forward 6% faster on
+            64 x 64 tiles.
 
     Raises:
-        ValueError: an unknown kernel name.
+        ValueError: an unknown kernel name or mask class.
     """
+    if mask_class not in MASK_CLASSES:
+        raise ValueError(f"unknown mask class {mask_class!r}: use one of {', '.join(MASK_CLASSES)}")
     wide = dtype == torch.float32
     large = shared_memory >= LARGE_SHARED_MEMORY and not wide
+    band = large and mask_class == "band"
     if kernel == "preprocess":
         return LaunchConfig(64, 16, 4, 1)
     if kernel == "fwd":
         if d_max <= 64:
-            cfg = LaunchConfig(128, 64, 4, 3)
+            if band:
+                cfg = LaunchConfig(128, 64, 8, 3)
+            elif large and mask_class == "data_dependent":
+                cfg = LaunchConfig(64, 64, 4, 2)
+            else:
+                cfg = LaunchConfig(128, 64, 4, 3)
         elif d_max <= 128:
-            cfg = LaunchConfig(128, 64, 8, 3 if large else 2)
+            cfg = LaunchConfig(64, 64, 4, 3) if band else LaunchConfig(128, 64, 8, 3 if large else 2)
         else:
             cfg = LaunchConfig(64, 32, 4, 2)
     elif kernel == "dkdv":
         if d_max <= 64:
             cfg = LaunchConfig(32, 128, 4, 3)
         elif d_max <= 128:
-            cfg = LaunchConfig(32, 64, 4, 2)
+            if band:
+                cfg = LaunchConfig(64, 64, 4, 2)
+            else:
+                cfg = LaunchConfig(64, 128, 8, 3) if large else LaunchConfig(32, 64, 4, 2)
         else:
             cfg = LaunchConfig(16, 32, 4, 1)
     elif kernel == "dq":

@@ -260,7 +260,8 @@ def tune(
     results = []
     for kernel in kernels:
         key = cache_key(op.plan.spec_digest, op.source_digest, info, kernel, bucket)
-        default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype, 0 if info.capability == "cpu" else info.shared_memory)
+        default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype,
+                                 0 if info.capability == "cpu" else info.shared_memory, op.mask_class)
         hit = cache.get(key)
         if hit is not None:
             op.set_config(kernel, bucket, hit)

@@ -171,6 +171,47 @@ def test_defaults_fit_the_shared_memory_of_smaller_cards():
     assert default_config("fwd", 128, torch.float32, 227 * 1024) == LaunchConfig(64, 32, 8, 1)
 
 
+def test_defaults_follow_the_mask_class_only_with_large_shared_memory():
+    h200, small = 227 * 1024, 99 * 1024
+    bf16 = torch.bfloat16
+    # short key loops (bands) take 64-row tiles at D = 128, 8 warps at D = 64
+    assert default_config("fwd", 128, bf16, h200, "band") == LaunchConfig(64, 64, 4, 3)
+    assert default_config("dkdv", 128, bf16, h200, "band") == LaunchConfig(64, 64, 4, 2)
+    assert default_config("fwd", 64, bf16, h200, "band") == LaunchConfig(128, 64, 8, 3)
+    assert default_config("fwd", 64, bf16, h200, "data_dependent") == LaunchConfig(64, 64, 4, 2)
+    for cls in ("other", "data_dependent"):
+        assert default_config("dkdv", 128, bf16, h200, cls) == LaunchConfig(64, 128, 8, 3)
+        assert default_config("fwd", 128, bf16, h200, cls) == LaunchConfig(128, 64, 8, 3)
+    # smaller cards and float32 keep one config whatever the mask
+    for cls in ("band", "data_dependent", "other"):
+        assert default_config("fwd", 128, bf16, small, cls) == LaunchConfig(128, 64, 8, 2)
+        assert default_config("dkdv", 128, bf16, small, cls) == LaunchConfig(32, 64, 4, 2)
+        assert default_config("fwd", 64, bf16, small, cls) == LaunchConfig(128, 64, 4, 3)
+        assert default_config("dkdv", 128, torch.float32, h200, cls) == LaunchConfig(16, 32, 4, 1)
+    with pytest.raises(ValueError, match="unknown mask class 'banded'"):
+        default_config("fwd", 128, bf16, h200, "banded")
+
+
+@pytest.mark.parametrize(
+    ("spec", "params", "expected"),
+    [
+        ("sliding_window", {"window": 1024}, "band"),
+        ("sliding_window", {"window": 4096}, "other"),  # 64 key tiles per query tile: a long loop
+        ("dilated_window", {}, "band"),
+        ("streaming_sinks", {}, "band"),
+        ("longformer", {}, "band"),
+        ("document", {}, "data_dependent"),
+        ("causal", {}, "other"),
+        ("prefix_lm", {}, "other"),
+        ("dense", {}, "other"),
+        ("chunked", {"chunk": 8192}, "other"),
+        ("chunked", {"chunk": 512}, "band"),
+    ],
+)
+def test_mask_class_of_zoo_specs(spec, params, expected):
+    assert attngen.compile(spec, **params).mask_class == expected
+
+
 def test_json_that_is_not_an_entry_and_illegal_configs_are_ignored(tmp_path):
     cache = TuneCache(tmp_path)
     for text in ("[]", "null", '"x"'):
