@@ -184,7 +184,10 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
     loads_nodes = [d for _, d in g.nodes(data=True) if d.get("op") == "load_input"]
     names = dict(KERNEL_NAMES)
     names.update({d["symbol"].name: d["symbol"].name for d in loads_nodes})
-    pr = TritonPrinter(names, fast_tanh=spec.fast_tanh)
+    pr = TritonPrinter(names)
+    # fast_tanh approximates the score's tanh (and its derivative's), never a mask's: a
+    # mask decides which keys exist and must agree with the reference exactly
+    pr_score = TritonPrinter(names, fast_tanh=spec.fast_tanh)
     loads = tuple(_load_plan(d, pr) for d in sorted(loads_nodes, key=lambda d: int(d["symbol"].name[2:])))
 
     def split(inner_dep: str, name: str) -> KernelPlan:
@@ -195,7 +198,8 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         )
 
     def code(node: str) -> str:
-        return pr(g.nodes[node]["expr"]) if node in g else ""
+        printer = pr_score if node in ("score", "dscore") else pr
+        return printer(g.nodes[node]["expr"]) if node in g else ""
 
     score_code = code("score") or "s"
     if "score" in g and SYMBOLS["s"] not in g.nodes["score"]["expr"].free_symbols:
@@ -210,7 +214,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
             if ld.is_float and sym in score.free_symbols:
                 q_dep, k_dep = "q" in ld.deps, "k" in ld.deps
                 reduce = {(False, False): "all", (True, False): "rows", (False, True): "cols", (True, True): "none"}[(q_dep, k_dep)]
-                grad_loads.append(GradLoad(ld, pr(sympy.diff(score, sym)), reduce))
+                grad_loads.append(GradLoad(ld, pr_score(sympy.diff(score, sym)), reduce))
 
     def module(mask_code: str, tiles: str, perm_stride: int = 0, suffix: str = "") -> ModulePlan:
         return ModulePlan(

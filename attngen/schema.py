@@ -169,13 +169,14 @@ class AttentionSpec:
         feature_map: linear only: the feature map ``φ`` (:class:`FeatureMap`).
         normalize: linear only: divide by ``Σ φ(q)·φ(k) + eps`` (default true).
         eps: linear only, with ``normalize``: added to the denominator (default 1e-6).
-        fast_tanh: compute every ``tanh`` of the score (and of its derivative in the backward)
-            with the GPU's ``tanh.approx.f32`` when q, k and v are bfloat16 or float16, as
-            FlashAttention does for soft-capping, instead of an exponential and a division.
+        fast_tanh: compute every ``tanh`` of the score (and of its derivative in the
+            backward; never a mask's) with the GPU's ``tanh.approx.f32`` when q, k and v are
+            bfloat16 or float16, as FlashAttention does for soft-capping, instead of an
+            exponential and a division.
             Its relative error is at most 2^-10.9 (PTX ISA), so a soft-capped score
             ``cap * tanh(s / cap)`` is off by at most ``cap * 2^-10.9`` (0.016 at cap 30) and
             each weight ``p`` by a factor within ``exp(±cap * 2^-10.9)``. float32 inputs and
-            Triton's interpreter keep the exact formula. Default false.
+            Triton's interpreter keep the exact formula. Default false (also for null).
     """
 
     name: str
@@ -407,7 +408,7 @@ def from_dict(data: Mapping[str, Any]) -> AttentionSpec:
         feature_map=feature_map,
         normalize=data.get("normalize"),
         eps=data.get("eps"),
-        fast_tanh=data.get("fast_tanh", False),
+        fast_tanh=False if data.get("fast_tanh") is None else data["fast_tanh"],
     )
 
 

@@ -241,6 +241,9 @@ def mask_class(spec, g, plan) -> str:
         ``T = 8192`` and ``16384``) and a query tile visits at most :data:`BAND_KEYS` keys on
         average at ``16384`` (sliding and dilated windows, chunks, sinks); ``"other"`` for
         the rest (dense, causal, prefix-LM, and masks whose bounds read runtime inputs).
+        The tiles are counted for batch entry 0 and head 0, and only the mean is compared: a
+        mask that is a band on head 0 alone, or one that keeps a few long rows (``q < 128``),
+        counts as a band. The class only picks launch configs; results never depend on it.
     """
     if plan.fwd_ranges.meta is not None:
         return "data_dependent"

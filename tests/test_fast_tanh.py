@@ -33,6 +33,14 @@ def test_fast_tanh_is_a_boolean_on_a_score_with_tanh():
     assert "fast_tanh" not in attngen.load_spec(softcap(30.0, False)).to_dict()
 
 
+def test_null_means_false_and_a_tanh_in_the_mask_stays_exact():
+    assert attngen.load_spec({**softcap(30.0, False), "fast_tanh": None}).fast_tanh is False
+    spec = {**softcap(30.0, True), "mask": "k <= q and tanh((q - k) / 8.0) < 0.9"}
+    plan = build(spec).plan
+    assert "_tanh(" not in plan.mask_code and "tl.sigmoid" in plan.mask_code
+    assert "_tanh(" in plan.score_code and "_tanh(" in plan.dscore_code
+
+
 def test_rendered_kernels_call_the_helper_only_with_fast_tanh():
     fast = build(softcap(30.0, True)).rendered.source
     exact = build(softcap(30.0, False)).rendered.source
