@@ -40,8 +40,10 @@ if TYPE_CHECKING:
 
 KERNELS = ("fwd", "dq", "dkdv")
 FORMAT = "attngen-tune-1"
-#: fp32 accumulator values one thread may hold before the compiler spills (estimate)
-MAX_ACC_PER_THREAD = 128
+#: fp32 accumulator values one thread may hold before the compiler spills (estimate). 192:
+#: the dK/dV configs the H200 ran fastest at D = 128, (64, 128, 8, 3) and (64, 64, 4, 2), hold
+#: 192 by this count (docs/benchmarks/h200-config-sweep-s7.txt), and are the defaults
+MAX_ACC_PER_THREAD = 192
 
 
 @dataclass(frozen=True)
