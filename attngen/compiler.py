@@ -92,10 +92,8 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
                 stacklevel=2)
     if isinstance(compiled.plan, LinearPlan):
         return LinearAttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest)
-    from .tilemap import mask_class
-
     return AttentionOp(compiled.spec, module, Path(path), compiled.plan, compiled.rendered.digest, autotune=autotune,
-                       mask_class=mask_class(compiled.spec, compiled.graph, compiled.plan))
+                       graph=compiled.graph)
 
 
 def _warn_unused(spec: AttentionSpec) -> None:

@@ -19,6 +19,7 @@ dispatcher and run the same implementations through a plain autograd function.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import threading
@@ -128,11 +129,10 @@ class AttentionOp:
 
     def __init__(
         self, spec: AttentionSpec, module: ModuleType, kernel_file: Path, plan: Any, source_digest: str, autotune: bool = False,
-        mask_class: str = "other",
+        graph: Any = None,
     ) -> None:
         self.spec = spec
-        #: how the mask shapes the key loops, for the default launch configs (attngen.tilemap.mask_class)
-        self.mask_class = mask_class
+        self._graph = graph  # the IR, for mask_class
         self.module = module
         self.kernel_file = kernel_file
         self.plan = plan
@@ -154,6 +154,17 @@ class AttentionOp:
 
     def __repr__(self) -> str:
         return f"AttentionOp({self.spec.name!r}, kernels={str(self.kernel_file)!r})"
+
+    @functools.cached_property
+    def mask_class(self) -> str:
+        """How the mask shapes the key loops, for the default launch configs
+        (:func:`attngen.tilemap.mask_class`; ``other`` for an op built without its IR).
+        Counted in closed form on first use (5-20 ms), not at compile time."""
+        if self._graph is None:
+            return "other"
+        from .tilemap import mask_class
+
+        return mask_class(self.spec, self._graph, self.plan)
 
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
         _, ordered = check_call(self.spec, q, k, v, inputs, constant_reads=self._constant_reads, grad_inputs=self._grad_inputs)

@@ -249,10 +249,13 @@ def mask_class(spec, g, plan) -> str:
         return "data_dependent"
     if "mask" not in g:
         return "other"
+    tile, t = 64, 16384
     try:
-        visited = [_count(graph_intervals(spec, g, t, t, 64, 64))[0] for t in (8192, 16384)]
+        half, full = (_count(graph_intervals(spec, g, n, n, tile, tile))[0] for n in (t // 2, t))
     except UnsupportedError:
         return "other"
-    if visited[0] and visited[1] < 3 * visited[0] and visited[1] * 64 <= BAND_KEYS * (16384 // 64):
+    # linear growth (about 2x from T/2 to T, where quadratic masks give about 4x), and short
+    # loops: visited tiles x tile keys, over the query tiles, at most BAND_KEYS
+    if half and full < 3 * half and full * tile <= BAND_KEYS * (t // tile):
         return "band"
     return "other"
