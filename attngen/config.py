@@ -8,6 +8,10 @@
                         whatever the config says (a debug switch for compiler faults).
 ``ATTNGEN_MIN_HEAD_BLOCK`` a power of two raises the smallest padded head-dim block (default 16), a
                         debug switch for compiler faults with narrow tiles.
+``ATTNGEN_DESCRIPTORS`` ``0`` makes the attention kernels load tiles through pointers instead of
+                        tensor descriptors (the tensor memory accelerator); ``2`` or ``4`` forces
+                        that descriptor rank where the tensors allow it (a debug switch; results
+                        must not change). Unset: attngen picks.
 ``ATTNGEN_POISON``      ``1`` fills fresh outputs with NaN before the kernels write them, so an
                         element a kernel forgets to write cannot pass a test.
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
@@ -78,6 +82,21 @@ def min_head_block() -> int:
         return 0
     if not text.isdigit() or int(text) < 16 or int(text) & (int(text) - 1):
         raise ValueError(f"ATTNGEN_MIN_HEAD_BLOCK={text!r}: give a power of two of at least 16 (tl.dot's minimum), or unset it")
+    return int(text)
+
+
+def descriptor_rank() -> int | None:
+    """The tensor-descriptor rank forced by ``ATTNGEN_DESCRIPTORS`` (0: pointer loads), or None
+    (unset or ``auto``: :func:`attngen.op.descriptor_rank` picks).
+
+    Raises:
+        ValueError: the variable is set to anything but ``auto``, ``0``, ``2`` or ``4``.
+    """
+    text = os.environ.get("ATTNGEN_DESCRIPTORS", "").strip()
+    if text in ("", "auto"):
+        return None
+    if text not in ("0", "2", "4"):
+        raise ValueError(f"ATTNGEN_DESCRIPTORS={text!r}: give 0 (pointer loads), 2 or 4 (a descriptor rank), or auto")
     return int(text)
 
 

@@ -95,6 +95,85 @@ def _triton_interprets() -> bool:
     return type(tl.zeros).__name__ != "JITFunction"
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _tma_strides(t: torch.Tensor) -> list[int] | None:
+    """``t``'s strides as a tensor descriptor takes them (in elements; a size-1 dimension's
+    stride, which no coordinate multiplies, replaced by an aligned one), or None when the
+    tensor memory accelerator cannot address it: a base or stride not a multiple of 16 bytes,
+    a zero stride on a longer dimension (a broadcast tensor), or a last dimension that is not
+    contiguous."""
+    align = 16 // t.element_size()
+    if t.data_ptr() % 16:
+        return None
+    strides = list(t.stride())
+    if t.shape[-1] > 1 and strides[-1] != 1:
+        return None
+    strides[-1] = 1
+    for d in range(t.dim() - 2, -1, -1):
+        if t.shape[d] == 1:
+            strides[d] = -(-strides[d + 1] * t.shape[d + 1] // align) * align
+        elif strides[d] <= 0 or strides[d] % align:
+            return None
+    return strides
+
+
+def descriptor_rank(tensors: list[torch.Tensor], device: torch.device) -> int:
+    """The rank of the tensor descriptors the attention kernels read tiles of ``tensors``
+    (``[B, H, T, D]`` each) through, or 0 for pointer loads.
+
+    Descriptors hand whole tiles to the tensor memory accelerator (TMA, NVIDIA Hopper and
+    newer, compute capability 9.0): no per-element addresses or bound masks in the kernel.
+    They need 16-byte aligned bases and strides and a contiguous last dimension; other
+    tensors (odd head dims, broadcast or sliced tensors) and older GPUs take pointer loads.
+    Rank 2 addresses the ``[B * H * T, D]`` rows when every tensor flattens to them (the
+    usual contiguous layout; fewer than 2**31 rows), rank 4 any other aligned layout, such as
+    a ``[B, T, H, D]`` tensor transposed. ``ATTNGEN_DESCRIPTORS`` forces 0, 2 or 4 (2 falls
+    back to 4 where the tensors do not flatten). Triton's interpreter runs descriptors on any
+    device, so CPU tests cover them.
+    """
+    forced = config.descriptor_rank()
+    if forced == 0:
+        return 0
+    if not config.interpret_all() and (device.type != "cuda" or _capability(device.index) < 9):
+        return 0
+    if any(_tma_strides(t) is None for t in tensors):
+        return 0
+    flat = all(_rows(t) is not None for t in tensors)
+    return 4 if forced == 4 or not flat else 2
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` as ``[B * H * T, D]`` rows a rank-2 descriptor can address, or None."""
+    try:
+        rows = t.view(-1, t.shape[-1])
+    except RuntimeError:  # the batch, head and position dimensions do not flatten
+        return None
+    if rows.shape[0] >= 2**31 or _tma_strides(rows) is None:
+        return None
+    return rows
+
+
+def tensor_descriptors(tensors: list[torch.Tensor], blocks: list[tuple[int, int]], rank: int) -> list:
+    """One descriptor per tensor for tiles of ``blocks[i]`` (rows, head dim) at ``rank``
+    (:func:`descriptor_rank`), or Nones for rank 0."""
+    if rank == 0:
+        return [None] * len(tensors)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    out = []
+    for t, (rows, cols) in zip(tensors, blocks):
+        if rank == 2:
+            t = _rows(t)
+            out.append(TensorDescriptor(t, list(t.shape), _tma_strides(t), [rows, cols]))
+        else:
+            out.append(TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, cols]))
+    return out
+
+
 def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A fresh output tensor; NaN-filled when ``ATTNGEN_POISON=1`` so unwritten elements show."""
     if config.poison_outputs():
@@ -379,6 +458,23 @@ class AttentionOp:
                                    "to start at position 0; it cannot run on a shard of the keys")
         return shard.q_start, shard.k_start, shard.t_kv
 
+    def _descriptors(self, part, a: torch.Tensor, b: torch.Tensor, rows: int, constexprs: dict) -> dict:
+        """The descriptor arguments of a natural-order kernel that reads tiles of ``rows``
+        rows of ``a`` (head dim ``D_QK``) and ``b`` (``D_V``); none for residue-order kernels,
+        which gather their rows.
+
+        Masks classified from runtime inputs (documents) take pointer loads unless
+        ``ATTNGEN_DESCRIPTORS`` forces a rank: their launches are short and their calls
+        close to host-bound, and each descriptor argument adds host time to a launch
+        (Triton builds the TMA descriptor on every launch). On the H200 descriptors cut
+        their forward+backward from 180 to 139 TFLOP/s at D = 128 (docs/perf-notes.md)."""
+        if part.perm_stride:
+            return {}
+        auto = config.descriptor_rank() is None
+        rank = 0 if auto and self.mask_class == "data_dependent" else descriptor_rank([a, b], a.device)
+        desc_a, desc_b = tensor_descriptors([a, b], [(rows, constexprs["BLOCK_DQK"]), (rows, constexprs["BLOCK_DV"])], rank)
+        return dict(DESC_RANK=rank, DESC_A=desc_a, DESC_B=desc_b)
+
     @staticmethod
     def _launch(cfg: LaunchConfig) -> dict[str, int]:
         stages = config.forced_stages() or cfg.num_stages
@@ -465,7 +561,7 @@ class AttentionOp:
                 *self._input_args(inputs), *meta,
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                 *runtime,
-                **constexprs, **self._launch(cfg),
+                **constexprs, **self._launch(cfg), **self._descriptors(part, k, v, cfg.block_kv, constexprs),
             )  # fmt: skip
         return (o, lse, p) if want_p else (o, lse)
 
@@ -503,7 +599,7 @@ class AttentionOp:
                 *input_args, *meta,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
                 *runtime,
-                **constexprs, **self._launch(cfg),
+                **constexprs, **self._launch(cfg), **self._descriptors(part, q, do, cfg.block_q, constexprs),
             )  # fmt: skip
         cfg = self.config_for("dq", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
@@ -519,7 +615,7 @@ class AttentionOp:
                 *input_args, *meta, *grad_args,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 *runtime,
-                **constexprs, **extra, **self._launch(cfg),
+                **constexprs, **extra, **self._launch(cfg), **self._descriptors(part, k, v, cfg.block_kv, constexprs),
             )  # fmt: skip
         in_grads = [grads[n].to(t.dtype) if n in grads and want else None
                     for n, t, want in zip(names, inputs, input_grads or [False] * len(inputs))]  # fmt: skip

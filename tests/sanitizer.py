@@ -76,6 +76,7 @@ def sanitized(strict: bool = True):
         names = list(getattr(self, "arg_names", [])) or [f"arg{i}" for i in range(len(args))]
         found = []
         for name, x in list(zip(names, args)) + list(kw.items()):
+            x = getattr(x, "base", x)  # a tensor descriptor: the tensor it addresses
             if hasattr(x, "untyped_storage"):
                 s = x.untyped_storage()
                 found.append(_Arg(str(name), s.data_ptr(), s.data_ptr() + s.nbytes(), x.data_ptr(), tuple(x.shape),
@@ -113,13 +114,13 @@ def sanitized(strict: bool = True):
                               f"{'views' if strict else 'storage'} of its tensor arguments, e.g. "
                               + ", ".join(where(int(x)) for x in bad[:4]))
 
-    def masked_load(self, ptrs, mask, other, *rest):
+    def masked_load(self, ptrs, mask, other, *rest, **kw):
         check(ptrs, mask, "load")
-        return saved["create_masked_load"](self, ptrs, mask, other, *rest)
+        return saved["create_masked_load"](self, ptrs, mask, other, *rest, **kw)
 
-    def masked_store(self, ptrs, value, mask, *rest):
+    def masked_store(self, ptrs, value, mask, *rest, **kw):
         check(ptrs, mask, "store")
-        return saved["create_masked_store"](self, ptrs, value, mask, *rest)
+        return saved["create_masked_store"](self, ptrs, value, mask, *rest, **kw)
 
     def atomic_rmw(self, op, ptr, val, mask, *rest):
         check(ptr, mask, "atomic")

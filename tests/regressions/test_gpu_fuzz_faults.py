@@ -68,7 +68,17 @@ def test_fuzz_case_found_on_the_h200_runs_and_matches(name, switch, tmp_path):
     env = {**os.environ, "CUDA_LAUNCH_BLOCKING": "1", **switch}  # blocking: the traceback names the faulting launch
     run = subprocess.run([sys.executable, "-m", "attngen", "fuzz", "--replay", str(path), "--device", "cuda"],
                          capture_output=True, text=True, env=env, timeout=600)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0 or _teardown_abort(run), run.stdout[-3000:] + run.stderr[-3000:]
+
+
+def _teardown_abort(run) -> bool:
+    """The replay printed PASS and then aborted at interpreter shutdown with only the C++
+    runtime's ``terminate called without an active exception`` on stderr (SIGABRT). The
+    linear-attention cases do this now and then on the H200 after their work is checked
+    (pytorch/pytorch#38230 describes the race; docs/benchmarks/h200-linear-fault-s7.txt);
+    a kernel fault prints a CUDA error and no PASS."""
+    return (run.returncode == -6 and run.stdout.rstrip().endswith("PASS")
+            and run.stderr.strip() == "terminate called without an active exception")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the subprocess test above runs these")
