@@ -7,6 +7,8 @@ a head read the next head's rows into the result.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -18,6 +20,18 @@ from helpers import DEVICE, SMALL_PARAMS, check_spec, dims
 needs_descriptors = pytest.mark.skipif(
     DEVICE == "cpu" and not config.interpret_all(), reason="CPU tensors run kernels only under TRITON_INTERPRET=1"
 )
+#: the zoo's softmax and sigmoid specs (linear attention's kernels always load through pointers)
+ZOO = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml")
+             if "normalizer: linear" not in p.read_text())
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_spec_with_pointer_loads_matches_the_reference(name, monkeypatch):
+    # the interpreter takes descriptors wherever the tensors allow them, so the pointer loads
+    # of older GPUs and unaligned tensors get their own pass over the zoo
+    monkeypatch.setenv("ATTNGEN_DESCRIPTORS", "0")
+    check_spec(name, dims(B=2, H=3, H_KV=1, T_Q=37, T_KV=45, D_QK=24, D_V=16), torch.float16,
+               params=SMALL_PARAMS.get(name))
 
 
 @needs_descriptors
