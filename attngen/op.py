@@ -135,43 +135,38 @@ def descriptor_rank(tensors: list[torch.Tensor], device: torch.device) -> int:
     back to 4 where the tensors do not flatten). Triton's interpreter runs descriptors on any
     device, so CPU tests cover them.
     """
+    return _descriptor_layouts(tensors, device)[0]
+
+
+def _descriptor_layouts(tensors: list[torch.Tensor], device: torch.device) -> tuple[int, list[tuple[torch.Tensor, list[int]]]]:
+    """:func:`descriptor_rank` and, per tensor, what its descriptor addresses at that rank:
+    the tensor (rank 4) or its rows (rank 2), with their strides; no layouts for rank 0."""
     forced = config.descriptor_rank()
     if forced == 0:
-        return 0
+        return 0, []
     if not config.interpret_all() and (device.type != "cuda" or _capability(device.index) < 9):
-        return 0
-    if any(_tma_strides(t) is None for t in tensors):
-        return 0
-    flat = all(_rows(t) is not None for t in tensors)
-    return 4 if forced == 4 or not flat else 2
+        return 0, []
+    strides = [_tma_strides(t) for t in tensors]
+    if any(st is None for st in strides):
+        return 0, []
+    if forced != 4:
+        rows = [_rows(t) for t in tensors]
+        if all(r is not None for r in rows):
+            return 2, rows
+    return 4, list(zip(tensors, strides))
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor | None:
-    """``t`` as ``[B * H * T, D]`` rows a rank-2 descriptor can address, or None."""
+def _rows(t: torch.Tensor) -> tuple[torch.Tensor, list[int]] | None:
+    """``t`` as ``[B * H * T, D]`` rows a rank-2 descriptor can address, with their strides,
+    or None."""
     try:
         rows = t.view(-1, t.shape[-1])
     except RuntimeError:  # the batch, head and position dimensions do not flatten
         return None
-    if rows.shape[0] >= 2**31 or _tma_strides(rows) is None:
+    strides = _tma_strides(rows)
+    if rows.shape[0] >= 2**31 or strides is None:
         return None
-    return rows
-
-
-def tensor_descriptors(tensors: list[torch.Tensor], blocks: list[tuple[int, int]], rank: int) -> list:
-    """One descriptor per tensor for tiles of ``blocks[i]`` (rows, head dim) at ``rank``
-    (:func:`descriptor_rank`), or Nones for rank 0."""
-    if rank == 0:
-        return [None] * len(tensors)
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    out = []
-    for t, (rows, cols) in zip(tensors, blocks):
-        if rank == 2:
-            t = _rows(t)
-            out.append(TensorDescriptor(t, list(t.shape), _tma_strides(t), [rows, cols]))
-        else:
-            out.append(TensorDescriptor(t, list(t.shape), _tma_strides(t), [1, 1, rows, cols]))
-    return out
+    return rows, strides
 
 
 def _new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -470,9 +465,17 @@ class AttentionOp:
         their forward+backward from 180 to 139 TFLOP/s at D = 128 (docs/perf-notes.md)."""
         if part.perm_stride:
             return {}
-        auto = config.descriptor_rank() is None
-        rank = 0 if auto and self.mask_class == "data_dependent" else descriptor_rank([a, b], a.device)
-        desc_a, desc_b = tensor_descriptors([a, b], [(rows, constexprs["BLOCK_DQK"]), (rows, constexprs["BLOCK_DV"])], rank)
+        if config.descriptor_rank() is None and self.mask_class == "data_dependent":
+            rank, layouts = 0, []
+        else:
+            rank, layouts = _descriptor_layouts([a, b], a.device)
+        if rank == 0:
+            return dict(DESC_RANK=0, DESC_A=None, DESC_B=None)
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        lead = [1, 1] if rank == 4 else []  # rank 4: one batch entry and head per tile
+        desc_a, desc_b = (TensorDescriptor(t, list(t.shape), strides, lead + [rows, cols])
+                          for (t, strides), cols in zip(layouts, (constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"])))
         return dict(DESC_RANK=rank, DESC_A=desc_a, DESC_B=desc_b)
 
     @staticmethod
