@@ -270,6 +270,27 @@ def _case_inputs(var: Variant, b: int, h: int, t: int, d: int, device: str):
     return q, k, v, do, var.inputs(b, h, t, device)
 
 
+def anchors_case(variant: str, b: int, h: int, t: int, d: int, device: str = "cuda"):
+    """One case of the anchors suite, for experiment scripts (docs/benchmarks/*_sweep.py).
+
+    Args:
+        variant: a name of :data:`VARIANTS` (``causal``, ``document``, ...).
+        b, h, t, d: batch, heads, sequence length and head dim.
+        device: where the tensors go.
+
+    Returns:
+        ``(op, q, k, v, do, inputs, flops)``: the compiled op, bf16 ``[b, h, t, d]`` q, k, v and
+        output gradient (seeded), the runtime inputs by name, and the forward's FLOPs
+        counting only the pairs the mask keeps (``4·b·h·t²·d·density``).
+    """
+    import attngen
+
+    var = VARIANTS[variant]
+    q, k, v, do, inputs = _case_inputs(var, b, h, t, d, device)
+    flops = 4.0 * b * h * t * t * d * _density(var, t, inputs)
+    return attngen.compile(var.spec, **var.params(t)), q, k, v, do, inputs, flops
+
+
 def _reference_rows_error(op, out: torch.Tensor, q, k, v, inputs: dict) -> float:
     """Max |out - reference| over the last ``REFERENCE_ROWS`` query rows, the reference in
     float64. With bottom-right alignment the last rows of q are the last query positions, so

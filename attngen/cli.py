@@ -266,7 +266,8 @@ def _show(args) -> int:
     for part in (compiled.plan, compiled.plan.perm):
         if part is None:
             continue
-        names += [part.fwd.name] + (["attn_bwd_preprocess"] if not part.perm_stride else []) + [part.dkdv.name, part.dq.name]
+        natural = [] if part.perm_stride else ["attn_bwd_preprocess", "attn_bwd_dq_convert"]
+        names += [part.fwd.name] + natural + [part.dkdv.name, part.dq.name]
         names += [r.meta.name for r in (part.fwd_ranges, part.dkdv_ranges) if r.meta is not None]
     decode = render_decode(compiled.plan)  # its own module, for op.decode
     print(f"  {compiled.plan.decode.name:<24} {write_kernel(decode_module_name(compiled.spec.name), decode)}")
@@ -627,6 +628,8 @@ def _tune(args) -> int:
         start = time.perf_counter()
         results = tune(op, dims, dtype, "cuda", doc_len=args.doc_len)
         print(f"{op.spec.name} {dims} {args.dtype}: {time.perf_counter() - start:.1f} s")
+        if not any(r.kernel == "dq" for r in results):
+            print("  dq    not tuned: this shape's backward adds dQ in the dK/dV kernel (ATTNGEN_DQ=0 keeps a dQ kernel)")
         for r in results:
             if r.cached:
                 print(f"  {r.kernel:<5} cache hit: {r.best}")

@@ -12,6 +12,11 @@
                         tensor descriptors (the tensor memory accelerator); ``2`` or ``4`` forces
                         that descriptor rank where the tensors allow it (a debug switch; results
                         must not change). Unset: attngen picks.
+``ATTNGEN_DQ``          how the backward computes dQ: ``0`` a dQ kernel of its own that recomputes
+                        P; ``1`` the dK/dV kernel adds each key tile's share with float32 atomics;
+                        ``2`` the same through the tensor memory accelerator's bulk reduction
+                        (Hopper and later). Unset or ``auto``: attngen picks
+                        (:meth:`attngen.op.AttentionOp.dq_mode`).
 ``ATTNGEN_POISON``      ``1`` fills fresh outputs with NaN before the kernels write them, so an
                         element a kernel forgets to write cannot pass a test.
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
@@ -92,11 +97,27 @@ def descriptor_rank() -> int | None:
     Raises:
         ValueError: the variable is set to anything but ``auto``, ``0``, ``2`` or ``4``.
     """
-    text = os.environ.get("ATTNGEN_DESCRIPTORS", "").strip()
+    return _forced_choice("ATTNGEN_DESCRIPTORS", ("0", "2", "4"), "0 (pointer loads), 2 or 4 (a descriptor rank)")
+
+
+def dq_mode() -> int | None:
+    """The dQ method forced by ``ATTNGEN_DQ`` (0: a dQ kernel of its own, 1: atomics in the dK/dV
+    kernel, 2: bulk reductions there), or None (unset or ``auto``: attngen picks).
+
+    Raises:
+        ValueError: the variable is set to anything but ``auto``, ``0``, ``1`` or ``2``.
+    """
+    return _forced_choice("ATTNGEN_DQ", ("0", "1", "2"), "0 (a dQ kernel of its own), 1 (atomics), 2 (bulk reductions)")
+
+
+def _forced_choice(name: str, allowed: tuple[str, ...], meanings: str) -> int | None:
+    """The integer choice environment variable ``name`` forces, or None when it is unset or
+    ``auto``; ``meanings`` describes ``allowed`` in the error."""
+    text = os.environ.get(name, "").strip()
     if text in ("", "auto"):
         return None
-    if text not in ("0", "2", "4"):
-        raise ValueError(f"ATTNGEN_DESCRIPTORS={text!r}: give 0 (pointer loads), 2 or 4 (a descriptor rank), or auto")
+    if text not in allowed:
+        raise ValueError(f"{name}={text!r}: give {meanings}, or auto")
     return int(text)
 
 

@@ -34,7 +34,7 @@ from . import config
 from .args import check_call, position_offset
 from .errors import UnsupportedError
 from .schema import AttentionSpec
-from .tiles import LaunchConfig, default_config, head_blocks
+from .tiles import LaunchConfig, default_config, fuses_dq, head_blocks
 from .tune import DeviceInfo, TuneCache, cache_key, shape_bucket, tune
 
 _REGISTRY: dict[str, "AttentionOp"] = {}
@@ -478,6 +478,59 @@ class AttentionOp:
                           for (t, strides), cols in zip(layouts, (constexprs["BLOCK_DQK"], constexprs["BLOCK_DV"])))
         return dict(DESC_RANK=rank, DESC_A=desc_a, DESC_B=desc_b)
 
+    def dq_mode(self, d_qk: int, d_v: int, device: torch.device, stored_p: bool = False, input_grads: bool = False) -> int:
+        """How a backward computes dQ.
+
+        * 0: a dQ kernel of its own walks the key tiles of each query tile and recomputes
+          P and dP (deterministic).
+        * 1: the dK/dV kernel, which has P and dS of each tile at hand, multiplies dS by K
+          and adds the result to a float32 dQ with atomics (FlashAttention-2, Dao 2023,
+          section 3.2): two of the backward's seven tile products and a kernel's loads are
+          saved, and the sum's order, so its last bits, vary run to run.
+        * 2: as 1, the additions done by the tensor memory accelerator as one bulk
+          reduction per tile (``cp.reduce.async.bulk``, NVIDIA Hopper and newer), as
+          FlashAttention-3 does.
+
+        Args:
+            d_qk: the call's query/key head dim.
+            d_v: its value head dim.
+            device: where its tensors live.
+            stored_p: the forward stored P (``recompute: store_p``).
+            input_grads: learnable runtime inputs want gradients.
+
+        0 whenever ``torch.use_deterministic_algorithms(True)`` is set, P is stored or
+        learnable inputs want gradients (the dQ kernel sums them). Otherwise ``ATTNGEN_DQ``
+        decides if set; else 0 where :func:`attngen.tiles.fuses_dq` says the dQ kernel ran
+        faster (head dims above 64 with masks known at compile time), and among the fused
+        modes 2 where bulk reductions run (not under Triton's interpreter, which has none;
+        ``D_QK`` a multiple of 4 so that float32 rows are 16-byte aligned) and 1 elsewhere.
+        Masks classified from runtime inputs take 1: their calls are close to host-bound,
+        and a descriptor adds host time per launch (as for their tile loads).
+
+        Raises:
+            ValueError: ``ATTNGEN_DQ`` holds a bad value.
+        """
+        forced = config.dq_mode()
+        if stored_p or input_grads or torch.are_deterministic_algorithms_enabled() or forced == 0:
+            return 0
+        if forced is None and not fuses_dq(max(d_qk, d_v), self.mask_class):
+            return 0
+        bulk = (not config.interpret_all() and device.type == "cuda" and _capability(device.index) >= 9
+                and d_qk % 4 == 0 and (forced == 2 or self.mask_class != "data_dependent"))  # fmt: skip
+        return 2 if bulk and forced != 1 else 1
+
+    def _fused_dq(self, part, mode: int, dq_acc: torch.Tensor | None, block_q: int, constexprs: dict) -> dict:
+        """The fused-dQ arguments of a dK/dV launch (:meth:`dq_mode`): residue-order parts,
+        whose query rows are not contiguous, add with atomics and take no descriptor."""
+        if part.perm_stride:
+            return dict(DQ_ACC=dq_acc, DQ_FUSED=min(mode, 1))
+        desc = None
+        if mode == 2:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            desc = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, 1, block_q, constexprs["BLOCK_DQK"]])
+        return dict(DQ_ACC=dq_acc, DQ_FUSED=mode, DESC_DQ=desc)
+
     @staticmethod
     def _launch(cfg: LaunchConfig) -> dict[str, int]:
         stages = config.forced_stages() or cfg.num_stages
@@ -579,13 +632,19 @@ class AttentionOp:
         parts = [self.plan.stored] if p is not None else self.parts
         p_arg = [p] if p is not None else []
         dims, runtime, constexprs = self._common(q, k, v, shard)
-        B, H, H_KV, T_Q, T_KV, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_V"))
+        B, H, H_KV, T_Q, T_KV, D_QK, D_V = (dims[n] for n in ("B", "H", "H_KV", "T_Q", "T_KV", "D_QK", "D_V"))
+        wanted = any(input_grads or ())
+        mode = self.dq_mode(D_QK, D_V, q.device, stored_p=p is not None, input_grads=wanted)
+        dq_acc = None
+        if mode:  # the dK/dV kernel adds into it; the preprocess kernel zeroes it (sigmoid: no preprocess)
+            dq_acc = (torch.zeros if self.plan.sigmoid else torch.empty)((B, H, T_Q, D_QK), dtype=torch.float32, device=q.device)
         delta = _new_output((B, H, T_Q), torch.float32, q.device)
         if not self.plan.sigmoid:  # sigmoid attention's backward needs no delta
             pre = default_config("preprocess", D_V, q.dtype)
             self.kernel("attn_bwd_preprocess", q.device)[(_cdiv(T_Q, pre.block_q), H, B)](
-                o, do, delta, *o.stride(), *do.stride(), H, T_Q,
-                D_V=D_V, BLOCK_Q=pre.block_q, BLOCK_DV=constexprs["BLOCK_DV"], num_warps=pre.num_warps,
+                o, do, delta, dq_acc, *o.stride(), *do.stride(), H, T_Q,
+                D_V=D_V, BLOCK_Q=pre.block_q, BLOCK_DV=constexprs["BLOCK_DV"], D_QK=D_QK, BLOCK_DQK=constexprs["BLOCK_DQK"],
+                num_warps=pre.num_warps,
             )  # fmt: skip
             if dlse is not None:
                 # d lse / d score = P, so an incoming lse gradient folds into delta: dS = P (dP - (delta - dlse))
@@ -603,10 +662,17 @@ class AttentionOp:
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
                 *runtime,
                 **constexprs, **self._launch(cfg), **self._descriptors(part, q, do, cfg.block_q, constexprs),
+                **self._fused_dq(part, mode, dq_acc, cfg.block_q, constexprs),
             )  # fmt: skip
+        if mode:
+            pre = default_config("preprocess", D_QK, q.dtype)
+            self.kernel("attn_bwd_dq_convert", q.device)[(_cdiv(T_Q, pre.block_q), H, B)](
+                dq_acc, dq, *dq.stride(), H, T_Q, runtime[5],
+                D_QK=D_QK, BLOCK_Q=pre.block_q, BLOCK_DQK=constexprs["BLOCK_DQK"], num_warps=pre.num_warps,
+            )  # fmt: skip
+            return dq, dk, dv, [None] * len(inputs)
         cfg = self.config_for("dq", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
-        wanted = any(input_grads or ())
         names = [i.name for i in self.spec.inputs]
         grads = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for n, t in zip(names, inputs)
                  if wanted and n in self._grad_inputs}  # fmt: skip

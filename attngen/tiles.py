@@ -55,6 +55,20 @@ LARGE_SHARED_MEMORY = 200 * 1024
 MASK_CLASSES = ("band", "data_dependent", "other")
 
 
+def fuses_dq(d_max: int, mask_class: str = "other") -> bool:
+    """Whether a backward computes dQ inside the dK/dV kernel unless told otherwise
+    (:meth:`attngen.op.AttentionOp.dq_mode`): at head dims up to 64, and up to 128 for masks
+    classified from runtime inputs (documents).
+
+    Measured on the H200 at T = 16384, bf16 (docs/benchmarks/h200-dq-s9.txt): at D = 64 the
+    fused backward ran forward+backward 3-13% faster on every mask but dense (1% slower); at
+    D = 128 it ran 7-16% slower on dense, causal, prefix-LM, ALiBi, softcap and sliding-window
+    masks, whose dK/dV programs hold two 128 x 128 float32 accumulators and so have no
+    registers to spare for a dQ tile, and faster on documents, whose short programs gain
+    most from dropping the dQ kernel's launch, metadata and recomputation."""
+    return d_max <= 64 or (d_max <= 128 and mask_class == "data_dependent")
+
+
 def default_config(kernel: str, d_max: int, dtype: torch.dtype, shared_memory: int = 0, mask_class: str = "other") -> LaunchConfig:
     """A config that compiles and runs well on recent NVIDIA GPUs for any shape.
 
@@ -99,7 +113,8 @@ def default_config(kernel: str, d_max: int, dtype: torch.dtype, shared_memory: i
             cfg = LaunchConfig(64, 32, 4, 2)
     elif kernel == "dkdv":
         if d_max <= 64:
-            cfg = LaunchConfig(32, 128, 4, 3)
+            # with dQ fused (fuses_dq) 64 x 64 tiles ran 4-17% faster than (32, 128, 4, 3)
+            cfg = LaunchConfig(64, 64, 4, 2) if large else LaunchConfig(32, 128, 4, 3)
         elif d_max <= 128:
             if band:
                 cfg = LaunchConfig(64, 64, 4, 2)

@@ -152,8 +152,9 @@ class TuneCache:
         return path
 
 
-def estimate(kernel: str, cfg: LaunchConfig, d_qk: int, d_v: int, dtype: torch.dtype) -> tuple[int, float]:
-    """Shared memory (bytes) and fp32 accumulator values per thread of one config."""
+def estimate(kernel: str, cfg: LaunchConfig, d_qk: int, d_v: int, dtype: torch.dtype, fused_dq: bool = False) -> tuple[int, float]:
+    """Shared memory (bytes) and fp32 accumulator values per thread of one config
+    (``fused_dq``: a dK/dV kernel that also forms each tile's dQ share)."""
     elem = torch.finfo(dtype).bits // 8
     bdqk, bdv = head_blocks(d_qk, d_v)
     stages = max(1, cfg.num_stages)
@@ -166,12 +167,12 @@ def estimate(kernel: str, cfg: LaunchConfig, d_qk: int, d_v: int, dtype: torch.d
         acc = cfg.block_q * (bdqk + 2 * cfg.block_kv)
     else:  # dkdv
         smem = elem * (cfg.block_kv * (bdqk + bdv) + stages * cfg.block_q * (bdqk + bdv))
-        acc = cfg.block_kv * (bdqk + bdv + 2 * cfg.block_q)
+        acc = cfg.block_kv * (bdqk + bdv + 2 * cfg.block_q) + (cfg.block_q * bdqk if fused_dq else 0)
     return smem, acc / threads
 
 
-def candidates(kernel: str, tiles, d_qk: int, d_v: int, dtype: torch.dtype, device: DeviceInfo):
-    """The spec's tile space for one kernel, pruned.
+def candidates(kernel: str, tiles, d_qk: int, d_v: int, dtype: torch.dtype, device: DeviceInfo, fused_dq: bool = False):
+    """The spec's tile space for one kernel, pruned (``fused_dq``: see :func:`estimate`).
 
     Returns:
         ``(kept, pruned)``: configs to try, and ``(config, reason)`` for those dropped.
@@ -179,7 +180,7 @@ def candidates(kernel: str, tiles, d_qk: int, d_v: int, dtype: torch.dtype, devi
     kept, pruned = [], []
     for bq, bkv, warps, stages in itertools.product(tiles.block_q, tiles.block_kv, tiles.num_warps, tiles.num_stages):
         cfg = LaunchConfig(bq, bkv, warps, stages)
-        smem, acc = estimate(kernel, cfg, d_qk, d_v, dtype)
+        smem, acc = estimate(kernel, cfg, d_qk, d_v, dtype, fused_dq)
         if smem > device.shared_memory:
             pruned.append((cfg, f"needs about {smem // 1024} KiB of shared memory, the device has {device.shared_memory // 1024}"))
         elif acc > MAX_ACC_PER_THREAD:
@@ -232,6 +233,8 @@ def tune(
 
     Returns:
         One result per kernel: the winner, its time, the default config's time, failures.
+        No result for ``dq`` when the backward of this shape fuses dQ into the dK/dV kernel
+        (:meth:`~attngen.op.AttentionOp.dq_mode`): no dQ kernel runs, so there is nothing to tune.
 
     Raises:
         TuneError: every candidate of a kernel failed (the message lists each reason).
@@ -259,8 +262,11 @@ def tune(
         runs["fwd"] = lambda: op.forward_impl(q, k, v, ordered)
         runs["dq"] = runs["dkdv"] = lambda: op.backward_impl(do, None, q, k, v, o, lse, ordered)
 
+    fused_dq = op.dq_mode(dims["D_QK"], dims["D_V"], torch.device(device)) != 0
     results = []
     for kernel in kernels:
+        if kernel == "dq" and fused_dq:
+            continue
         key = cache_key(op.plan.spec_digest, op.source_digest, info, kernel, bucket)
         default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype,
                                  0 if info.capability == "cpu" else info.shared_memory, op.mask_class)
@@ -271,7 +277,7 @@ def tune(
             continue
         if not runs:
             make_runs()
-        kept, pruned = candidates(kernel, op.spec.tiles, dims["D_QK"], dims["D_V"], dtype, info)
+        kept, pruned = candidates(kernel, op.spec.tiles, dims["D_QK"], dims["D_V"], dtype, info, fused_dq)
         if default not in kept:
             kept.append(default)
         times: dict[LaunchConfig, float] = {}

@@ -149,3 +149,12 @@ def test_timing_keeps_the_garbage_collector_out_of_the_timed_loop(monkeypatch):
     with pytest.raises(RuntimeError):
         bench(lambda: None)
     assert gc.isenabled()
+
+
+def test_anchors_case_counts_only_the_kept_pairs():
+    from attngen.bench import anchors_case
+
+    op, q, k, v, do, inputs, flops = anchors_case("causal", 1, 2, 64, 16, "cpu")
+    assert op.spec.name == "causal" and q.shape == do.shape == (1, 2, 64, 16) and q.dtype == torch.bfloat16
+    assert inputs == {}
+    assert flops == 4.0 * 2 * (64 * 65 // 2) * 16  # 2080 of the 4096 pairs: k <= q

@@ -261,3 +261,26 @@ def test_tune_draws_documents_of_the_requested_length(tmp_path, monkeypatch):
     tune(op, dims(T_Q=40, T_KV=40, D_QK=16), torch.float32, DEVICE, timer=lambda fn: 1.0, cache=TuneCache(tmp_path),
          kernels=("fwd",), progress=False, doc_len=10)  # fmt: skip
     assert seen[0][0].tolist() == [i // 10 for i in range(40)]
+
+
+def test_the_dq_kernel_is_tuned_only_where_it_runs(tmp_path, monkeypatch):
+    op = attngen.compile({"name": "dq_tune", "mask": "k <= q", "tiles": {"block_q": [16], "block_kv": [16, 32], "num_warps": [4], "num_stages": [1]}})
+    shape = dims(T_Q=8, T_KV=8, D_QK=16)
+    calls = []
+
+    def timer(fn):
+        calls.append(fn)
+        return float(len(calls))
+
+    monkeypatch.delenv("ATTNGEN_DQ", raising=False)  # D = 16: dQ is fused into the dK/dV kernel
+    assert tune(op, shape, torch.float32, DEVICE, timer=timer, cache=TuneCache(tmp_path), kernels=("dq",), progress=False) == []
+    assert calls == []
+    monkeypatch.setenv("ATTNGEN_DQ", "0")
+    results = tune(op, shape, torch.float32, DEVICE, timer=timer, cache=TuneCache(tmp_path), kernels=("dq",), progress=False)
+    assert [r.kernel for r in results] == ["dq"] and len(calls) == 3  # two candidates and the default config
+
+
+def test_a_fused_dq_share_counts_against_the_dkdv_register_budget():
+    cfg = LaunchConfig(64, 128, 8, 2)
+    plain, fused = (estimate("dkdv", cfg, 128, 128, torch.bfloat16, f)[1] for f in (False, True))
+    assert fused - plain == 64 * 128 / 256  # one float32 [BLOCK_Q, D_QK] tile over 256 threads

@@ -9,7 +9,6 @@ SWEEP_WARM=1 only compiles (run one such process per variant in parallel first).
 Writes OUTDIR/descriptors_d<D>.json."""
 import json, os, sys
 import triton
-import attngen
 from attngen import bench as AB
 
 D = int(sys.argv[1]); out = sys.argv[2]
@@ -18,10 +17,7 @@ WARM = os.environ.get("SWEEP_WARM") == "1"
 RANKS = os.environ.get("SWEEP_RANKS", "0 2 4").split()
 rows = []
 for name in os.environ.get("SWEEP_MASKS", "dense,causal,sliding_window,prefix_lm,document,alibi,softcap").split(","):
-    var = AB.VARIANTS[name]
-    q, k, v, do, inputs = AB._case_inputs(var, B, H, T, D, "cuda")
-    fl = 4.0 * B * H * T * T * D * AB._density(var, T, inputs)
-    op = attngen.compile(var.spec, **var.params(T))
+    op, q, k, v, do, inputs, fl = AB.anchors_case(name, B, H, T, D)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
 
     def fb():
