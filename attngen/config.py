@@ -15,8 +15,11 @@
 ``ATTNGEN_DQ``          how the backward computes dQ: ``0`` a dQ kernel of its own that recomputes
                         P; ``1`` the dK/dV kernel adds each key tile's share with float32 atomics;
                         ``2`` the same through the tensor memory accelerator's bulk reduction
-                        (Hopper and later). Unset or ``auto``: attngen picks
-                        (:meth:`attngen.op.AttentionOp.dq_mode`).
+                        (Hopper and later; elsewhere, under the interpreter and for head dims
+                        not a multiple of 4 it acts as ``1``). Unset or ``auto``: attngen picks
+                        (:meth:`attngen.op.AttentionOp.dq_mode`). Deterministic algorithms,
+                        stored P and learnable inputs that want gradients take ``0`` whatever
+                        it says.
 ``ATTNGEN_POISON``      ``1`` fills fresh outputs with NaN before the kernels write them, so an
                         element a kernel forgets to write cannot pass a test.
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU

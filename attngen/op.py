@@ -501,7 +501,8 @@ class AttentionOp:
         0 whenever ``torch.use_deterministic_algorithms(True)`` is set, P is stored or
         learnable inputs want gradients (the dQ kernel sums them). Otherwise ``ATTNGEN_DQ``
         decides if set; else 0 where :func:`attngen.tiles.fuses_dq` says the dQ kernel ran
-        faster (head dims above 64 with masks known at compile time), and among the fused
+        faster (head dims above 64, unless the mask is classified from runtime inputs as
+        documents are, :func:`attngen.tilemap.mask_class`), and among the fused
         modes 2 where bulk reductions run (not under Triton's interpreter, which has none;
         ``D_QK`` a multiple of 4 so that float32 rows are 16-byte aligned) and 1 elsewhere.
         Masks classified from runtime inputs take 1: their calls are close to host-bound,
@@ -653,7 +654,7 @@ class AttentionOp:
         dk = _new_output(k.shape, k.dtype, k.device)
         dv = _new_output(v.shape, v.dtype, v.device)
         input_args = self._input_args(inputs)
-        cfg = self.config_for("dkdv", dims, q.dtype, q.device)
+        cfg = self.config_for("dkdv_dq" if mode else "dkdv", dims, q.dtype, q.device)
         meta = self.tile_meta("q", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
         for part in parts:  # the residue-order part adds to what the natural part stored
             self.kernel(part.dkdv.name, q.device)[(self._tiles(part, T_KV, cfg.block_kv), H_KV, B)](

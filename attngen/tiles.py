@@ -73,7 +73,8 @@ def default_config(kernel: str, d_max: int, dtype: torch.dtype, shared_memory: i
     """A config that compiles and runs well on recent NVIDIA GPUs for any shape.
 
     Args:
-        kernel: ``fwd``, ``dkdv``, ``dq`` or ``preprocess``.
+        kernel: ``fwd``, ``dkdv``, ``dkdv_dq`` (the dK/dV kernel that also adds dQ,
+            :func:`fuses_dq`), ``dq`` or ``preprocess``.
         d_max: the larger of ``D_QK`` and ``D_V``.
         dtype: the dtype of q, k and v; float32 tiles take twice the shared memory.
         shared_memory: bytes of shared memory a block may use on the target GPU (0: unknown,
@@ -111,10 +112,10 @@ def default_config(kernel: str, d_max: int, dtype: torch.dtype, shared_memory: i
             cfg = LaunchConfig(64, 64, 4, 3) if band else LaunchConfig(128, 64, 8, 3 if large else 2)
         else:
             cfg = LaunchConfig(64, 32, 4, 2)
-    elif kernel == "dkdv":
+    elif kernel in ("dkdv", "dkdv_dq"):
         if d_max <= 64:
-            # with dQ fused (fuses_dq) 64 x 64 tiles ran 4-17% faster than (32, 128, 4, 3)
-            cfg = LaunchConfig(64, 64, 4, 2) if large else LaunchConfig(32, 128, 4, 3)
+            # with dQ fused, 64 x 64 tiles ran 4-17% faster than (32, 128, 4, 3) (h200-dq-s9.txt)
+            cfg = LaunchConfig(64, 64, 4, 2) if large and kernel == "dkdv_dq" else LaunchConfig(32, 128, 4, 3)
         elif d_max <= 128:
             if band:
                 cfg = LaunchConfig(64, 64, 4, 2)

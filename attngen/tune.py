@@ -152,9 +152,9 @@ class TuneCache:
         return path
 
 
-def estimate(kernel: str, cfg: LaunchConfig, d_qk: int, d_v: int, dtype: torch.dtype, fused_dq: bool = False) -> tuple[int, float]:
+def estimate(kernel: str, cfg: LaunchConfig, d_qk: int, d_v: int, dtype: torch.dtype) -> tuple[int, float]:
     """Shared memory (bytes) and fp32 accumulator values per thread of one config
-    (``fused_dq``: a dK/dV kernel that also forms each tile's dQ share)."""
+    (``dkdv_dq``: the dK/dV kernel that also forms each tile's dQ share)."""
     elem = torch.finfo(dtype).bits // 8
     bdqk, bdv = head_blocks(d_qk, d_v)
     stages = max(1, cfg.num_stages)
@@ -165,14 +165,14 @@ def estimate(kernel: str, cfg: LaunchConfig, d_qk: int, d_v: int, dtype: torch.d
     elif kernel == "dq":
         smem = elem * (cfg.block_q * (bdqk + bdv) + stages * cfg.block_kv * (bdqk + bdv))
         acc = cfg.block_q * (bdqk + 2 * cfg.block_kv)
-    else:  # dkdv
+    else:  # dkdv, dkdv_dq
         smem = elem * (cfg.block_kv * (bdqk + bdv) + stages * cfg.block_q * (bdqk + bdv))
-        acc = cfg.block_kv * (bdqk + bdv + 2 * cfg.block_q) + (cfg.block_q * bdqk if fused_dq else 0)
+        acc = cfg.block_kv * (bdqk + bdv + 2 * cfg.block_q) + (cfg.block_q * bdqk if kernel == "dkdv_dq" else 0)
     return smem, acc / threads
 
 
-def candidates(kernel: str, tiles, d_qk: int, d_v: int, dtype: torch.dtype, device: DeviceInfo, fused_dq: bool = False):
-    """The spec's tile space for one kernel, pruned (``fused_dq``: see :func:`estimate`).
+def candidates(kernel: str, tiles, d_qk: int, d_v: int, dtype: torch.dtype, device: DeviceInfo):
+    """The spec's tile space for one kernel, pruned.
 
     Returns:
         ``(kept, pruned)``: configs to try, and ``(config, reason)`` for those dropped.
@@ -180,7 +180,7 @@ def candidates(kernel: str, tiles, d_qk: int, d_v: int, dtype: torch.dtype, devi
     kept, pruned = [], []
     for bq, bkv, warps, stages in itertools.product(tiles.block_q, tiles.block_kv, tiles.num_warps, tiles.num_stages):
         cfg = LaunchConfig(bq, bkv, warps, stages)
-        smem, acc = estimate(kernel, cfg, d_qk, d_v, dtype, fused_dq)
+        smem, acc = estimate(kernel, cfg, d_qk, d_v, dtype)
         if smem > device.shared_memory:
             pruned.append((cfg, f"needs about {smem // 1024} KiB of shared memory, the device has {device.shared_memory // 1024}"))
         elif acc > MAX_ACC_PER_THREAD:
@@ -233,8 +233,10 @@ def tune(
 
     Returns:
         One result per kernel: the winner, its time, the default config's time, failures.
-        No result for ``dq`` when the backward of this shape fuses dQ into the dK/dV kernel
-        (:meth:`~attngen.op.AttentionOp.dq_mode`): no dQ kernel runs, so there is nothing to tune.
+        The kernels tuned are those of the backward that a call of this shape takes by
+        default (:meth:`~attngen.op.AttentionOp.dq_mode` without stored P or input gradients):
+        where it fuses dQ, ``dkdv`` is tuned as ``dkdv_dq`` (the fused kernel, with the dQ
+        share in its register estimate) and ``dq`` gets no result, since no dQ kernel runs.
 
     Raises:
         TuneError: every candidate of a kernel failed (the message lists each reason).
@@ -260,13 +262,15 @@ def tune(
         o, lse = op.forward_impl(q, k, v, ordered)
         do = torch.randn_like(o)
         runs["fwd"] = lambda: op.forward_impl(q, k, v, ordered)
-        runs["dq"] = runs["dkdv"] = lambda: op.backward_impl(do, None, q, k, v, o, lse, ordered)
+        runs["dq"] = runs["dkdv"] = runs["dkdv_dq"] = lambda: op.backward_impl(do, None, q, k, v, o, lse, ordered)
 
     fused_dq = op.dq_mode(dims["D_QK"], dims["D_V"], torch.device(device)) != 0
     results = []
     for kernel in kernels:
         if kernel == "dq" and fused_dq:
             continue
+        if kernel == "dkdv" and fused_dq:
+            kernel = "dkdv_dq"
         key = cache_key(op.plan.spec_digest, op.source_digest, info, kernel, bucket)
         default = default_config(kernel, max(dims["D_QK"], dims["D_V"]), dtype,
                                  0 if info.capability == "cpu" else info.shared_memory, op.mask_class)
@@ -277,7 +281,7 @@ def tune(
             continue
         if not runs:
             make_runs()
-        kept, pruned = candidates(kernel, op.spec.tiles, dims["D_QK"], dims["D_V"], dtype, info, fused_dq)
+        kept, pruned = candidates(kernel, op.spec.tiles, dims["D_QK"], dims["D_V"], dtype, info)
         if default not in kept:
             kept.append(default)
         times: dict[LaunchConfig, float] = {}

@@ -93,7 +93,7 @@ def test_sorted_documents_get_exact_full_runs():
 
 
 def _small_tiles(op, d, dtype):
-    for kernel in ("fwd", "dkdv", "dq"):
+    for kernel in ("fwd", "dkdv", "dkdv_dq", "dq"):
         op.set_config(kernel, shape_bucket(d, dtype), LaunchConfig(16, 16, 4, 1))
 
 

@@ -28,9 +28,11 @@ def test_pruning_drops_configs_over_the_shared_memory_and_register_budget():
     assert "shared memory" in reasons and "accumulators" in reasons
     # the defaults on an H200 are among the candidates the tuner tries
     space = TileSpace()
-    for kernel in ("fwd", "dq", "dkdv"):
+    for kernel in ("fwd", "dq", "dkdv", "dkdv_dq"):
         for cls in ("band", "data_dependent", "other"):
-            for d in (64, 128):
+            # the fused kernel's D = 128 default (documents only) holds more accumulators than
+            # the budget allows; the tuner adds a kernel's default to its candidates anyway
+            for d in (64,) if kernel == "dkdv_dq" else (64, 128):
                 default = default_config(kernel, d, torch.bfloat16, H200.shared_memory, cls)
                 if all(x in getattr(space, f) for x, f in zip((default.block_q, default.block_kv, default.num_warps, default.num_stages),
                                                                ("block_q", "block_kv", "num_warps", "num_stages"))):
@@ -282,5 +284,28 @@ def test_the_dq_kernel_is_tuned_only_where_it_runs(tmp_path, monkeypatch):
 
 def test_a_fused_dq_share_counts_against_the_dkdv_register_budget():
     cfg = LaunchConfig(64, 128, 8, 2)
-    plain, fused = (estimate("dkdv", cfg, 128, 128, torch.bfloat16, f)[1] for f in (False, True))
+    plain, fused = (estimate(kernel, cfg, 128, 128, torch.bfloat16)[1] for kernel in ("dkdv", "dkdv_dq"))
     assert fused - plain == 64 * 128 / 256  # one float32 [BLOCK_Q, D_QK] tile over 256 threads
+
+
+def test_the_fused_backward_tunes_and_looks_up_its_own_dkdv_config(tmp_path, monkeypatch):
+    # a config tuned for the fused kernel (more registers per program) is not the dQ-kernel
+    # path's, which deterministic runs, stored P and learnable inputs take
+    monkeypatch.delenv("ATTNGEN_DQ", raising=False)
+    op = attngen.compile({"name": "dkdv_tune", "mask": "k <= q", "tiles": {"block_q": [16], "block_kv": [16, 32], "num_warps": [4], "num_stages": [1]}})
+    shape = dims(T_Q=8, T_KV=8, D_QK=16)
+    times = iter([3.0, 1.0, 2.0])
+    results = tune(op, shape, torch.float32, DEVICE, timer=lambda fn: next(times), cache=TuneCache(tmp_path),
+                   kernels=("dkdv",), progress=False)  # fmt: skip
+    assert [r.kernel for r in results] == ["dkdv_dq"] and results[0].best == LaunchConfig(16, 32, 4, 1)
+    dev = torch.device(DEVICE)
+    assert op.config_for("dkdv_dq", shape, torch.float32, dev) == LaunchConfig(16, 32, 4, 1)
+    assert op.config_for("dkdv", shape, torch.float32, dev) == default_config("dkdv", 16, torch.float32)
+
+
+def test_the_dkdv_default_at_small_head_dims_depends_on_the_fused_dq():
+    big = H200.shared_memory
+    assert default_config("dkdv_dq", 64, torch.bfloat16, big) == LaunchConfig(64, 64, 4, 2)
+    assert default_config("dkdv", 64, torch.bfloat16, big) == LaunchConfig(32, 128, 4, 3)
+    for cls in ("band", "data_dependent", "other"):  # above 64 the two kernels share their defaults
+        assert default_config("dkdv_dq", 128, torch.bfloat16, big, cls) == default_config("dkdv", 128, torch.bfloat16, big, cls)

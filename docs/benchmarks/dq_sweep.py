@@ -23,7 +23,7 @@ for name in os.environ.get("SWEEP_MASKS", "dense,causal,sliding_window,prefix_lm
     op, q, k, v, do, inputs, fl = AB.anchors_case(name, B, H, T, D)
     dims = {"B": B, "H": H, "H_KV": H, "T_Q": T, "T_KV": T, "D_QK": D, "D_V": D}
     bucket = shape_bucket(dims, torch.bfloat16)
-    default = op.config_for("dkdv", dims, torch.bfloat16, q.device)
+    default = op.config_for("dkdv", dims, torch.bfloat16, q.device)  # the dQ kernel's path (mode 0)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
 
     def fb():
@@ -32,7 +32,7 @@ for name in os.environ.get("SWEEP_MASKS", "dense,causal,sliding_window,prefix_lm
     ref = None
     for mode, cfg in [("0", default)] + [(m, c) for m in MODES for c in (CFGS or [default])]:
         os.environ["ATTNGEN_DQ"] = mode
-        op.set_config("dkdv", bucket, cfg)
+        op.set_config("dkdv_dq" if mode != "0" else "dkdv", bucket, cfg)
         for x in leaves:  # do_bench leaves the last call's gradients behind
             x.grad = None
         c = (cfg.block_q, cfg.block_kv, cfg.num_warps, cfg.num_stages)
@@ -56,5 +56,6 @@ for name in os.environ.get("SWEEP_MASKS", "dense,causal,sliding_window,prefix_lm
         print(f"{name:15} D={D} T={T} B={B} dq mode {mode} dkdv {c}: fwd+bwd {ms:.4f} ms "
               f"{3.5 * fl / ms / 1e9:6.1f} TF/s   max diff {err:.1e}", flush=True)
     op.clear_config("dkdv", bucket)
+    op.clear_config("dkdv_dq", bucket)
 if not WARM:
     json.dump(rows, open(os.path.join(out, f"dq_d{D}_t{T}.json"), "w"), indent=1)
