@@ -266,8 +266,9 @@ def _show(args) -> int:
     for part in (compiled.plan, compiled.plan.perm):
         if part is None:
             continue
-        natural = [] if part.perm_stride else ["attn_bwd_preprocess", "attn_bwd_dq_convert"]
-        names += [part.fwd.name] + natural + [part.dkdv.name, part.dq.name]
+        # in launch order; a backward runs the dQ kernel or, with dQ fused, the conversion
+        names += [part.fwd.name] + ([] if part.perm_stride else ["attn_bwd_preprocess"]) + [part.dkdv.name, part.dq.name]
+        names += [] if part.perm_stride else ["attn_bwd_dq_convert"]
         names += [r.meta.name for r in (part.fwd_ranges, part.dkdv_ranges) if r.meta is not None]
     decode = render_decode(compiled.plan)  # its own module, for op.decode
     print(f"  {compiled.plan.decode.name:<24} {write_kernel(decode_module_name(compiled.spec.name), decode)}")
