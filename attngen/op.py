@@ -668,7 +668,7 @@ class AttentionOp:
         if mode:
             pre = default_config("preprocess", D_QK, q.dtype)
             self.kernel("attn_bwd_dq_convert", q.device)[(_cdiv(T_Q, pre.block_q), H, B)](
-                dq_acc, dq, *dq.stride(), H, T_Q, runtime[5],
+                dq_acc, dq, *dq.stride(), H, T_Q, self.scale_for(D_QK),
                 D_QK=D_QK, BLOCK_Q=pre.block_q, BLOCK_DQK=constexprs["BLOCK_DQK"], num_warps=pre.num_warps,
             )  # fmt: skip
             return dq, dk, dv, [None] * len(inputs)
