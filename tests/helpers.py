@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import attngen
+from attngen import config
 from attngen.check import compare, format_rows, make_inputs
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+#: skip a test that runs kernels on a CPU-only machine without Triton's interpreter
+needs_kernels = pytest.mark.skipif(DEVICE == "cpu" and not config.interpret_all(),
+                                   reason="CPU tensors run kernels only under TRITON_INTERPRET=1")
 
 
 def _interpreter_broken() -> str | None:

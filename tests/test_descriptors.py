@@ -13,13 +13,9 @@ import pytest
 import torch
 
 import attngen
-from attngen import config
 from attngen.op import descriptor_rank
-from helpers import DEVICE, SMALL_PARAMS, check_spec, dims
+from helpers import DEVICE, SMALL_PARAMS, check_spec, dims, needs_kernels
 
-needs_descriptors = pytest.mark.skipif(
-    DEVICE == "cpu" and not config.interpret_all(), reason="CPU tensors run kernels only under TRITON_INTERPRET=1"
-)
 #: the zoo's softmax and sigmoid specs (linear attention's kernels always load through pointers)
 ZOO = sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "specs").glob("*.yaml")
              if "normalizer: linear" not in p.read_text())
@@ -37,7 +33,7 @@ def test_zoo_spec_with_pointer_loads_and_the_dq_kernel_matches_the_reference(nam
                params=SMALL_PARAMS.get(name))
 
 
-@needs_descriptors
+@needs_kernels
 @pytest.mark.parametrize("rank", ["0", "2", "4"])
 @pytest.mark.parametrize("spec", ["causal", "document", "sliding_window", "alibi", "prefix_lm"])
 def test_every_descriptor_rank_matches_the_reference(spec, rank, monkeypatch):
@@ -46,7 +42,7 @@ def test_every_descriptor_rank_matches_the_reference(spec, rank, monkeypatch):
     check_spec(spec, dims(B=2, H=4, H_KV=2, T_Q=45, T_KV=45, D_QK=16, D_V=32), params=SMALL_PARAMS.get(spec))
 
 
-@needs_descriptors
+@needs_kernels
 def test_transposed_layout_takes_rank_four_and_matches_the_reference(monkeypatch):
     monkeypatch.delenv("ATTNGEN_DESCRIPTORS", raising=False)
 
@@ -58,7 +54,7 @@ def test_transposed_layout_takes_rank_four_and_matches_the_reference(monkeypatch
     check_spec("causal", dims(B=2, H=4, H_KV=2, T_Q=45, T_KV=45, D_QK=16), layout=bthd)
 
 
-@needs_descriptors
+@needs_kernels
 def test_rank_two_never_reads_the_next_heads_rows(monkeypatch):
     B, H, T, D = 2, 2, 45, 16
     gen = torch.Generator().manual_seed(3)
@@ -82,7 +78,7 @@ def test_rank_two_never_reads_the_next_heads_rows(monkeypatch):
         torch.testing.assert_close(leaf.grad[:1, :1], ref.grad, rtol=1e-5, atol=1e-5)
 
 
-@needs_descriptors
+@needs_kernels
 def test_descriptor_rank_follows_layout_alignment_and_the_switch(monkeypatch):
     monkeypatch.delenv("ATTNGEN_DESCRIPTORS", raising=False)
     dev = torch.device(DEVICE)

@@ -9,11 +9,8 @@ import torch
 
 import attngen
 from attngen import config
-from helpers import DEVICE, SMALL_PARAMS, check_spec, dims
+from helpers import DEVICE, SMALL_PARAMS, check_spec, dims, needs_kernels
 
-needs_kernels = pytest.mark.skipif(
-    DEVICE == "cpu" and not config.interpret_all(), reason="CPU tensors run kernels only under TRITON_INTERPRET=1"
-)
 #: bulk reductions need the tensor memory accelerator, which Triton's interpreter lacks
 MODES = ["0", "1"] + (["2"] if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9 else [])
 
