@@ -459,10 +459,10 @@ class AttentionOp:
         which gather their rows.
 
         Masks classified from runtime inputs (documents) take pointer loads unless
-        ``ATTNGEN_DESCRIPTORS`` forces a rank: their launches are short and their calls
-        close to host-bound, and each descriptor argument adds host time to a launch
-        (Triton builds the TMA descriptor on every launch). On the H200 descriptors cut
-        their forward+backward from 180 to 139 TFLOP/s at D = 128 (docs/perf-notes.md)."""
+        ``ATTNGEN_DESCRIPTORS`` forces a rank: on the H200 descriptors cut their
+        forward+backward from 180 to 139 TFLOP/s at D = 128 (docs/perf-notes.md). Each
+        descriptor argument adds host time to a launch (Triton builds the TMA descriptor on
+        every launch); how much of the loss that explains is not isolated."""
         if part.perm_stride:
             return {}
         if config.descriptor_rank() is None and self.mask_class == "data_dependent":
@@ -505,8 +505,8 @@ class AttentionOp:
         documents are, :func:`attngen.tilemap.mask_class`), and among the fused
         modes 2 where bulk reductions run (not under Triton's interpreter, which has none;
         ``D_QK`` a multiple of 4 so that float32 rows are 16-byte aligned) and 1 elsewhere.
-        Masks classified from runtime inputs take 1: their calls are close to host-bound,
-        and a descriptor adds host time per launch (as for their tile loads).
+        Masks classified from runtime inputs take 1: on the H200 mode 2 was no faster for
+        them (within their run-to-run spread), and a descriptor adds host time per launch.
 
         Raises:
             ValueError: ``ATTNGEN_DQ`` holds a bad value.

@@ -236,11 +236,12 @@ def mask_class(spec, g, plan) -> str:
 
     Returns:
         ``"data_dependent"`` when the forward needs per-call tile metadata (a mask that
-        compares runtime inputs along positions, such as document ids); ``"band"`` when the
+        compares runtime inputs along positions, such as document ids); ``"dense"`` for a
+        spec with no mask (every tile FULL); ``"band"`` when the
         visited 64 x 64 tiles grow linearly with ``T`` (counted in closed form at
         ``T = 8192`` and ``16384``) and a query tile visits at most :data:`BAND_KEYS` keys on
         average at ``16384`` (sliding and dilated windows, chunks, sinks); ``"other"`` for
-        the rest (dense, causal, prefix-LM, and masks whose bounds read runtime inputs).
+        the rest (causal, prefix-LM, and masks whose bounds read runtime inputs).
         The tiles are counted for batch entry 0 and head 0, and only the mean is compared: a
         mask that is a band on head 0 alone, or one that keeps a few long rows (``q < 128``),
         counts as a band. The class only picks launch configs; results never depend on it.
@@ -248,7 +249,7 @@ def mask_class(spec, g, plan) -> str:
     if plan.fwd_ranges.meta is not None:
         return "data_dependent"
     if "mask" not in g:
-        return "other"
+        return "dense"
     tile, t = 64, 16384
     try:
         half, full = (_count(graph_intervals(spec, g, n, n, tile, tile))[0] for n in (t // 2, t))

@@ -32,17 +32,20 @@ def head_block(d: int) -> int:
 
 def head_blocks(d_qk: int, d_v: int) -> tuple[int, int]:
     """``(BLOCK_DQK, BLOCK_DV)`` of the attention and decoding kernels: each head dim padded by
-    :func:`head_block`, and the value block raised to at least the query/key block.
+    :func:`head_block`, then both raised to the wider of the two, so the blocks are equal.
 
-    On the H200 (Triton 3.6, torch 2.11) kernels compiled with ``BLOCK_DV < BLOCK_DQK`` gave
-    wrong outputs or gradients, and some raised illegal memory accesses, while the same
-    kernels under Triton's interpreter, with every address checked, were right (the cases are
-    in tests/regressions/test_gpu_fuzz_faults.py). With ``BLOCK_DV >= BLOCK_DQK`` every case
-    ran right, so a narrower value head is padded: the cost is the ``p·v`` product at the wider
-    block, for heads with ``D_V < D_QK`` only.
+    On the H200 (Triton 3.6, torch 2.11) kernels compiled with unequal blocks gave wrong
+    outputs or gradients, and some raised illegal memory accesses, while the same kernels under
+    Triton's interpreter, with every address checked, were right (the cases are in
+    tests/regressions/test_gpu_fuzz_faults.py): with ``BLOCK_DV < BLOCK_DQK`` the forward and
+    backward (ninth session), with ``BLOCK_DQK`` of 16 or 32 against a ``BLOCK_DV`` of 128
+    the dQ kernel (tenth session, 72 cases replayed: faults or dQ off by up to 24 with
+    tensor-descriptor loads, a fault with pointer loads and one pipeline stage). Every case
+    with equal blocks ran right. The cost: for heads whose dims differ, the products over the
+    narrower head dim run at the wider block (its padding columns are zeros).
     """
-    bdqk = head_block(d_qk)
-    return bdqk, max(bdqk, head_block(d_v))
+    block = max(head_block(d_qk), head_block(d_v))
+    return block, block
 
 
 #: Shared memory per block (bytes) from which the forward and dQ kernels at head dims up to
@@ -52,20 +55,24 @@ LARGE_SHARED_MEMORY = 200 * 1024
 
 
 #: The kinds of mask :func:`default_config` tells apart (:func:`attngen.tilemap.mask_class`).
-MASK_CLASSES = ("band", "data_dependent", "other")
+MASK_CLASSES = ("band", "data_dependent", "dense", "other")
 
 
 def fuses_dq(d_max: int, mask_class: str = "other") -> bool:
     """Whether a backward computes dQ inside the dK/dV kernel unless told otherwise
-    (:meth:`attngen.op.AttentionOp.dq_mode`): at head dims up to 64, and up to 128 for masks
-    classified from runtime inputs (documents).
+    (:meth:`attngen.op.AttentionOp.dq_mode`): at head dims up to 64 when the spec has a mask,
+    and up to 128 for masks classified from runtime inputs (documents).
 
     Measured on the H200 at T = 16384, bf16 (docs/benchmarks/h200-dq-s9.txt): at D = 64 the
-    fused backward ran forward+backward 3-13% faster on every mask but dense (1% slower); at
-    D = 128 it ran 7-16% slower on dense, causal, prefix-LM, ALiBi, softcap and sliding-window
-    masks, whose dK/dV programs hold two 128 x 128 float32 accumulators and so have no
-    registers to spare for a dQ tile, and faster on documents, whose short programs gain
-    most from dropping the dQ kernel's launch, metadata and recomputation."""
+    fused backward ran forward+backward 3-13% faster on every masked variant, and 1% (T =
+    16384) and 5% (T = 4096, the anchors suite) slower with no mask, where every tile is FULL
+    and the dQ kernel's loop carries no mask work to save; at D = 128 it ran 7-16% slower on
+    dense, causal, prefix-LM, ALiBi, softcap and sliding-window masks, whose dK/dV programs
+    hold two 128 x 128 float32 accumulators and so have no registers to spare for a dQ tile,
+    and faster on documents, whose short programs gain most from dropping the dQ kernel's
+    launch, metadata and recomputation."""
+    if mask_class == "dense":
+        return False
     return d_max <= 64 or (d_max <= 128 and mask_class == "data_dependent")
 
 
@@ -82,8 +89,9 @@ def default_config(kernel: str, d_max: int, dtype: torch.dtype, shared_memory: i
             deeper configs that the H200 ran fastest (docs/perf-notes.md).
         mask_class: how the mask shapes the key loops (:func:`attngen.tilemap.mask_class`):
             ``band`` (a bounded window of keys per query tile: short loops), ``data_dependent``
-            (tiles classified from runtime inputs, such as documents) or ``other`` (dense,
-            causal, prefix-LM). Only large shared memory tells them apart. Measured on the
+            (tiles classified from runtime inputs, such as documents), ``dense`` (no mask;
+            configs as ``other``) or ``other`` (causal, prefix-LM). Only large shared memory
+            tells them apart. Measured on the
             H200 at T = 16384 (docs/benchmarks/h200-config-sweep-s7.txt): at D = 128 a band
             forward ran 8% faster on 64 x 64 tiles, dK/dV on (64, 128, 8, 3) ran 5-15% faster
             than (32, 64, 4, 2) on all but bands, which took (64, 64, 4, 2) (6%); at D = 64 a

@@ -59,6 +59,13 @@ def test_dq_mode_rules(monkeypatch):
     assert op.dq_mode(128, 128, dev) == 0  # D = 128, a mask known at compile time: the dQ kernel
     assert op.dq_mode(16, 128, dev) == 0  # the larger head dim decides
     assert attngen.compile("document").dq_mode(128, 128, dev) == 1  # runtime mask: atomics, no descriptor
+    dense = attngen.compile("dense")
+    assert dense.dq_mode(16, 16, dev) == 0  # no mask: the dQ kernel
+    monkeypatch.setenv("ATTNGEN_DQ", "auto")
+    assert dense.dq_mode(16, 16, dev) == 0
+    monkeypatch.setenv("ATTNGEN_DQ", "1")
+    assert dense.dq_mode(16, 16, dev) == 1  # forcing still fuses
+    monkeypatch.delenv("ATTNGEN_DQ")
     assert op.dq_mode(16, 16, dev, stored_p=True) == 0
     assert op.dq_mode(16, 16, dev, input_grads=True) == 0
     monkeypatch.setenv("ATTNGEN_DQ", "1")

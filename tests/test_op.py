@@ -192,19 +192,22 @@ def test_attngen_min_head_block_pads_narrow_head_dims(monkeypatch):
             head_block(5)
 
 
-def test_the_value_block_is_never_narrower_than_the_query_key_block():
+def test_the_head_blocks_are_equal_whatever_the_head_dims():
     from attngen.tiles import head_blocks
 
-    # the H200 computed wrong results with BLOCK_DV < BLOCK_DQK (tests/regressions/test_gpu_fuzz_faults.py)
+    # the H200 computed wrong results or faulted with unequal blocks, either way round
+    # (tests/regressions/test_gpu_fuzz_faults.py)
     assert head_blocks(33, 16) == (64, 64)
     assert head_blocks(24, 5) == (32, 32)
-    assert head_blocks(16, 128) == (16, 128)  # a wider value head keeps its own block
+    assert head_blocks(16, 80) == (128, 128)
+    assert head_blocks(32, 128) == (128, 128)
     assert head_blocks(80, 80) == (128, 128)
+    assert head_blocks(1, 1) == (16, 16)
     op = attngen.compile("causal")
     q, k, v = tensors(H=2, H_KV=1, T=10, D=33)
-    v = v[..., :16].contiguous()
-    ref = attngen.reference("causal")(q.double(), k.double(), v.double())
-    assert (op(q, k, v).double() - ref).abs().max() < 1e-5
+    for narrow_v in (v[..., :16].contiguous(), torch.cat([v, v, v], -1)[..., :80].contiguous()):
+        ref = attngen.reference("causal")(q.double(), k.double(), narrow_v.double())
+        assert (op(q, k, narrow_v).double() - ref).abs().max() < 1e-5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU run under the interpreter")

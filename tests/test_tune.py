@@ -190,11 +190,11 @@ def test_defaults_follow_the_mask_class_only_with_large_shared_memory():
     assert default_config("dkdv", 128, bf16, h200, "band") == LaunchConfig(64, 64, 4, 2)
     assert default_config("fwd", 64, bf16, h200, "band") == LaunchConfig(128, 64, 8, 3)
     assert default_config("fwd", 64, bf16, h200, "data_dependent") == LaunchConfig(64, 64, 4, 2)
-    for cls in ("other", "data_dependent"):
+    for cls in ("other", "dense", "data_dependent"):
         assert default_config("dkdv", 128, bf16, h200, cls) == LaunchConfig(64, 128, 8, 3)
         assert default_config("fwd", 128, bf16, h200, cls) == LaunchConfig(128, 64, 8, 3)
     # smaller cards and float32 keep one config whatever the mask
-    for cls in ("band", "data_dependent", "other"):
+    for cls in ("band", "data_dependent", "dense", "other"):
         assert default_config("fwd", 128, bf16, small, cls) == LaunchConfig(128, 64, 8, 2)
         assert default_config("dkdv", 128, bf16, small, cls) == LaunchConfig(32, 64, 4, 2)
         assert default_config("fwd", 64, bf16, small, cls) == LaunchConfig(128, 64, 4, 3)
@@ -214,7 +214,7 @@ def test_defaults_follow_the_mask_class_only_with_large_shared_memory():
         ("document", {}, "data_dependent"),
         ("causal", {}, "other"),
         ("prefix_lm", {}, "other"),
-        ("dense", {}, "other"),
+        ("dense", {}, "dense"),
         ("chunked", {"chunk": 8192}, "other"),
         ("chunked", {"chunk": 512}, "band"),
     ],
