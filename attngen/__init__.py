@@ -13,6 +13,7 @@ from .compiler import build, compile
 from .errors import (
     AttngenError,
     CodegenError,
+    EnvError,
     IRVerifyError,
     ShapeError,
     SpecError,
@@ -31,6 +32,7 @@ __all__ = [
     "AttentionSpec",
     "AttngenError",
     "CodegenError",
+    "EnvError",
     "IRVerifyError",
     "InputSpec",
     "ShapeError",

@@ -9,6 +9,7 @@ from typing import Any
 
 import networkx as nx
 
+from . import config
 from .linear import LinearAttentionOp, LinearPlan, make_linear_plan
 from .load import load_module
 from .lower import lower
@@ -70,6 +71,8 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
     Raises:
         SpecError: a malformed spec or an unknown or mistyped param override.
         UnsupportedError: a normaliser or recompute policy that is not built yet.
+        EnvError: a debug switch (``ATTNGEN_DQ``, ``ATTNGEN_DESCRIPTORS``, ``ATTNGEN_STAGES``,
+            ``ATTNGEN_MIN_HEAD_BLOCK``; :mod:`attngen.config`) holds a bad value.
 
     Warns:
         UserWarning: the mask keeps no (q, k) pair at ``T_Q = T_KV = 4096`` (a window of 0,
@@ -77,6 +80,7 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
             bounds read runtime inputs are not checked. Also a param or an input that
             neither the mask nor the score reads (an unused input is still required).
     """
+    config.check_switches()
     compiled = build(spec, **params)
     module, path = load_module(compiled.spec.name, compiled.rendered)
     if not isinstance(compiled.plan, LinearPlan):

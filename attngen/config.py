@@ -24,12 +24,18 @@
                         element a kernel forgets to write cannot pass a test.
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
                         tensors need it: Triton reads it once, when it is first imported.
+
+A bad value of a switch that takes one raises :class:`attngen.errors.EnvError`, naming the
+variable and its values, when a spec is compiled (:func:`check_switches`) and at any launch
+that reads it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+from .errors import EnvError
 
 
 def _source_checkout() -> Path | None:
@@ -68,13 +74,13 @@ def forced_stages() -> int | None:
     """``num_stages`` forced on every launch by ``ATTNGEN_STAGES``, else None.
 
     Raises:
-        ValueError: the variable is set but is not a positive integer.
+        EnvError: the variable is set but is not a positive integer.
     """
     text = os.environ.get("ATTNGEN_STAGES", "").strip()
     if not text:
         return None
     if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"ATTNGEN_STAGES={text!r}: give a positive integer, or unset it")
+        raise EnvError("ATTNGEN_STAGES", f"{text!r} is not a pipeline depth: give a positive integer, or unset it")
     return int(text)
 
 
@@ -82,14 +88,15 @@ def min_head_block() -> int:
     """The smallest padded head-dim block forced by ``ATTNGEN_MIN_HEAD_BLOCK`` (0: none).
 
     Raises:
-        ValueError: the variable is set but is not a power of two of at least 16 (``tl.dot``'s
+        EnvError: the variable is set but is not a power of two of at least 16 (``tl.dot``'s
             minimum).
     """
     text = os.environ.get("ATTNGEN_MIN_HEAD_BLOCK", "").strip()
     if not text:
         return 0
     if not text.isdigit() or int(text) < 16 or int(text) & (int(text) - 1):
-        raise ValueError(f"ATTNGEN_MIN_HEAD_BLOCK={text!r}: give a power of two of at least 16 (tl.dot's minimum), or unset it")
+        raise EnvError("ATTNGEN_MIN_HEAD_BLOCK", f"{text!r} is not a head block: give a power of two of at least 16 "
+                       "(tl.dot's minimum), or unset it")
     return int(text)
 
 
@@ -98,7 +105,7 @@ def descriptor_rank() -> int | None:
     (unset or ``auto``: :func:`attngen.op.descriptor_rank` picks).
 
     Raises:
-        ValueError: the variable is set to anything but ``auto``, ``0``, ``2`` or ``4``.
+        EnvError: the variable is set to anything but ``auto``, ``0``, ``2`` or ``4``.
     """
     return _forced_choice("ATTNGEN_DESCRIPTORS", ("0", "2", "4"), "0 (pointer loads), 2 or 4 (a descriptor rank)")
 
@@ -108,7 +115,7 @@ def dq_mode() -> int | None:
     kernel, 2: bulk reductions there), or None (unset or ``auto``: attngen picks).
 
     Raises:
-        ValueError: the variable is set to anything but ``auto``, ``0``, ``1`` or ``2``.
+        EnvError: the variable is set to anything but ``auto``, ``0``, ``1`` or ``2``.
     """
     return _forced_choice("ATTNGEN_DQ", ("0", "1", "2"), "0 (a dQ kernel of its own), 1 (atomics), 2 (bulk reductions)")
 
@@ -120,8 +127,23 @@ def _forced_choice(name: str, allowed: tuple[str, ...], meanings: str) -> int | 
     if text in ("", "auto"):
         return None
     if text not in allowed:
-        raise ValueError(f"{name}={text!r}: give {meanings}, or auto")
+        raise EnvError(name, f"{text!r} is not a choice: give {meanings}, or auto (or unset it)")
     return int(text)
+
+
+def check_switches() -> None:
+    """Read every debug switch that takes a value (``ATTNGEN_STAGES``,
+    ``ATTNGEN_MIN_HEAD_BLOCK``, ``ATTNGEN_DESCRIPTORS``, ``ATTNGEN_DQ``), so a bad one fails
+    when a spec is compiled rather than at the first launch that reads it. Each launch still
+    reads them again, so a change after compiling takes effect.
+
+    Raises:
+        EnvError: the first variable that holds a bad value.
+    """
+    forced_stages()
+    min_head_block()
+    descriptor_rank()
+    dq_mode()
 
 
 def poison_outputs() -> bool:

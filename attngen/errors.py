@@ -23,6 +23,18 @@ class SpecError(AttngenError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
+class EnvError(AttngenError, ValueError):
+    """An ``ATTNGEN_*`` environment variable holds a value attngen cannot use.
+
+    Attributes:
+        name: the variable, e.g. ``"ATTNGEN_DQ"``.
+    """
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: {message}")
+
+
 class UnsupportedError(AttngenError, NotImplementedError):
     """A well-formed spec or call asks for something attngen cannot do (yet)."""
 

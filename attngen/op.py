@@ -501,8 +501,9 @@ class AttentionOp:
         0 whenever ``torch.use_deterministic_algorithms(True)`` is set, P is stored or
         learnable inputs want gradients (the dQ kernel sums them). Otherwise ``ATTNGEN_DQ``
         decides if set; else 0 where :func:`attngen.tiles.fuses_dq` says the dQ kernel ran
-        faster (head dims above 64, unless the mask is classified from runtime inputs as
-        documents are, :func:`attngen.tilemap.mask_class`), and among the fused
+        faster (no mask, or one that keeps every pair; head dims above 64, unless the mask
+        is classified from runtime inputs as documents are; :func:`attngen.tilemap.mask_class`),
+        and among the fused
         modes 2 where bulk reductions run (not under Triton's interpreter, which has none;
         ``D_QK`` a multiple of 4 so that float32 rows are 16-byte aligned) and 1 elsewhere.
         Masks classified from runtime inputs take 1: on the H200 mode 2 was no faster for

@@ -54,14 +54,16 @@ def head_blocks(d_qk: int, d_v: int) -> tuple[int, int]:
 LARGE_SHARED_MEMORY = 200 * 1024
 
 
-#: The kinds of mask :func:`default_config` tells apart (:func:`attngen.tilemap.mask_class`).
+#: The kinds of mask (:func:`attngen.tilemap.mask_class`): :func:`default_config` tells
+#: ``band`` and ``data_dependent`` from the rest, :func:`fuses_dq` also ``dense``.
 MASK_CLASSES = ("band", "data_dependent", "dense", "other")
 
 
 def fuses_dq(d_max: int, mask_class: str = "other") -> bool:
     """Whether a backward computes dQ inside the dK/dV kernel unless told otherwise
-    (:meth:`attngen.op.AttentionOp.dq_mode`): at head dims up to 64 when the spec has a mask,
-    and up to 128 for masks classified from runtime inputs (documents).
+    (:meth:`attngen.op.AttentionOp.dq_mode`): at head dims up to 64 unless the mask class
+    is ``dense`` (no mask, or one that keeps every pair), and up to 128 for masks classified
+    from runtime inputs (documents).
 
     Measured on the H200 at T = 16384, bf16 (docs/benchmarks/h200-dq-s9.txt): at D = 64 the
     fused backward ran forward+backward 3-13% faster on every masked variant, and 1% (T =

@@ -233,10 +233,12 @@ def tune(
 
     Returns:
         One result per kernel: the winner, its time, the default config's time, failures.
-        The kernels tuned are those of the backward that a call of this shape takes by
-        default (:meth:`~attngen.op.AttentionOp.dq_mode` without stored P or input gradients):
-        where it fuses dQ, ``dkdv`` is tuned as ``dkdv_dq`` (the fused kernel, with the dQ
-        share in its register estimate) and ``dq`` gets no result, since no dQ kernel runs.
+        The kernels tuned are those that a call of this shape runs by default: those that
+        write and read P where the spec stores P at these lengths
+        (:meth:`~attngen.op.AttentionOp.stores_p`), and the backward that
+        :meth:`~attngen.op.AttentionOp.dq_mode` picks without input gradients. Where it fuses
+        dQ, ``dkdv`` is tuned as ``dkdv_dq`` (the fused kernel, with the dQ share in its
+        register estimate) and ``dq`` gets no result, since no dQ kernel runs.
 
     Raises:
         TuneError: every candidate of a kernel failed (the message lists each reason).
@@ -259,12 +261,14 @@ def tune(
         gen = generator or torch.Generator().manual_seed(0)
         q, k, v, inputs = make_inputs(op.spec, dims, dtype=dtype, device=device, generator=gen, doc_len=doc_len)
         ordered = [inputs[i.name] for i in op.spec.inputs]
-        o, lse = op.forward_impl(q, k, v, ordered)
+        o, lse, p = op.forward_impl(q, k, v, ordered, want_p=True)  # p: None unless stored
         do = torch.randn_like(o)
-        runs["fwd"] = lambda: op.forward_impl(q, k, v, ordered)
-        runs["dq"] = runs["dkdv"] = runs["dkdv_dq"] = lambda: op.backward_impl(do, None, q, k, v, o, lse, ordered)
+        # with stored P the calls run the kernels that write and read P: time those
+        runs["fwd"] = lambda: op.forward_impl(q, k, v, ordered, want_p=stored_p)
+        runs["dq"] = runs["dkdv"] = runs["dkdv_dq"] = lambda: op.backward_impl(do, None, q, k, v, o, lse, ordered, p=p)
 
-    fused_dq = op.dq_mode(dims["D_QK"], dims["D_V"], torch.device(device)) != 0
+    stored_p = op.stores_p(dims["T_Q"], dims["T_KV"])
+    fused_dq = op.dq_mode(dims["D_QK"], dims["D_V"], torch.device(device), stored_p=stored_p) != 0
     results = []
     for kernel in kernels:
         if kernel == "dq" and fused_dq:

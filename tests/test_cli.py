@@ -13,8 +13,8 @@ from helpers import INTERPRETER_BROKEN
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def run_cli(*args, **extra_env):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | extra_env
     return subprocess.run([sys.executable, "-m", "attngen", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -70,6 +70,13 @@ def test_usage_errors_say_what_to_change():
     ):
         res = run_cli(*args)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+
+
+def test_a_bad_debug_switch_exits_2_naming_it_without_a_traceback():
+    for name, value in (("ATTNGEN_DQ", "atomic"), ("ATTNGEN_DESCRIPTORS", "3"), ("ATTNGEN_STAGES", "0")):
+        res = run_cli("run", "causal", "--device", "cpu", **{name: value})
+        assert res.returncode == 2, (name, res.stdout, res.stderr)
+        assert res.stderr.startswith(f"error: {name}: '{value}'") and "Traceback" not in res.stderr, res.stderr
 
 
 def test_show_lists_metadata_and_residue_order_kernels():

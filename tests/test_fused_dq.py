@@ -61,6 +61,9 @@ def test_dq_mode_rules(monkeypatch):
     assert attngen.compile("document").dq_mode(128, 128, dev) == 1  # runtime mask: atomics, no descriptor
     dense = attngen.compile("dense")
     assert dense.dq_mode(16, 16, dev) == 0  # no mask: the dQ kernel
+    for keeps_all in ("k >= 0", "k < T_KV", "q - k < 1000000"):  # every tile FULL: the same
+        op_all = attngen.compile({"name": "keeps_all", "mask": keeps_all})
+        assert op_all.mask_class == "dense" and op_all.dq_mode(16, 16, dev) == 0, keeps_all
     monkeypatch.setenv("ATTNGEN_DQ", "auto")
     assert dense.dq_mode(16, 16, dev) == 0
     monkeypatch.setenv("ATTNGEN_DQ", "1")

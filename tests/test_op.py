@@ -134,6 +134,18 @@ def test_attngen_stages_forces_the_pipelining_depth_and_rejects_garbage(monkeypa
         AttentionOp._launch(cfg)
 
 
+@pytest.mark.parametrize(("name", "value"), [("ATTNGEN_DQ", "atomic"), ("ATTNGEN_DESCRIPTORS", "8"),
+                                             ("ATTNGEN_STAGES", "-1"), ("ATTNGEN_MIN_HEAD_BLOCK", "24")])
+def test_compile_rejects_a_bad_debug_switch_by_name(name, value, monkeypatch):
+    # read when the spec compiles, not first at a launch (the backward, for ATTNGEN_DQ)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(attngen.EnvError, match=f"^{name}: '{value}' is not") as info:
+        attngen.compile("causal")
+    assert info.value.name == name and isinstance(info.value, ValueError)
+    monkeypatch.setenv(name, "auto" if name in ("ATTNGEN_DQ", "ATTNGEN_DESCRIPTORS") else "")
+    attngen.compile("causal")
+
+
 def test_torch_compile_of_a_model_does_not_recompile_when_only_the_length_changes():
     # issue 9: a whole (tiny) model under torch.compile(fullgraph=True); a new sequence
     # length must reuse the graph (the kernels take T at run time)

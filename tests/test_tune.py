@@ -12,7 +12,7 @@ from attngen import TuneError
 from attngen.schema import TileSpace
 from attngen.tiles import LaunchConfig, default_config
 from attngen.tune import DeviceInfo, TuneCache, cache_key, candidates, estimate, shape_bucket, tune
-from helpers import DEVICE, dims
+from helpers import DEVICE, dims, needs_kernels
 
 H200 = DeviceInfo("NVIDIA H200", "9.0", 227 * 1024, 132)
 
@@ -280,6 +280,31 @@ def test_the_dq_kernel_is_tuned_only_where_it_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("ATTNGEN_DQ", "0")
     results = tune(op, shape, torch.float32, DEVICE, timer=timer, cache=TuneCache(tmp_path), kernels=("dq",), progress=False)
     assert [r.kernel for r in results] == ["dq"] and len(calls) == 3  # two candidates and the default config
+
+
+@needs_kernels
+def test_a_spec_that_stores_p_is_tuned_on_the_kernels_that_write_and_read_p(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATTNGEN_DQ", raising=False)  # D = 16 would fuse dQ, but stored P takes the dQ kernel
+    op = attngen.compile({"name": "p_tune", "mask": "k <= q", "recompute": "store_p", "store_p_limit": 64,
+                          "tiles": {"block_q": [16], "block_kv": [16], "num_warps": [4], "num_stages": [1]}})
+    launched = []
+    real = op.kernel
+    monkeypatch.setattr(op, "kernel", lambda name, device: launched.append(name) or real(name, device))
+
+    def timer(fn):
+        launched.clear()
+        fn()
+        return 1.0
+
+    results = tune(op, dims(T_Q=8, T_KV=8, D_QK=16), torch.float32, DEVICE, timer=timer, cache=TuneCache(tmp_path / "p"),
+                   kernels=("fwd", "dq"), progress=False)  # fmt: skip
+    assert [r.kernel for r in results] == ["fwd", "dq"]
+    stored = op.plan.stored
+    assert stored.dq.name in launched and stored.fwd.name not in launched  # the last timed run: the backward reading P
+    # past store_p_limit the same spec tunes the recomputing kernels
+    long = dims(T_Q=8, T_KV=9, D_QK=16)  # 72 pairs per head > store_p_limit
+    tune(op, long, torch.float32, DEVICE, timer=timer, cache=TuneCache(tmp_path / "r"), kernels=("fwd",), progress=False)
+    assert op.parts[0].fwd.name in launched and stored.fwd.name not in launched
 
 
 def test_a_fused_dq_share_counts_against_the_dkdv_register_budget():
