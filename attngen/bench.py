@@ -78,7 +78,7 @@ VARIANTS = {
                     "fast_tanh": True},
         mask_mod=_causal, score_mod=lambda ins: (lambda s, b, h, q, k: 30.0 * torch.tanh(s / 30.0)),
         note="softcap: attngen's spec sets fast_tanh: true (tanh.approx.f32, relative error below 2^-10.9; "
-             "FlexAttention computes tanh exactly); softcap_exact is the same row without it",
+             "FlexAttention computes tanh exactly); `--variants softcap_exact` runs the same case with exact tanh",
     ),
     "softcap_exact": Variant(
         "softcap_exact", "softcap", params=lambda t: {"cap": 30.0}, mask_mod=_causal,
@@ -435,6 +435,12 @@ def _line(rows, name, d, t) -> str:
     return f"{name} D={d} T={t}: " + "; ".join(cells)
 
 
+def _ratio(x: float) -> str:
+    """A ratio to two decimals, or to three where two would round a ratio below 1 up to
+    1.00 (0.998 is a miss of a ≥ 1.0 target, and the table must show it)."""
+    return f"{x:.3f}" if x < 1 <= round(x, 2) else f"{x:.2f}"
+
+
 def markdown(result: dict) -> str:
     """The rows as a Markdown table: forward / forward+backward TFLOP/s per system and the
     attngen/FlexAttention ratio."""
@@ -472,7 +478,7 @@ def markdown(result: dict) -> str:
         af, ab = cell("attngen", variant, d, t, "fwd"), cell("attngen", variant, d, t, "fwd+bwd")
         ff, fb_ = cell("flex", variant, d, t, "fwd"), cell("flex", variant, d, t, "fwd+bwd")
         if af and ff and af["ms"] and ff["ms"] and ab and fb_ and ab["ms"] and fb_["ms"]:
-            ratio = f"{ff['ms'] / af['ms']:.2f} / {fb_['ms'] / ab['ms']:.2f}"
+            ratio = f"{_ratio(ff['ms'] / af['ms'])} / {_ratio(fb_['ms'] / ab['ms'])}"
         comp = cell("attngen", variant, d, t, "compile")
         comp_s = f"{comp['cold_compile_s']} s / {comp['warm_compile_ms']} ms" if comp else "—"
         lines.append(f"| {variant} | {d} | {t} | {density if density is not None else '—'} | " + " | ".join(vals) + f" | {ratio} | {comp_s} |")

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     fuzz.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     tune = sub.add_parser("tune", help="tune a spec's kernels for this GPU and cache the winners")
-    tune.add_argument("spec")
+    tune.add_argument("spec", help="a YAML file or the name of a zoo spec (specs/)")
     tune.add_argument("--gpu-shapes", type=_shape, nargs="+", required=True, metavar="B,H,H_KV,T,D")
     tune.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     tune.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo_docs.add_argument("--out", default="docs")
 
     show = sub.add_parser("show", help="print the normalised spec, the IR and the rendered kernel path")
-    show.add_argument("spec")
+    show.add_argument("spec", help="a YAML file or the name of a zoo spec (specs/)")
     show.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     show.add_argument("--source", action="store_true", help="also print the rendered kernel source")
     show.add_argument("--tiles", action="store_true", help="print the tile classification at --t-q, --t-kv")
@@ -148,9 +148,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _plain_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one ``warning: ...`` line, like the ``error: ...`` lines (no source line)."""
+    return f"warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import warnings
+
     from .errors import AttngenError
+
+    warnings.formatwarning = _plain_warning
 
     try:
         if args.command == "show":

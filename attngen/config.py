@@ -25,9 +25,9 @@
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
                         tensors need it: Triton reads it once, when it is first imported.
 
-A bad value of a switch that takes one raises :class:`attngen.errors.EnvError`, naming the
-variable and its values, when a spec is compiled (:func:`check_switches`) and at any launch
-that reads it.
+On/off switches take ``1`` or ``0``. A bad value of any switch raises
+:class:`attngen.errors.EnvError`, naming the variable and its values, when a spec is
+compiled (:func:`check_switches`) and wherever it is read.
 """
 
 from __future__ import annotations
@@ -60,27 +60,40 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("attngen"))
 
 
+def _flag(name: str) -> bool:
+    """Whether on/off switch ``name`` is on: ``1`` on, ``0`` or unset off.
+
+    Raises:
+        EnvError: any other value (``yes`` or ``true`` would otherwise pass for off).
+    """
+    text = os.environ.get(name, "").strip()
+    if text not in ("", "0", "1"):
+        raise EnvError(name, f"{text!r} is not a switch value: give 1 (on) or 0 (off), or unset it")
+    return text == "1"
+
+
 def verify_ir() -> bool:
-    """Whether to run the IR verifier after every pass."""
-    return os.environ.get("ATTNGEN_VERIFY_IR", "0") == "1"
+    """Whether to run the IR verifier after every pass (``ATTNGEN_VERIFY_IR``)."""
+    return _flag("ATTNGEN_VERIFY_IR")
 
 
 def tile_skipping() -> bool:
     """Whether kernels skip EMPTY tiles and run FULL tiles unmasked (``ATTNGEN_NO_SKIP``)."""
-    return os.environ.get("ATTNGEN_NO_SKIP", "0") != "1"
+    return not _flag("ATTNGEN_NO_SKIP")
 
 
 def forced_stages() -> int | None:
     """``num_stages`` forced on every launch by ``ATTNGEN_STAGES``, else None.
 
     Raises:
-        EnvError: the variable is set but is not a positive integer.
+        EnvError: the variable is set but is not an integer from 1 to 8 (the range a spec's
+            ``tiles.num_stages`` takes).
     """
     text = os.environ.get("ATTNGEN_STAGES", "").strip()
     if not text:
         return None
-    if not text.isdigit() or int(text) < 1:
-        raise EnvError("ATTNGEN_STAGES", f"{text!r} is not a pipeline depth: give a positive integer, or unset it")
+    if not text.isdigit() or not 1 <= int(text) <= 8:
+        raise EnvError("ATTNGEN_STAGES", f"{text!r} is not a pipeline depth: give an integer from 1 to 8, or unset it")
     return int(text)
 
 
@@ -132,14 +145,17 @@ def _forced_choice(name: str, allowed: tuple[str, ...], meanings: str) -> int | 
 
 
 def check_switches() -> None:
-    """Read every debug switch that takes a value (``ATTNGEN_STAGES``,
-    ``ATTNGEN_MIN_HEAD_BLOCK``, ``ATTNGEN_DESCRIPTORS``, ``ATTNGEN_DQ``), so a bad one fails
-    when a spec is compiled rather than at the first launch that reads it. Each launch still
-    reads them again, so a change after compiling takes effect.
+    """Read every switch (``ATTNGEN_VERIFY_IR``, ``ATTNGEN_NO_SKIP``, ``ATTNGEN_POISON``,
+    ``ATTNGEN_STAGES``, ``ATTNGEN_MIN_HEAD_BLOCK``, ``ATTNGEN_DESCRIPTORS``, ``ATTNGEN_DQ``), so
+    a bad one fails when a spec is compiled rather than at the first launch that reads it.
+    Each launch still reads them again, so a change after compiling takes effect.
 
     Raises:
         EnvError: the first variable that holds a bad value.
     """
+    verify_ir()
+    tile_skipping()
+    poison_outputs()
     forced_stages()
     min_head_block()
     descriptor_rank()
@@ -147,8 +163,8 @@ def check_switches() -> None:
 
 
 def poison_outputs() -> bool:
-    """Whether to fill fresh outputs with NaN before kernels write them."""
-    return os.environ.get("ATTNGEN_POISON", "0") == "1"
+    """Whether to fill fresh outputs with NaN before kernels write them (``ATTNGEN_POISON``)."""
+    return _flag("ATTNGEN_POISON")
 
 
 def interpret_all() -> bool:

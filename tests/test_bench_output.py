@@ -30,6 +30,16 @@ def test_markdown_has_the_card_the_command_and_per_row_ratios():
     assert "WRONG" in text  # a wrong result is reported, never timed
 
 
+def test_a_ratio_just_below_one_is_not_rounded_up_to_one():
+    # 340.4 against 341.1 TFLOP/s is a miss of a >= 1.0 target: 0.998, not 1.00
+    rows = [dict(r) for r in RESULT["rows"][:4]]
+    rows[3]["ms"] = rows[1]["ms"] * 0.998
+    text = markdown({"meta": RESULT["meta"], "rows": rows})
+    assert "| 1.20 / 0.998 |" in text
+    rows[3]["ms"] = rows[1]["ms"] * 0.99
+    assert "| 1.20 / 0.99 |" in markdown({"meta": RESULT["meta"], "rows": rows})
+
+
 def test_write_outputs_makes_json_markdown_and_a_plot_per_head_dim(tmp_path):
     paths = write_outputs(RESULT, tmp_path, "suite")
     names = sorted(p.name for p in paths)

@@ -73,10 +73,16 @@ def test_usage_errors_say_what_to_change():
 
 
 def test_a_bad_debug_switch_exits_2_naming_it_without_a_traceback():
-    for name, value in (("ATTNGEN_DQ", "atomic"), ("ATTNGEN_DESCRIPTORS", "3"), ("ATTNGEN_STAGES", "0")):
+    for name, value in (("ATTNGEN_DQ", "atomic"), ("ATTNGEN_DESCRIPTORS", "3"), ("ATTNGEN_STAGES", "9"), ("ATTNGEN_NO_SKIP", "yes")):
         res = run_cli("run", "causal", "--device", "cpu", **{name: value})
         assert res.returncode == 2, (name, res.stdout, res.stderr)
         assert res.stderr.startswith(f"error: {name}: '{value}'") and "Traceback" not in res.stderr, res.stderr
+
+
+def test_warnings_print_as_one_plain_line():
+    res = run_cli("run", "sliding_window", "--device", "cpu", "--param", "window=0")
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.startswith("warning: spec 'sliding_window': mask") and "UserWarning" not in res.stderr, res.stderr
 
 
 def test_show_lists_metadata_and_residue_order_kernels():

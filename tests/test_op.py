@@ -135,14 +135,15 @@ def test_attngen_stages_forces_the_pipelining_depth_and_rejects_garbage(monkeypa
 
 
 @pytest.mark.parametrize(("name", "value"), [("ATTNGEN_DQ", "atomic"), ("ATTNGEN_DESCRIPTORS", "8"),
-                                             ("ATTNGEN_STAGES", "-1"), ("ATTNGEN_MIN_HEAD_BLOCK", "24")])
+                                             ("ATTNGEN_STAGES", "-1"), ("ATTNGEN_MIN_HEAD_BLOCK", "24"),
+                                             ("ATTNGEN_POISON", "true"), ("ATTNGEN_VERIFY_IR", "on")])
 def test_compile_rejects_a_bad_debug_switch_by_name(name, value, monkeypatch):
     # read when the spec compiles, not first at a launch (the backward, for ATTNGEN_DQ)
     monkeypatch.setenv(name, value)
     with pytest.raises(attngen.EnvError, match=f"^{name}: '{value}' is not") as info:
         attngen.compile("causal")
     assert info.value.name == name and isinstance(info.value, ValueError)
-    monkeypatch.setenv(name, "auto" if name in ("ATTNGEN_DQ", "ATTNGEN_DESCRIPTORS") else "")
+    monkeypatch.setenv(name, {"ATTNGEN_DQ": "auto", "ATTNGEN_DESCRIPTORS": "auto", "ATTNGEN_POISON": "1", "ATTNGEN_VERIFY_IR": "0"}.get(name, ""))
     attngen.compile("causal")
 
 
