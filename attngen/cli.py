@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -155,8 +156,6 @@ def _plain_warning(message, category, filename, lineno, line=None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import warnings
-
     from .errors import AttngenError
 
     warnings.formatwarning = _plain_warning

@@ -71,8 +71,7 @@ def compile(spec: Any, *, autotune: bool = False, **params: int | float) -> Atte
     Raises:
         SpecError: a malformed spec or an unknown or mistyped param override.
         UnsupportedError: a normaliser or recompute policy that is not built yet.
-        EnvError: a debug switch (``ATTNGEN_DQ``, ``ATTNGEN_DESCRIPTORS``, ``ATTNGEN_STAGES``,
-            ``ATTNGEN_MIN_HEAD_BLOCK``; :mod:`attngen.config`) holds a bad value.
+        EnvError: an ``ATTNGEN_*`` switch (:mod:`attngen.config`) holds a bad value.
 
     Warns:
         UserWarning: the mask keeps no (q, k) pair at ``T_Q = T_KV = 4096`` (a window of 0,

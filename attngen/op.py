@@ -503,14 +503,14 @@ class AttentionOp:
         decides if set; else 0 where :func:`attngen.tiles.fuses_dq` says the dQ kernel ran
         faster (no mask, or one that keeps every pair; head dims above 64, unless the mask
         is classified from runtime inputs as documents are; :func:`attngen.tilemap.mask_class`),
-        and among the fused
-        modes 2 where bulk reductions run (not under Triton's interpreter, which has none;
-        ``D_QK`` a multiple of 4 so that float32 rows are 16-byte aligned) and 1 elsewhere.
+        and among the fused modes 2 where bulk reductions run (not under Triton's interpreter,
+        which has none; ``D_QK`` a multiple of 4 so that float32 rows are 16-byte aligned) and
+        1 elsewhere.
         Masks classified from runtime inputs take 1: on the H200 mode 2 was no faster for
         them (within their run-to-run spread), and a descriptor adds host time per launch.
 
         Raises:
-            ValueError: ``ATTNGEN_DQ`` holds a bad value.
+            EnvError: ``ATTNGEN_DQ`` holds a bad value.
         """
         forced = config.dq_mode()
         if stored_p or input_grads or torch.are_deterministic_algorithms_enabled() or forced == 0:

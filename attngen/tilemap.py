@@ -237,17 +237,16 @@ def mask_class(spec, g, plan) -> str:
     Returns:
         ``"data_dependent"`` when the forward needs per-call tile metadata (a mask that
         compares runtime inputs along positions, such as document ids); ``"dense"`` for a
-        spec with no mask, or one whose every 64 x 64 tile is FULL at ``T = 16384`` (``k >= 0``);
-        ``"band"`` when the
-        visited 64 x 64 tiles grow linearly with ``T`` (counted in closed form at
+        spec with no mask, or one whose every 64 x 64 tile is FULL at ``T = 16384``
+        (``k >= 0``); ``"band"`` when the visited 64 x 64 tiles grow linearly with ``T`` (counted in closed form at
         ``T = 8192`` and ``16384``) and a query tile visits at most :data:`BAND_KEYS` keys on
         average at ``16384`` (sliding and dilated windows, chunks, sinks); ``"other"`` for
         the rest (causal, prefix-LM, and masks whose bounds read runtime inputs).
         The tiles are counted for batch entry 0 and head 0, and only the mean is compared: a
         mask that is a band on head 0 alone, or one that keeps a few long rows (``q < 128``),
         counts as a band. The class picks launch configs, tile loads (documents take pointer
-    loads) and whether dQ is fused by default (:func:`attngen.tiles.fuses_dq`), so whether dQ
-    repeats bit for bit; results agree within float rounding whatever it is.
+        loads) and whether dQ is fused by default (:func:`attngen.tiles.fuses_dq`), so whether
+        dQ repeats bit for bit; results agree within float rounding whatever it is.
     """
     if plan.fwd_ranges.meta is not None:
         return "data_dependent"
@@ -255,13 +254,13 @@ def mask_class(spec, g, plan) -> str:
         return "dense"
     tile, t = 64, 16384
     try:
-        (half, _), (full, surely) = (_count(graph_intervals(spec, g, n, n, tile, tile)) for n in (t // 2, t))
+        (half, _), (visited, full) = (_count(graph_intervals(spec, g, n, n, tile, tile)) for n in (t // 2, t))
     except UnsupportedError:
         return "other"
-    if surely == (t // tile) ** 2:  # a mask that keeps every pair (k >= 0): every tile FULL
+    if full == (t // tile) ** 2:  # a mask that keeps every pair (k >= 0): every tile FULL
         return "dense"
     # linear growth (about 2x from T/2 to T, where quadratic masks give about 4x), and short
     # loops: visited tiles x tile keys, over the query tiles, at most BAND_KEYS
-    if half and full < 3 * half and full * tile <= BAND_KEYS * (t // tile):
+    if half and visited < 3 * half and visited * tile <= BAND_KEYS * (t // tile):
         return "band"
     return "other"
