@@ -1,0 +1,165 @@
+"""Does Triton's warp specialisation run, and pay, for an attention forward on this GPU?
+
+    PYTHONPATH=. python docs/benchmarks/ws_probe.py OUT
+
+A minimal FlashAttention-2 forward (no mask, B = 1, H = 16, T = 16384, bf16; q, k and v through
+tensor descriptors, the output through pointers) is timed with its key loop written as
+``tl.range(..., warp_specialize=WS)``. With WS on and 4 warps, Triton 3.6 rewrites the
+kernel for Hopper into a producer warp group (TMA loads, 40 registers) and consumer warp
+groups that split the query rows (232 registers each, ``setmaxnreg``): the scheme of
+FlashAttention-3 and cuDNN. Each config runs in its own process under a time limit, since a
+kernel that deadlocks never returns; a config that passes the limit is reported as a hang.
+Baselines in one process: SDPA with the cuDNN backend and attngen's own dense forward (specs/
+dense.yaml, default configs) at the same shape. Prints a table last and writes it to
+OUT/ws_probe.txt. Results: docs/benchmarks/h200-warp-specialize-s11.txt.
+"""
+
+import math
+import os
+import subprocess
+import sys
+import time
+
+LIMIT_S = 40
+SHAPE = dict(B=1, H=16, T=16384)
+# (BLOCK_M, BLOCK_N, warps, stages, warp_specialize, D)
+CONFIGS = [
+    (128, 128, 4, 2, 1, 128),
+    (128, 64, 4, 2, 1, 128),
+    (128, 64, 4, 3, 1, 128),
+    (64, 128, 4, 2, 1, 128),
+    (128, 128, 8, 2, 0, 128),
+    (128, 64, 8, 3, 0, 128),
+    (128, 64, 4, 2, 1, 64),
+    (128, 64, 4, 3, 0, 64),
+]
+
+
+def _kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe_fwd(desc_q, desc_k, desc_v, O, T, qk_scale_log2,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WS: tl.constexpr):
+        # rows of the flattened [B * H * T, D] tensors; T is a multiple of both blocks
+        pid = tl.program_id(0)
+        head_row = tl.program_id(1) * T
+        q = desc_q.load([head_row + pid * BLOCK_M, 0])
+        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        row_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for start in tl.range(0, T, BLOCK_N, warp_specialize=WS):
+            s = tl.dot(q, desc_k.load([head_row + start, 0]).T) * qk_scale_log2
+            new_max = tl.maximum(row_max, tl.max(s, 1))
+            p = tl.exp2(s - new_max[:, None])
+            scale = tl.exp2(row_max - new_max)
+            row_sum = row_sum * scale + tl.sum(p, 1)
+            acc = tl.dot(p.to(tl.bfloat16), desc_v.load([head_row + start, 0]), acc * scale[:, None])
+            row_max = new_max
+        rows = head_row + pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        tl.store(O + rows[:, None] * D + tl.arange(0, D)[None, :], (acc / row_sum[:, None]).to(tl.bfloat16))
+
+    return probe_fwd
+
+
+def _flops(d: int, density: float = 1.0) -> float:
+    return 4 * SHAPE["B"] * SHAPE["H"] * SHAPE["T"] ** 2 * d * density
+
+
+def one(bm: int, bn: int, warps: int, stages: int, ws: int, d: int) -> None:
+    """Child: compile, check against SDPA (relative Frobenius error) and time one config."""
+    import torch
+    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    fwd = _kernel()
+    B, H, T = SHAPE["B"], SHAPE["H"], SHAPE["T"]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B * H * T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    o = torch.full_like(q, float("nan"))
+    descs = [TensorDescriptor.from_tensor(x, [b, d]) for x, b in ((q, bm), (k, bn), (v, bn))]
+    scale = 1.4426950408889634 / math.sqrt(d)
+
+    def run():
+        return fwd[(T // bm, B * H)](*descs, o, T, scale, BLOCK_M=bm, BLOCK_N=bn, D=d, WS=bool(ws),
+                                     num_warps=warps, num_stages=stages)
+
+    compiled = run()
+    print(f"compiled: {compiled.metadata.num_warps} warps, {compiled.metadata.shared} B shared", flush=True)
+    torch.cuda.synchronize()
+    ref = torch.nn.functional.scaled_dot_product_attention(*(x.view(B, H, T, d) for x in (q, k, v))).view(-1, d)
+    err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
+    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+    print(f"RESULT {ms:.4f} {_flops(d) / ms / 1e9:.1f} {err:.1e} {compiled.metadata.num_warps}", flush=True)
+
+
+def baselines(d: int) -> None:
+    """Child: SDPA-cuDNN and attngen's dense forward at the probe's shape."""
+    import torch
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import attngen
+
+    B, H, T = SHAPE["B"], SHAPE["H"], SHAPE["T"]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B, H, T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+                                     warmup=25, rep=100, return_mode="median")
+    print(f"BASE sdpa-cudnn {ms:.4f} {_flops(d) / ms / 1e9:.1f}", flush=True)
+    op = attngen.compile("specs/dense.yaml")
+    op(q, k, v)
+    ms = triton.testing.do_bench(lambda: op(q, k, v), warmup=25, rep=100, return_mode="median")
+    print(f"BASE attngen-dense {ms:.4f} {_flops(d) / ms / 1e9:.1f}", flush=True)
+
+
+def main(out: str) -> None:
+    os.makedirs(out, exist_ok=True)
+    lines = []
+    for d in sorted({c[-1] for c in CONFIGS}, reverse=True):
+        res = subprocess.run([sys.executable, __file__, "--baselines", str(d)], capture_output=True, text=True, timeout=300)
+        for line in res.stdout.splitlines():
+            if line.startswith("BASE"):
+                _, name, ms, tf = line.split()
+                lines.append(f"{d:>4} {name:<28} {'-':>6} {float(ms):8.3f} {float(tf):7.1f} {'-':>8}  ok")
+        if res.returncode:
+            lines.append(f"{d:>4} baselines failed: {res.stderr.strip().splitlines()[-1:]}")
+    for cfg in CONFIGS:
+        bm, bn, warps, stages, ws, d = cfg
+        name = f"{bm}x{bn} w{warps} s{stages} ws{ws}"
+        t0 = time.time()
+        try:
+            res = subprocess.run([sys.executable, __file__, "--one", *map(str, cfg)],
+                                 capture_output=True, text=True, timeout=LIMIT_S)
+        except subprocess.TimeoutExpired as exc:
+            partial = exc.stdout or b""  # bytes even with text=True
+            partial = partial.decode() if isinstance(partial, bytes) else partial
+            compiled = [ln for ln in partial.splitlines() if ln.startswith("compiled")]
+            lines.append(f"{d:>4} {name:<28} {'-':>6} {'-':>8} {'-':>7} {'-':>8}  HANG (no result in {LIMIT_S} s; "
+                         f"{compiled[0] if compiled else 'not compiled'})")
+            continue
+        result = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")]
+        if res.returncode or not result:
+            tail = (res.stderr.strip().splitlines() or ["?"])[-1][:100]
+            lines.append(f"{d:>4} {name:<28} {'-':>6} {'-':>8} {'-':>7} {'-':>8}  FAIL rc={res.returncode}: {tail}")
+            continue
+        _, ms, tf, err, nw = result[0].split()
+        lines.append(f"{d:>4} {name:<28} {nw:>6} {float(ms):8.3f} {float(tf):7.1f} {err:>8}  ok ({time.time() - t0:.0f} s)")
+    head = (f"# ws_probe: B={SHAPE['B']} H={SHAPE['H']} T={SHAPE['T']} bf16, no mask; TF/s = 4*B*H*T^2*D / time; "
+            f"err = ||o - sdpa|| / ||sdpa||; warps = warps the compiled kernel launches\n"
+            f"{'D':>4} {'kernel / config':<28} {'warps':>6} {'ms':>8} {'TF/s':>7} {'err':>8}  status")
+    text = head + "\n" + "\n".join(lines)
+    with open(os.path.join(out, "ws_probe.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--one":
+        one(*map(int, sys.argv[2:8]))
+    elif sys.argv[1] == "--baselines":
+        baselines(int(sys.argv[2]))
+    else:
+        main(sys.argv[1])
