@@ -71,7 +71,6 @@ def _flops(d: int) -> float:
 def one(bm: int, bn: int, warps: int, stages: int, ws: int, d: int) -> None:
     """Child: compile, check against SDPA (relative Frobenius error) and time one config."""
     import torch
-    import triton
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     fwd = _kernel()
@@ -89,10 +88,20 @@ def one(bm: int, bn: int, warps: int, stages: int, ws: int, d: int) -> None:
     compiled = run()
     print(f"compiled: {compiled.metadata.num_warps} warps, {compiled.metadata.shared} B shared", flush=True)
     torch.cuda.synchronize()
+    check_and_time(run, q, k, v, o, d, compiled.metadata.num_warps)
+
+
+def check_and_time(run, q, k, v, o, d: int, warps: int) -> None:
+    """Child: o (written by ``run``) against SDPA on the flattened [B * H * T, D] q, k, v as
+    a relative Frobenius error, then ``run``'s median time; prints one RESULT line."""
+    import torch
+    import triton
+
+    B, H, T = SHAPE["B"], SHAPE["H"], SHAPE["T"]
     ref = torch.nn.functional.scaled_dot_product_attention(*(x.view(B, H, T, d) for x in (q, k, v))).view(-1, d)
     err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
     ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-    print(f"RESULT {ms:.4f} {_flops(d) / ms / 1e9:.1f} {err:.1e} {compiled.metadata.num_warps}", flush=True)
+    print(f"RESULT {ms:.4f} {_flops(d) / ms / 1e9:.1f} {err:.1e} {warps}", flush=True)
 
 
 def baselines(d: int) -> None:
@@ -116,10 +125,13 @@ def baselines(d: int) -> None:
     print(f"BASE attngen-dense {ms:.4f} {_flops(d) / ms / 1e9:.1f}", flush=True)
 
 
-def main(out: str) -> None:
+def run_all(script: str, configs, out: str, filename: str, name) -> None:
+    """Parent: the baselines for every head dim in ``configs`` (last field D), then each
+    config through ``python script --one *config`` in its own process under LIMIT_S; prints
+    the table last and writes it to OUT/filename. ``name(config)`` labels a row."""
     os.makedirs(out, exist_ok=True)
     lines = []
-    for d in sorted({c[-1] for c in CONFIGS}, reverse=True):
+    for d in sorted({c[-1] for c in configs}, reverse=True):
         try:
             res = subprocess.run([sys.executable, __file__, "--baselines", str(d)],
                                  capture_output=True, text=True, timeout=300)
@@ -128,36 +140,35 @@ def main(out: str) -> None:
             continue
         for line in res.stdout.splitlines():
             if line.startswith("BASE"):
-                _, name, ms, tf = line.split()
-                lines.append(f"{d:>4} {name:<28} {'-':>6} {float(ms):8.3f} {float(tf):7.1f} {'-':>8}  ok")
+                _, base, ms, tf = line.split()
+                lines.append(f"{d:>4} {base:<28} {'-':>6} {float(ms):8.3f} {float(tf):7.1f} {'-':>8}  ok")
         if res.returncode:
             lines.append(f"{d:>4} baselines failed: {res.stderr.strip().splitlines()[-1:]}")
-    for cfg in CONFIGS:
-        bm, bn, warps, stages, ws, d = cfg
-        name = f"{bm}x{bn} w{warps} s{stages} ws{ws}"
+    for cfg in configs:
+        d, label = cfg[-1], name(cfg)
         t0 = time.time()
         try:
-            res = subprocess.run([sys.executable, __file__, "--one", *map(str, cfg)],
+            res = subprocess.run([sys.executable, script, "--one", *map(str, cfg)],
                                  capture_output=True, text=True, timeout=LIMIT_S)
         except subprocess.TimeoutExpired as exc:
             partial = exc.stdout or b""  # bytes even with text=True
             partial = partial.decode() if isinstance(partial, bytes) else partial
             compiled = [ln for ln in partial.splitlines() if ln.startswith("compiled")]
-            lines.append(f"{d:>4} {name:<28} {'-':>6} {'-':>8} {'-':>7} {'-':>8}  HANG (no result in {LIMIT_S} s; "
+            lines.append(f"{d:>4} {label:<28} {'-':>6} {'-':>8} {'-':>7} {'-':>8}  HANG (no result in {LIMIT_S} s; "
                          f"{compiled[0] if compiled else 'not compiled'})")
             continue
         result = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT")]
         if res.returncode or not result:
             tail = (res.stderr.strip().splitlines() or ["?"])[-1][:100]
-            lines.append(f"{d:>4} {name:<28} {'-':>6} {'-':>8} {'-':>7} {'-':>8}  FAIL rc={res.returncode}: {tail}")
+            lines.append(f"{d:>4} {label:<28} {'-':>6} {'-':>8} {'-':>7} {'-':>8}  FAIL rc={res.returncode}: {tail}")
             continue
         _, ms, tf, err, nw = result[0].split()
-        lines.append(f"{d:>4} {name:<28} {nw:>6} {float(ms):8.3f} {float(tf):7.1f} {err:>8}  ok ({time.time() - t0:.0f} s)")
-    head = (f"# ws_probe: B={SHAPE['B']} H={SHAPE['H']} T={SHAPE['T']} bf16, no mask; TF/s = 4*B*H*T^2*D / time; "
-            f"err = ||o - sdpa|| / ||sdpa||; warps = warps the compiled kernel launches\n"
+        lines.append(f"{d:>4} {label:<28} {nw:>6} {float(ms):8.3f} {float(tf):7.1f} {err:>8}  ok ({time.time() - t0:.0f} s)")
+    head = (f"# {os.path.basename(script)}: B={SHAPE['B']} H={SHAPE['H']} T={SHAPE['T']} bf16, no mask; "
+            f"TF/s = 4*B*H*T^2*D / time; err = ||o - sdpa|| / ||sdpa||; warps = warps the compiled kernel launches\n"
             f"{'D':>4} {'kernel / config':<28} {'warps':>6} {'ms':>8} {'TF/s':>7} {'err':>8}  status")
     text = head + "\n" + "\n".join(lines)
-    with open(os.path.join(out, "ws_probe.txt"), "w") as f:
+    with open(os.path.join(out, filename), "w") as f:
         f.write(text + "\n")
     print(text)
 
@@ -168,4 +179,4 @@ if __name__ == "__main__":
     elif sys.argv[1] == "--baselines":
         baselines(int(sys.argv[2]))
     else:
-        main(sys.argv[1])
+        run_all(__file__, CONFIGS, sys.argv[1], "ws_probe.txt", name=lambda c: f"{c[0]}x{c[1]} w{c[2]} s{c[3]} ws{c[4]}")

@@ -1,0 +1,242 @@
+"""A warp-specialised attention forward written by hand in Gluon, for Hopper.
+
+    PYTHONPATH=. python docs/benchmarks/gluon_probe.py OUT          # on the H200
+    python docs/benchmarks/gluon_probe.py --compile                 # sm_90 compile check, no GPU
+
+Triton 3.6's automatic warp specialisation hangs on the H200 for attention loops
+(ws_probe.py, docs/perf-notes.md). Gluon (``triton.experimental.gluon``) lets a kernel state
+the split itself, as FlashAttention-3 does (Shah et al., 2024):
+
+- a producer partition of one warp issues TMA copies of the K and V tiles into a ring of
+  ``STAGES`` shared-memory buffers, each with a "ready" mbarrier that the copy completes and
+  an "empty" mbarrier that the consumers arrive on once both products have read the tile;
+- the default partition (``num_warps`` warps, 8: two warp groups of 64 query rows each)
+  runs the online softmax: S = Q Kᵀ by ``warpgroup_mma`` from shared memory, base-2
+  exponentials in registers, O += P V with P fed from registers;
+- registers are split by ``setmaxnreg``: 24 for the producer, the rest of ``maxnreg`` ×
+  warps for the consumers.
+
+No mask, B = 1, H = 16, T = 16384, bf16; each config in its own process with a time limit,
+as in ws_probe.py, whose baselines (SDPA-cuDNN, attngen's dense forward) it reuses. Not yet
+run on a GPU: the eleventh session wrote it after its device time was spent, and checked
+that it compiles for sm_90 (``--compile``).
+"""
+
+import math
+import os
+import sys
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import ws_probe  # noqa: E402  (the shared shape, FLOP count and process-per-config runner)
+
+# (BLOCK_M, BLOCK_N, STAGES, num_warps, maxnreg, OVERLAP, D)
+CONFIGS = [
+    (128, 128, 2, 8, 168, 0, 128),
+    (128, 128, 2, 8, 168, 1, 128),
+    (128, 64, 3, 8, 168, 0, 128),
+    (128, 64, 3, 8, 168, 1, 128),
+    (128, 128, 2, 8, 168, 0, 64),
+    (128, 128, 2, 8, 168, 1, 64),
+]
+
+
+@gluon.constexpr_function
+def _mma_layout(num_warps, n):
+    """wgmma accumulator layout: warps stacked along the rows, instruction 16 × n × 16."""
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, n, 16])
+
+
+@gluon.jit
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, kv_row, n_tiles):
+    """Worker partition: TMA copies of K and V tiles into the ring, one stage ahead of use."""
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    for j in range(n_tiles):
+        stage = j % STAGES
+        phase = (j // STAGES) & 1
+        # a fresh mbarrier counts as having completed the phase before 0, so the first
+        # pass over the ring does not wait
+        mbarrier.wait(kv_empty.index(stage), phase ^ 1)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, 0], k_ready.index(stage), k_bufs.index(stage))
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, 0], v_ready.index(stage), v_bufs.index(stage))
+
+
+@gluon.jit
+def _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout: gl.constexpr, p_layout: gl.constexpr):
+    """One tile of the online softmax (base 2, scale folded in): the new row maxima and
+    sums, the output rescaled, and P in bf16 as the register operand of the next product."""
+    new_max = gl.maximum(row_max, gl.max(s, axis=1) * qk_scale_log2)
+    p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(new_max, 1))
+    scale = gl.exp2(row_max - new_max)
+    row_sum = row_sum * scale + gl.sum(p, axis=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(1, o_layout)), 1)
+    return gl.convert_layout(p.to(gl.bfloat16), p_layout), new_max, row_sum, acc
+
+
+@gluon.jit
+def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, qk_scale_log2,
+              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, OVERLAP: gl.constexpr,
+              num_warps: gl.constexpr):
+    """Default partition: online softmax over the key tiles; returns the unnormalised output
+    [BLOCK_M, D] (float32) and the row sums [BLOCK_M]. OVERLAP issues the next tile's
+    Q Kᵀ before this tile's softmax, so that the exponentials run while the tensor cores
+    work (FlashAttention-3's intra-warpgroup overlap); n_tiles >= 1."""
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
+    o_layout: gl.constexpr = _mma_layout(num_warps, D)
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_max = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    row_sum = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    s_init = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    if OVERLAP:
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        for j in range(n_tiles - 1):
+            stage = j % STAGES
+            nxt = (j + 1) % STAGES
+            mbarrier.wait(k_ready.index(nxt), ((j + 1) // STAGES) & 1)
+            s_next = warpgroup_mma(q_smem, k_bufs.index(nxt).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout, p_layout)
+            mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
+            s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, acc))
+            mbarrier.arrive(kv_empty.index(stage), count=1)  # both products have read this stage
+        last = n_tiles - 1
+        p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout, p_layout)
+        mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_bufs.index(last % STAGES), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+    else:
+        for j in range(n_tiles):
+            stage = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout, p_layout)
+            mbarrier.wait(v_ready.index(stage), phase)
+            acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(kv_empty.index(stage), count=1)  # both products have read this stage
+    return acc, gl.convert_layout(row_sum, gl.SliceLayout(1, o_layout))
+
+
+@gluon.jit
+def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, T, qk_scale_log2, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """Dense attention forward over flattened [B * H * T, D] bf16 tensors; one program per
+    (query tile, head); T a multiple of both tiles."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    D: gl.constexpr = q_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    head_row = gl.program_id(1) * T
+    q_row = head_row + gl.program_id(0) * BLOCK_M
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(kv_empty.index(i), count=1)
+    mbarrier.init(q_ready, count=1)
+
+    mbarrier.expect(q_ready, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_smem)
+    mbarrier.wait(q_ready, 0)
+
+    n_tiles = T // BLOCK_N
+    acc, row_sum = gl.warp_specialize([
+        (_consumer, (q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, qk_scale_log2,
+                     BLOCK_M, BLOCK_N, D, OVERLAP, num_warps)),
+        (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, head_row, n_tiles)),
+    ], [1], [24])
+
+    o = acc / gl.expand_dims(row_sum, 1)
+    q_smem.store(o.to(o_desc.dtype))  # Q's buffer is free once the loop is done
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
+    tma.store_wait(pendings=0)
+
+
+def _layout(block):
+    return gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+
+
+def compile_only() -> None:
+    """Compile every config for sm_90 without a GPU and print its warps and shared memory."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    for bm, bn, stages, warps, maxnreg, overlap, d in CONFIGS:
+        sig = {"q_desc": f"tensordesc<bf16[{bm},{d}],{_layout([bm, d])!r}>",
+               "k_desc": f"tensordesc<bf16[{bn},{d}],{_layout([bn, d])!r}>",
+               "v_desc": f"tensordesc<bf16[{bn},{d}],{_layout([bn, d])!r}>",
+               "o_desc": f"tensordesc<bf16[{bm},{d}],{_layout([bm, d])!r}>",
+               "T": "i32", "qk_scale_log2": "fp32", "STAGES": "constexpr", "OVERLAP": "constexpr",
+               "num_warps": "constexpr"}
+        src = GluonASTSource(gluon_attn_fwd, sig, constexprs={"STAGES": stages, "OVERLAP": bool(overlap), "num_warps": warps})
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "maxnreg": maxnreg})
+        regs = sorted(set(int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])))
+        with tempfile.TemporaryDirectory() as tmp:  # ptxas's own report: registers and spills
+            ptx = os.path.join(tmp, "k.ptx")
+            with open(ptx, "w") as f:
+                f.write(k.asm["ptx"])
+            report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                    capture_output=True, text=True).stderr
+        spills = re.findall(r"(\d+) bytes spill stores", report)
+        print(f"{bm}x{bn} stages={stages} overlap={overlap} D={d} warps={warps} maxnreg={maxnreg}: compiled, "
+              f"{k.metadata.num_warps} warps, {k.metadata.shared} B shared, setmaxnreg {regs}, "
+              f"spill stores {spills[0] if spills else '?'} B")
+
+
+def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, d: int) -> None:
+    """Child: compile, check against SDPA and time one config (prints a RESULT line)."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, H, T = ws_probe.SHAPE["B"], ws_probe.SHAPE["H"], ws_probe.SHAPE["T"]
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(B * H * T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    o = torch.full_like(q, float("nan"))
+    descs = [TensorDescriptor.from_tensor(x, [b, d], _layout([b, d])) for x, b in ((q, bm), (k, bn), (v, bn), (o, bm))]
+    scale = 1.4426950408889634 / math.sqrt(d)
+
+    def run():
+        return gluon_attn_fwd[(T // bm, B * H)](*descs, T, scale, STAGES=stages, OVERLAP=bool(overlap),
+                                                num_warps=warps, maxnreg=maxnreg)
+
+    compiled = run()
+    print(f"compiled: {compiled.metadata.num_warps} warps, {compiled.metadata.shared} B shared", flush=True)
+    torch.cuda.synchronize()
+    ws_probe.check_and_time(run, q, k, v, o, d, compiled.metadata.num_warps)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--compile":
+        compile_only()
+    elif sys.argv[1] == "--one":
+        one(*map(int, sys.argv[2:9]))
+    else:
+        ws_probe.run_all(__file__, CONFIGS, sys.argv[1], "gluon_probe.txt",
+                         name=lambda c: f"gluon {c[0]}x{c[1]} s{c[2]} r{c[4]} ov{c[5]}")
