@@ -9,7 +9,7 @@ the split itself, as FlashAttention-3 does (Shah et al., 2024):
 
 - a producer partition of one warp issues TMA copies of the K and V tiles into a ring of
   ``STAGES`` shared-memory buffers, each with a "ready" mbarrier that the copy completes and
-  an "empty" mbarrier that the consumers arrive on once both products have read the tile;
+  an "empty" mbarrier that the consumers arrive on once their product has read the tile;
 - the default partition (``num_warps`` warps, 8: two warp groups of 64 query rows each)
   runs the online softmax: S = Q Kᵀ by ``warpgroup_mma`` from shared memory, base-2
   exponentials in registers, O += P V with P fed from registers;
@@ -38,10 +38,11 @@ import ws_probe  # noqa: E402  (the shared shape, FLOP count and process-per-con
 CONFIGS = [
     (128, 128, 2, 8, 168, 0, 128),
     (128, 128, 2, 8, 168, 1, 128),
+    (128, 128, 3, 8, 168, 1, 128),
     (128, 64, 3, 8, 168, 0, 128),
     (128, 64, 3, 8, 168, 1, 128),
-    (128, 128, 2, 8, 168, 0, 64),
-    (128, 128, 2, 8, 168, 1, 64),
+    (128, 128, 3, 8, 168, 0, 64),
+    (128, 128, 3, 8, 168, 1, 64),
 ]
 
 
@@ -52,8 +53,10 @@ def _mma_layout(num_warps, n):
 
 
 @gluon.jit
-def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, kv_row, n_tiles):
-    """Worker partition: TMA copies of K and V tiles into the ring, one stage ahead of use."""
+def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, kv_row, n_tiles):
+    """Worker partition: TMA copies of K and V tiles into the ring, up to STAGES tiles ahead
+    of use. K and V have their own "empty" barriers, so the next K tile can load as soon as
+    Q Kᵀ has read the last one, while P V still reads V (as in FlashAttention-3)."""
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     for j in range(n_tiles):
@@ -61,9 +64,10 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, kv_row
         phase = (j // STAGES) & 1
         # a fresh mbarrier counts as having completed the phase before 0, so the first
         # pass over the ring does not wait
-        mbarrier.wait(kv_empty.index(stage), phase ^ 1)
+        mbarrier.wait(k_empty.index(stage), phase ^ 1)
         mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, 0], k_ready.index(stage), k_bufs.index(stage))
+        mbarrier.wait(v_empty.index(stage), phase ^ 1)
         mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, 0], v_ready.index(stage), v_bufs.index(stage))
 
@@ -81,13 +85,14 @@ def _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout: gl.constexp
 
 
 @gluon.jit
-def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, qk_scale_log2,
+def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_tiles, qk_scale_log2,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, OVERLAP: gl.constexpr,
               num_warps: gl.constexpr):
     """Default partition: online softmax over the key tiles; returns the unnormalised output
     [BLOCK_M, D] (float32) and the row sums [BLOCK_M]. OVERLAP issues the next tile's
     Q Kᵀ before this tile's softmax, so that the exponentials run while the tensor cores
-    work (FlashAttention-3's intra-warpgroup overlap); n_tiles >= 1."""
+    work (FlashAttention-3's intra-warpgroup overlap); n_tiles >= 1. An arrive is one
+    arrival per partition (thread 0, after the barrier the compiler puts before it)."""
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(num_warps, D)
@@ -100,6 +105,7 @@ def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, qk_sc
         mbarrier.wait(k_ready.index(0), 0)
         s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        mbarrier.arrive(k_empty.index(0), count=1)
         for j in range(n_tiles - 1):
             stage = j % STAGES
             nxt = (j + 1) % STAGES
@@ -109,13 +115,14 @@ def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, qk_sc
             mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
             acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
             s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, acc))
-            mbarrier.arrive(kv_empty.index(stage), count=1)  # both products have read this stage
+            mbarrier.arrive(k_empty.index(nxt), count=1)
+            mbarrier.arrive(v_empty.index(stage), count=1)
         last = n_tiles - 1
         p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout, p_layout)
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         acc = warpgroup_mma(p_op, v_bufs.index(last % STAGES), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-        mbarrier.arrive(kv_empty.index(last % STAGES), count=1)
+        mbarrier.arrive(v_empty.index(last % STAGES), count=1)
     else:
         for j in range(n_tiles):
             stage = j % STAGES
@@ -123,11 +130,12 @@ def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, qk_sc
             mbarrier.wait(k_ready.index(stage), phase)
             s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            mbarrier.arrive(k_empty.index(stage), count=1)
             p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout, p_layout)
             mbarrier.wait(v_ready.index(stage), phase)
             acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(kv_empty.index(stage), count=1)  # both products have read this stage
+            mbarrier.arrive(v_empty.index(stage), count=1)
     return acc, gl.convert_layout(row_sum, gl.SliceLayout(1, o_layout))
 
 
@@ -147,12 +155,14 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, T, qk_scale_log2, STAGES: gl.
     v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    kv_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(kv_empty.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
     mbarrier.init(q_ready, count=1)
 
     mbarrier.expect(q_ready, q_desc.block_type.nbytes)
@@ -161,9 +171,9 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, T, qk_scale_log2, STAGES: gl.
 
     n_tiles = T // BLOCK_N
     acc, row_sum = gl.warp_specialize([
-        (_consumer, (q_smem, k_bufs, v_bufs, k_ready, v_ready, kv_empty, n_tiles, qk_scale_log2,
+        (_consumer, (q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_tiles, qk_scale_log2,
                      BLOCK_M, BLOCK_N, D, OVERLAP, num_warps)),
-        (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, kv_empty, head_row, n_tiles)),
+        (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row, n_tiles)),
     ], [1], [24])
 
     o = acc / gl.expand_dims(row_sum, 1)
@@ -205,9 +215,14 @@ def compile_only() -> None:
             report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
                                     capture_output=True, text=True).stderr
         spills = re.findall(r"(\d+) bytes spill stores", report)
+        # each release of a stage is one arrive by thread 0; it is safe only after a barrier
+        # of the whole partition, which the compiler inserts: check it is there
+        lines = [ln.strip() for ln in k.asm["ptx"].splitlines() if ln.strip()]
+        arrives = [i for i, ln in enumerate(lines) if "mbarrier.arrive.shared" in ln and "expect" not in ln]
+        fenced = sum(any(ln.startswith("bar.sync") for ln in lines[i - 4:i]) for i in arrives)
         print(f"{bm}x{bn} stages={stages} overlap={overlap} D={d} warps={warps} maxnreg={maxnreg}: compiled, "
               f"{k.metadata.num_warps} warps, {k.metadata.shared} B shared, setmaxnreg {regs}, "
-              f"spill stores {spills[0] if spills else '?'} B")
+              f"spill stores {spills[0] if spills else '?'} B, arrives after bar.sync {fenced}/{len(arrives)}")
 
 
 def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, d: int) -> None:
@@ -216,6 +231,7 @@ def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, d
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, H, T = ws_probe.SHAPE["B"], ws_probe.SHAPE["H"], ws_probe.SHAPE["T"]
+    assert T % bm == 0 and T % bn == 0 and T >= bn and stages >= 1, "the kernel takes whole tiles, at least one"
     torch.manual_seed(0)
     q, k, v = (torch.randn(B * H * T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     o = torch.full_like(q, float("nan"))

@@ -22,6 +22,7 @@ import sys
 import time
 
 LIMIT_S = 40
+MAX_ERR = 1e-2  # relative error against SDPA above which a config is reported WRONG (bf16 P: about 1e-3)
 SHAPE = dict(B=1, H=16, T=16384)
 # (BLOCK_M, BLOCK_N, warps, stages, warp_specialize, D)
 CONFIGS = [
@@ -163,7 +164,8 @@ def run_all(script: str, configs, out: str, filename: str, name) -> None:
             lines.append(f"{d:>4} {label:<28} {'-':>6} {'-':>8} {'-':>7} {'-':>8}  FAIL rc={res.returncode}: {tail}")
             continue
         _, ms, tf, err, nw = result[0].split()
-        lines.append(f"{d:>4} {label:<28} {nw:>6} {float(ms):8.3f} {float(tf):7.1f} {err:>8}  ok ({time.time() - t0:.0f} s)")
+        status = "ok" if float(err) < MAX_ERR else "WRONG"  # a NaN error is WRONG too
+        lines.append(f"{d:>4} {label:<28} {nw:>6} {float(ms):8.3f} {float(tf):7.1f} {err:>8}  {status} ({time.time() - t0:.0f} s)")
     head = (f"# {os.path.basename(script)}: B={SHAPE['B']} H={SHAPE['H']} T={SHAPE['T']} bf16, no mask; "
             f"TF/s = 4*B*H*T^2*D / time; err = ||o - sdpa|| / ||sdpa||; warps = warps the compiled kernel launches\n"
             f"{'D':>4} {'kernel / config':<28} {'warps':>6} {'ms':>8} {'TF/s':>7} {'err':>8}  status")
