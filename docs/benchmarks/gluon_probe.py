@@ -16,7 +16,7 @@ the split itself, as FlashAttention-3 does (Shah et al., 2024):
 - registers are split by ``setmaxnreg``: 24 for the producer, the rest of ``maxnreg`` ×
   warps for the consumers.
 
-No mask, B = 1, H = 16, T = 16384, bf16; each config in its own process with a time limit,
+No mask or the causal one, B = 1, H = 16, T = 16384, bf16; each config in its own process with a time limit,
 as in ws_probe.py, whose baselines (SDPA-cuDNN, attngen's dense forward) it reuses. Not yet
 run on a GPU: the eleventh session wrote it after its device time was spent, and checked
 that it compiles for sm_90 (``--compile``).
@@ -34,15 +34,18 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ws_probe  # noqa: E402  (the shared shape, FLOP count and process-per-config runner)
 
-# (BLOCK_M, BLOCK_N, STAGES, num_warps, maxnreg, OVERLAP, D)
+# (BLOCK_M, BLOCK_N, STAGES, num_warps, maxnreg, OVERLAP, CAUSAL, D)
 CONFIGS = [
-    (128, 128, 2, 8, 168, 0, 128),
-    (128, 128, 2, 8, 168, 1, 128),
-    (128, 128, 3, 8, 168, 1, 128),
-    (128, 64, 3, 8, 168, 0, 128),
-    (128, 64, 3, 8, 168, 1, 128),
-    (128, 128, 3, 8, 168, 0, 64),
-    (128, 128, 3, 8, 168, 1, 64),
+    (128, 128, 2, 8, 168, 0, 0, 128),
+    (128, 128, 2, 8, 168, 1, 0, 128),
+    (128, 128, 3, 8, 168, 1, 0, 128),
+    (128, 64, 3, 8, 168, 0, 0, 128),
+    (128, 64, 3, 8, 168, 1, 0, 128),
+    (128, 128, 2, 8, 168, 1, 1, 128),
+    (128, 64, 3, 8, 168, 1, 1, 128),
+    (128, 128, 3, 8, 168, 0, 0, 64),
+    (128, 128, 3, 8, 168, 1, 0, 64),
+    (128, 128, 3, 8, 168, 1, 1, 64),
 ]
 
 
@@ -73,9 +76,16 @@ def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty
 
 
 @gluon.jit
-def _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout: gl.constexpr, p_layout: gl.constexpr):
-    """One tile of the online softmax (base 2, scale folded in): the new row maxima and
-    sums, the output rescaled, and P in bf16 as the register operand of the next product."""
+def _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, q_start, k_start,
+                  s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr, MASKED: gl.constexpr):
+    """One tile of the online softmax (base 2, scale folded in): the causal mask where
+    MASKED (key k_start + c visible to query q_start + r when k <= q), the new row maxima and
+    sums, the output rescaled, and P in bf16 as the register operand of the next product.
+    Every row keeps at least its own key, so no row maximum stays -inf."""
+    if MASKED:
+        rows = q_start + gl.arange(0, s.shape[0], layout=gl.SliceLayout(1, s_layout))
+        cols = k_start + gl.arange(0, s.shape[1], layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1), s, float("-inf"))
     new_max = gl.maximum(row_max, gl.max(s, axis=1) * qk_scale_log2)
     p = gl.exp2(s * qk_scale_log2 - gl.expand_dims(new_max, 1))
     scale = gl.exp2(row_max - new_max)
@@ -85,14 +95,57 @@ def _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout: gl.constexp
 
 
 @gluon.jit
-def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_tiles, qk_scale_log2,
+def _plain_tile(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, s_init, row_max, row_sum, acc,
+                qk_scale_log2, q_start, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                MASKED: gl.constexpr):
+    """Key tile j without overlap: Q Kᵀ, softmax, P V, each waited before the next."""
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    stage = j % STAGES
+    phase = (j // STAGES) & 1
+    mbarrier.wait(k_ready.index(stage), phase)
+    s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+    mbarrier.arrive(k_empty.index(stage), count=1)
+    p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, q_start, j * s.shape[1],
+                                                s_layout, o_layout, p_layout, MASKED)
+    mbarrier.wait(v_ready.index(stage), phase)
+    acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
+    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    mbarrier.arrive(v_empty.index(stage), count=1)
+    return row_max, row_sum, acc
+
+
+@gluon.jit
+def _overlapped_tile(j, s, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, s_init, row_max, row_sum, acc,
+                     qk_scale_log2, q_start, s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+                MASKED: gl.constexpr):
+    """Key tile j with tile j + 1's Q Kᵀ issued before j's softmax; ``s`` holds tile j's
+    scores, and the scores of tile j + 1 come back."""
+    STAGES: gl.constexpr = k_bufs.type.shape[0]
+    stage = j % STAGES
+    nxt = (j + 1) % STAGES
+    mbarrier.wait(k_ready.index(nxt), ((j + 1) // STAGES) & 1)
+    s_next = warpgroup_mma(q_smem, k_bufs.index(nxt).permute((1, 0)), s_init, use_acc=False, is_async=True)
+    p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, q_start, j * s.shape[1],
+                                                s_layout, o_layout, p_layout, MASKED)
+    mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
+    acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
+    s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, acc))
+    mbarrier.arrive(k_empty.index(nxt), count=1)
+    mbarrier.arrive(v_empty.index(stage), count=1)
+    return s, row_max, row_sum, acc
+
+
+@gluon.jit
+def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full, n_tiles, q_start, qk_scale_log2,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, OVERLAP: gl.constexpr,
               num_warps: gl.constexpr):
-    """Default partition: online softmax over the key tiles; returns the unnormalised output
-    [BLOCK_M, D] (float32) and the row sums [BLOCK_M]. OVERLAP issues the next tile's
-    Q Kᵀ before this tile's softmax, so that the exponentials run while the tensor cores
-    work (FlashAttention-3's intra-warpgroup overlap); n_tiles >= 1. An arrive is one
-    arrival per partition (thread 0, after the barrier the compiler puts before it)."""
+    """Default partition: online softmax over key tiles 0 .. n_tiles - 1, of which those from
+    n_full on take the causal mask; returns the unnormalised output [BLOCK_M, D] (float32)
+    and the row sums [BLOCK_M]. OVERLAP issues the next tile's Q Kᵀ before this tile's
+    softmax, so that the exponentials run while the tensor cores work (FlashAttention-3's
+    intra-warpgroup overlap). n_tiles >= 1. An arrive is one arrival per partition (thread
+    0, after the barrier the compiler puts before it)."""
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(num_warps, D)
@@ -106,49 +159,57 @@ def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_tile
         s = warpgroup_mma(q_smem, k_bufs.index(0).permute((1, 0)), s_init, use_acc=False, is_async=True)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         mbarrier.arrive(k_empty.index(0), count=1)
-        for j in range(n_tiles - 1):
-            stage = j % STAGES
-            nxt = (j + 1) % STAGES
-            mbarrier.wait(k_ready.index(nxt), ((j + 1) // STAGES) & 1)
-            s_next = warpgroup_mma(q_smem, k_bufs.index(nxt).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout, p_layout)
-            mbarrier.wait(v_ready.index(stage), (j // STAGES) & 1)
-            acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
-            s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_next, acc))
-            mbarrier.arrive(k_empty.index(nxt), count=1)
-            mbarrier.arrive(v_empty.index(stage), count=1)
         last = n_tiles - 1
-        p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout, p_layout)
+        for j in range(gl.minimum(n_full, last)):
+            s, row_max, row_sum, acc = _overlapped_tile(j, s, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                                                        s_init, row_max, row_sum, acc, qk_scale_log2, q_start,
+                                                        s_layout, o_layout, p_layout, False)
+        for j in range(n_full, last):
+            s, row_max, row_sum, acc = _overlapped_tile(j, s, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
+                                                        s_init, row_max, row_sum, acc, qk_scale_log2, q_start,
+                                                        s_layout, o_layout, p_layout, True)
+        # the last tile: its scores are in s, nothing to prefetch
+        if last >= n_full:
+            p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, q_start, last * BLOCK_N,
+                                                        s_layout, o_layout, p_layout, True)
+        else:
+            p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, q_start, last * BLOCK_N,
+                                                        s_layout, o_layout, p_layout, False)
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         acc = warpgroup_mma(p_op, v_bufs.index(last % STAGES), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(v_empty.index(last % STAGES), count=1)
     else:
-        for j in range(n_tiles):
-            stage = j % STAGES
-            phase = (j // STAGES) & 1
-            mbarrier.wait(k_ready.index(stage), phase)
-            s = warpgroup_mma(q_smem, k_bufs.index(stage).permute((1, 0)), s_init, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-            mbarrier.arrive(k_empty.index(stage), count=1)
-            p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, o_layout, p_layout)
-            mbarrier.wait(v_ready.index(stage), phase)
-            acc = warpgroup_mma(p_op, v_bufs.index(stage), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(v_empty.index(stage), count=1)
+        for j in range(n_full):
+            row_max, row_sum, acc = _plain_tile(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, s_init,
+                                                row_max, row_sum, acc, qk_scale_log2, q_start, s_layout, o_layout, p_layout, False)
+        for j in range(n_full, n_tiles):
+            row_max, row_sum, acc = _plain_tile(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, s_init,
+                                                row_max, row_sum, acc, qk_scale_log2, q_start, s_layout, o_layout, p_layout, True)
     return acc, gl.convert_layout(row_sum, gl.SliceLayout(1, o_layout))
 
 
 @gluon.jit
 def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, T, qk_scale_log2, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                   num_warps: gl.constexpr):
-    """Dense attention forward over flattened [B * H * T, D] bf16 tensors; one program per
-    (query tile, head); T a multiple of both tiles."""
+                   CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+    """Attention forward over flattened [B * H * T, D] bf16 tensors, with no mask or the
+    causal one (k <= q); one program per (query tile, head); T a multiple of both tiles and
+    BLOCK_M of BLOCK_N. Causal programs run longest first (the last query tile has most
+    keys) and visit only tiles that hold a visible pair; the mask is evaluated on the
+    diagonal tiles alone."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     head_row = gl.program_id(1) * T
-    q_row = head_row + gl.program_id(0) * BLOCK_M
+    if CAUSAL:
+        q_start = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_M
+        n_full = q_start // BLOCK_N
+        n_tiles = (q_start + BLOCK_M) // BLOCK_N
+    else:
+        q_start = gl.program_id(0) * BLOCK_M
+        n_full = T // BLOCK_N
+        n_tiles = n_full
+    q_row = head_row + q_start
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
     k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -169,9 +230,8 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, T, qk_scale_log2, STAGES: gl.
     tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_smem)
     mbarrier.wait(q_ready, 0)
 
-    n_tiles = T // BLOCK_N
     acc, row_sum = gl.warp_specialize([
-        (_consumer, (q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_tiles, qk_scale_log2,
+        (_consumer, (q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full, n_tiles, q_start, qk_scale_log2,
                      BLOCK_M, BLOCK_N, D, OVERLAP, num_warps)),
         (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row, n_tiles)),
     ], [1], [24])
@@ -197,14 +257,15 @@ def compile_only() -> None:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    for bm, bn, stages, warps, maxnreg, overlap, d in CONFIGS:
+    for bm, bn, stages, warps, maxnreg, overlap, causal, d in CONFIGS:
         sig = {"q_desc": f"tensordesc<bf16[{bm},{d}],{_layout([bm, d])!r}>",
                "k_desc": f"tensordesc<bf16[{bn},{d}],{_layout([bn, d])!r}>",
                "v_desc": f"tensordesc<bf16[{bn},{d}],{_layout([bn, d])!r}>",
                "o_desc": f"tensordesc<bf16[{bm},{d}],{_layout([bm, d])!r}>",
                "T": "i32", "qk_scale_log2": "fp32", "STAGES": "constexpr", "OVERLAP": "constexpr",
-               "num_warps": "constexpr"}
-        src = GluonASTSource(gluon_attn_fwd, sig, constexprs={"STAGES": stages, "OVERLAP": bool(overlap), "num_warps": warps})
+               "CAUSAL": "constexpr", "num_warps": "constexpr"}
+        src = GluonASTSource(gluon_attn_fwd, sig, constexprs={"STAGES": stages, "OVERLAP": bool(overlap),
+                                                               "CAUSAL": bool(causal), "num_warps": warps})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "maxnreg": maxnreg})
         regs = sorted(set(int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])))
@@ -220,18 +281,18 @@ def compile_only() -> None:
         lines = [ln.strip() for ln in k.asm["ptx"].splitlines() if ln.strip()]
         arrives = [i for i, ln in enumerate(lines) if "mbarrier.arrive.shared" in ln and "expect" not in ln]
         fenced = sum(any(ln.startswith("bar.sync") for ln in lines[i - 4:i]) for i in arrives)
-        print(f"{bm}x{bn} stages={stages} overlap={overlap} D={d} warps={warps} maxnreg={maxnreg}: compiled, "
-              f"{k.metadata.num_warps} warps, {k.metadata.shared} B shared, setmaxnreg {regs}, "
+        print(f"{bm}x{bn} stages={stages} overlap={overlap} causal={causal} D={d} warps={warps} maxnreg={maxnreg}: "
+              f"compiled, {k.metadata.num_warps} warps, {k.metadata.shared} B shared, setmaxnreg {regs}, "
               f"spill stores {spills[0] if spills else '?'} B, arrives after bar.sync {fenced}/{len(arrives)}")
 
 
-def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, d: int) -> None:
+def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, causal: int, d: int) -> None:
     """Child: compile, check against SDPA and time one config (prints a RESULT line)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     B, H, T = ws_probe.SHAPE["B"], ws_probe.SHAPE["H"], ws_probe.SHAPE["T"]
-    assert T % bm == 0 and T % bn == 0 and T >= bn and stages >= 1, "the kernel takes whole tiles, at least one"
+    assert T % bm == 0 and bm % bn == 0 and stages >= 1, "the kernel takes whole tiles, BLOCK_M a multiple of BLOCK_N"
     torch.manual_seed(0)
     q, k, v = (torch.randn(B * H * T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     o = torch.full_like(q, float("nan"))
@@ -240,19 +301,20 @@ def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, d
 
     def run():
         return gluon_attn_fwd[(T // bm, B * H)](*descs, T, scale, STAGES=stages, OVERLAP=bool(overlap),
-                                                num_warps=warps, maxnreg=maxnreg)
+                                                CAUSAL=bool(causal), num_warps=warps, maxnreg=maxnreg)
 
     compiled = run()
     print(f"compiled: {compiled.metadata.num_warps} warps, {compiled.metadata.shared} B shared", flush=True)
     torch.cuda.synchronize()
-    ws_probe.check_and_time(run, q, k, v, o, d, compiled.metadata.num_warps)
+    ws_probe.check_and_time(run, q, k, v, o, d, compiled.metadata.num_warps, causal=bool(causal))
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--compile":
         compile_only()
     elif sys.argv[1] == "--one":
-        one(*map(int, sys.argv[2:9]))
+        one(*map(int, sys.argv[2:10]))
     else:
         ws_probe.run_all(__file__, CONFIGS, sys.argv[1], "gluon_probe.txt",
-                         name=lambda c: f"gluon {c[0]}x{c[1]} s{c[2]} r{c[4]} ov{c[5]}")
+                         name=lambda c: f"{'causal' if c[6] else 'gluon'} {c[0]}x{c[1]} s{c[2]} ov{c[5]}",
+                         masks=lambda c: c[6])

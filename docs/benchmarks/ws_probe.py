@@ -65,8 +65,11 @@ def _kernel():
     return probe_fwd
 
 
-def _flops(d: int) -> float:
-    return 4 * SHAPE["B"] * SHAPE["H"] * SHAPE["T"] ** 2 * d
+def _flops(d: int, causal: bool = False) -> float:
+    """FLOPs of the forward on the kept pairs (causal: T (T + 1) / 2 of them per head)."""
+    T = SHAPE["T"]
+    pairs = T * (T + 1) // 2 if causal else T * T
+    return 4 * SHAPE["B"] * SHAPE["H"] * pairs * d
 
 
 def one(bm: int, bn: int, warps: int, stages: int, ws: int, d: int) -> None:
@@ -92,21 +95,22 @@ def one(bm: int, bn: int, warps: int, stages: int, ws: int, d: int) -> None:
     check_and_time(run, q, k, v, o, d, compiled.metadata.num_warps)
 
 
-def check_and_time(run, q, k, v, o, d: int, warps: int) -> None:
+def check_and_time(run, q, k, v, o, d: int, warps: int, causal: bool = False) -> None:
     """Child: o (written by ``run``) against SDPA on the flattened [B * H * T, D] q, k, v as
     a relative Frobenius error, then ``run``'s median time; prints one RESULT line."""
     import torch
     import triton
 
     B, H, T = SHAPE["B"], SHAPE["H"], SHAPE["T"]
-    ref = torch.nn.functional.scaled_dot_product_attention(*(x.view(B, H, T, d) for x in (q, k, v))).view(-1, d)
+    ref = torch.nn.functional.scaled_dot_product_attention(*(x.view(B, H, T, d) for x in (q, k, v)),
+                                                           is_causal=causal).view(-1, d)
     err = ((o.float() - ref.float()).norm() / ref.float().norm()).item()
     ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
-    print(f"RESULT {ms:.4f} {_flops(d) / ms / 1e9:.1f} {err:.1e} {warps}", flush=True)
+    print(f"RESULT {ms:.4f} {_flops(d, causal) / ms / 1e9:.1f} {err:.1e} {warps}", flush=True)
 
 
-def baselines(d: int) -> None:
-    """Child: SDPA-cuDNN and attngen's dense forward at the probe's shape."""
+def baselines(d: int, causal: bool = False) -> None:
+    """Child: SDPA-cuDNN and attngen's dense (or causal) forward at the probe's shape."""
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -117,34 +121,36 @@ def baselines(d: int) -> None:
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v),
+        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
                                      warmup=25, rep=100, return_mode="median")
-    print(f"BASE sdpa-cudnn {ms:.4f} {_flops(d) / ms / 1e9:.1f}", flush=True)
-    op = attngen.compile("specs/dense.yaml")
+    mask = "causal" if causal else "dense"
+    print(f"BASE sdpa-cudnn{'-causal' if causal else ''} {ms:.4f} {_flops(d, causal) / ms / 1e9:.1f}", flush=True)
+    op = attngen.compile(f"specs/{mask}.yaml")
     op(q, k, v)
     ms = triton.testing.do_bench(lambda: op(q, k, v), warmup=25, rep=100, return_mode="median")
-    print(f"BASE attngen-dense {ms:.4f} {_flops(d) / ms / 1e9:.1f}", flush=True)
+    print(f"BASE attngen-{mask} {ms:.4f} {_flops(d, causal) / ms / 1e9:.1f}", flush=True)
 
 
-def run_all(script: str, configs, out: str, filename: str, name) -> None:
-    """Parent: the baselines for every head dim in ``configs`` (last field D), then each
-    config through ``python script --one *config`` in its own process under LIMIT_S; prints
-    the table last and writes it to OUT/filename. ``name(config)`` labels a row."""
+def run_all(script: str, configs, out: str, filename: str, name, masks=lambda c: 0) -> None:
+    """Parent: the baselines for every head dim in ``configs`` (last field D) and mask
+    (``masks(config)``: 1 causal, 0 none), then each config through
+    ``python script --one *config`` in its own process under LIMIT_S; prints the table last
+    and writes it to OUT/filename. ``name(config)`` labels a row."""
     os.makedirs(out, exist_ok=True)
     lines = []
-    for d in sorted({c[-1] for c in configs}, reverse=True):
+    for d, causal in sorted({(c[-1], masks(c)) for c in configs}, reverse=True):
         try:
-            res = subprocess.run([sys.executable, __file__, "--baselines", str(d)],
+            res = subprocess.run([sys.executable, __file__, "--baselines", str(d), str(causal)],
                                  capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
-            lines.append(f"{d:>4} baselines: no result in 300 s")
+            lines.append(f"{d:>4} baselines ({'causal' if causal else 'no mask'}): no result in 300 s")
             continue
         for line in res.stdout.splitlines():
             if line.startswith("BASE"):
                 _, base, ms, tf = line.split()
                 lines.append(f"{d:>4} {base:<28} {'-':>6} {float(ms):8.3f} {float(tf):7.1f} {'-':>8}  ok")
         if res.returncode:
-            lines.append(f"{d:>4} baselines failed: {res.stderr.strip().splitlines()[-1:]}")
+            lines.append(f"{d:>4} baselines ({'causal' if causal else 'no mask'}) failed: {res.stderr.strip().splitlines()[-1:]}")
     for cfg in configs:
         d, label = cfg[-1], name(cfg)
         t0 = time.time()
@@ -166,8 +172,8 @@ def run_all(script: str, configs, out: str, filename: str, name) -> None:
         _, ms, tf, err, nw = result[0].split()
         status = "ok" if float(err) < MAX_ERR else "WRONG"  # a NaN error is WRONG too
         lines.append(f"{d:>4} {label:<28} {nw:>6} {float(ms):8.3f} {float(tf):7.1f} {err:>8}  {status} ({time.time() - t0:.0f} s)")
-    head = (f"# {os.path.basename(script)}: B={SHAPE['B']} H={SHAPE['H']} T={SHAPE['T']} bf16, no mask; "
-            f"TF/s = 4*B*H*T^2*D / time; err = ||o - sdpa|| / ||sdpa||; warps = warps the compiled kernel launches\n"
+    head = (f"# {os.path.basename(script)}: B={SHAPE['B']} H={SHAPE['H']} T={SHAPE['T']} bf16, no mask unless named causal; "
+            f"TF/s = 4*B*H*D*(kept pairs) / time; err = ||o - sdpa|| / ||sdpa||; warps = warps the compiled kernel launches\n"
             f"{'D':>4} {'kernel / config':<28} {'warps':>6} {'ms':>8} {'TF/s':>7} {'err':>8}  status")
     text = head + "\n" + "\n".join(lines)
     with open(os.path.join(out, filename), "w") as f:
@@ -179,6 +185,6 @@ if __name__ == "__main__":
     if sys.argv[1] == "--one":
         one(*map(int, sys.argv[2:8]))
     elif sys.argv[1] == "--baselines":
-        baselines(int(sys.argv[2]))
+        baselines(int(sys.argv[2]), bool(int(sys.argv[3])) if len(sys.argv) > 3 else False)
     else:
         run_all(__file__, CONFIGS, sys.argv[1], "ws_probe.txt", name=lambda c: f"{c[0]}x{c[1]} w{c[2]} s{c[3]} ws{c[4]}")
