@@ -16,8 +16,12 @@ the split itself, as FlashAttention-3 does (Shah et al., 2024):
 - registers are split by ``setmaxnreg``: 24 for the producer, the rest of ``maxnreg`` ×
   warps for the consumers.
 
-No mask or the causal one, B = 1, H = 16, T = 16384, bf16; each config in its own process with a time limit,
-as in ws_probe.py, whose baselines (SDPA-cuDNN, attngen's dense forward) it reuses. Not yet
+SPLIT gives each of the two consumer warp groups its own partition and 64 rows, so that
+they run out of step (FlashAttention-3 also orders them with named barriers; this does not).
+
+No mask or the causal one, B = 1, H = 16, T = 16384, bf16; each config in its own process
+with a time limit, as in ws_probe.py, whose baselines (SDPA-cuDNN and attngen at the same
+mask) it reuses. Not yet
 run on a GPU: the eleventh session wrote it after its device time was spent, and checked
 that it compiles for sm_90 (``--compile``).
 """
@@ -34,18 +38,22 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ws_probe  # noqa: E402  (the shared shape, FLOP count and process-per-config runner)
 
-# (BLOCK_M, BLOCK_N, STAGES, num_warps, maxnreg, OVERLAP, CAUSAL, D)
+# (BLOCK_M, BLOCK_N, STAGES, num_warps, maxnreg, OVERLAP, CAUSAL, SPLIT, D); SPLIT takes num_warps 4
 CONFIGS = [
-    (128, 128, 2, 8, 168, 0, 0, 128),
-    (128, 128, 2, 8, 168, 1, 0, 128),
-    (128, 128, 3, 8, 168, 1, 0, 128),
-    (128, 64, 3, 8, 168, 0, 0, 128),
-    (128, 64, 3, 8, 168, 1, 0, 128),
-    (128, 128, 2, 8, 168, 1, 1, 128),
-    (128, 64, 3, 8, 168, 1, 1, 128),
-    (128, 128, 3, 8, 168, 0, 0, 64),
-    (128, 128, 3, 8, 168, 1, 0, 64),
-    (128, 128, 3, 8, 168, 1, 1, 64),
+    (128, 128, 2, 8, 168, 0, 0, 0, 128),
+    (128, 128, 2, 8, 168, 1, 0, 0, 128),
+    (128, 128, 3, 8, 168, 1, 0, 0, 128),
+    (128, 64, 3, 8, 168, 0, 0, 0, 128),
+    (128, 64, 3, 8, 168, 1, 0, 0, 128),
+    (128, 128, 2, 4, 168, 1, 0, 1, 128),
+    (128, 128, 3, 4, 168, 1, 0, 1, 128),
+    (128, 128, 2, 8, 168, 1, 1, 0, 128),
+    (128, 64, 3, 8, 168, 1, 1, 0, 128),
+    (128, 128, 2, 4, 168, 1, 1, 1, 128),
+    (128, 128, 3, 8, 168, 0, 0, 0, 64),
+    (128, 128, 3, 8, 168, 1, 0, 0, 64),
+    (128, 128, 3, 4, 168, 1, 0, 1, 64),
+    (128, 128, 3, 8, 168, 1, 1, 0, 64),
 ]
 
 
@@ -190,13 +198,36 @@ def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full
 
 
 @gluon.jit
+def _split_partition(ROLE: gl.constexpr, q_smem, k_desc, v_desc, o_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty,
+                     v_empty, head_row, q_start, n_full, n_tiles, qk_scale_log2, OVERLAP: gl.constexpr):
+    """SPLIT layout: ROLE 0 and 1 are consumers of 4 warps, each owning 64 of the query tile's
+    rows (its own Q Kᵀ, softmax, P V and output store), so that the two warp groups run out
+    of step and one's exponentials can overlap the other's products; ROLE 2 is the producer.
+    One signature for every role, as worker partitions must share one."""
+    if ROLE == 2:
+        _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row, n_tiles)
+    else:
+        HALF: gl.constexpr = o_desc.block_type.shape[0]
+        D: gl.constexpr = o_desc.block_type.shape[1]
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        q_half = q_smem.slice(ROLE * HALF, HALF)
+        acc, row_sum = _consumer(q_half, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full, n_tiles,
+                                 q_start + ROLE * HALF, qk_scale_log2, HALF, BLOCK_N, D, OVERLAP, 4)
+        q_half.store((acc / gl.expand_dims(row_sum, 1)).to(o_desc.dtype))  # this half's Q rows are done with
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [head_row + q_start + ROLE * HALF, 0], q_half)
+        tma.store_wait(pendings=0)
+
+
+@gluon.jit
 def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, T, qk_scale_log2, STAGES: gl.constexpr, OVERLAP: gl.constexpr,
-                   CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+                   CAUSAL: gl.constexpr, SPLIT: gl.constexpr, num_warps: gl.constexpr):
     """Attention forward over flattened [B * H * T, D] bf16 tensors, with no mask or the
     causal one (k <= q); one program per (query tile, head); T a multiple of both tiles and
     BLOCK_M of BLOCK_N. Causal programs run longest first (the last query tile has most
     keys) and visit only tiles that hold a visible pair; the mask is evaluated on the
-    diagonal tiles alone."""
+    diagonal tiles alone. SPLIT (num_warps 4; o_desc's tile is half of q_desc's): two
+    consumer partitions of 64 rows each (_split_partition), else one of num_warps warps."""
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     D: gl.constexpr = q_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
@@ -219,17 +250,24 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, T, qk_scale_log2, STAGES: gl.
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    CONSUMERS: gl.constexpr = 2 if SPLIT else 1  # arrivals that free a stage
     for i in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=CONSUMERS)
+        mbarrier.init(v_empty.index(i), count=CONSUMERS)
     mbarrier.init(q_ready, count=1)
 
     mbarrier.expect(q_ready, q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_ready, q_smem)
     mbarrier.wait(q_ready, 0)
 
+    if SPLIT:
+        args = (q_smem, k_desc, v_desc, o_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row, q_start,
+                n_full, n_tiles, qk_scale_log2, OVERLAP)
+        gl.warp_specialize([(_split_partition, (0, ) + args), (_split_partition, (1, ) + args),
+                            (_split_partition, (2, ) + args)], [4, 1], [240, 24])
+        return
     acc, row_sum = gl.warp_specialize([
         (_consumer, (q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full, n_tiles, q_start, qk_scale_log2,
                      BLOCK_M, BLOCK_N, D, OVERLAP, num_warps)),
@@ -247,6 +285,18 @@ def _layout(block):
     return gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
 
 
+def _after_barrier(lines: list, i: int) -> bool:
+    """Whether PTX instruction i is preceded by a ``bar.sync`` with only scalar arithmetic
+    (no memory access, product or barrier operation) in between."""
+    scalar = ("add.", "sub.", "mul.", "mad.", "and.", "or.", "xor.", "shl.", "shr.", "setp.", "selp.", "mov.", "cvt.")
+    for line in reversed(lines[:i]):
+        if line.startswith("bar.sync"):
+            return True
+        if not line.startswith(scalar):
+            return False
+    return False
+
+
 def compile_only() -> None:
     """Compile every config for sm_90 without a GPU and print its warps and shared memory."""
     import re
@@ -257,15 +307,16 @@ def compile_only() -> None:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    for bm, bn, stages, warps, maxnreg, overlap, causal, d in CONFIGS:
+    for bm, bn, stages, warps, maxnreg, overlap, causal, split, d in CONFIGS:
+        bo = bm // 2 if split else bm  # the output tile: half the query tile when split
         sig = {"q_desc": f"tensordesc<bf16[{bm},{d}],{_layout([bm, d])!r}>",
                "k_desc": f"tensordesc<bf16[{bn},{d}],{_layout([bn, d])!r}>",
                "v_desc": f"tensordesc<bf16[{bn},{d}],{_layout([bn, d])!r}>",
-               "o_desc": f"tensordesc<bf16[{bm},{d}],{_layout([bm, d])!r}>",
+               "o_desc": f"tensordesc<bf16[{bo},{d}],{_layout([bo, d])!r}>",
                "T": "i32", "qk_scale_log2": "fp32", "STAGES": "constexpr", "OVERLAP": "constexpr",
-               "CAUSAL": "constexpr", "num_warps": "constexpr"}
+               "CAUSAL": "constexpr", "SPLIT": "constexpr", "num_warps": "constexpr"}
         src = GluonASTSource(gluon_attn_fwd, sig, constexprs={"STAGES": stages, "OVERLAP": bool(overlap),
-                                                               "CAUSAL": bool(causal), "num_warps": warps})
+                                                               "CAUSAL": bool(causal), "SPLIT": bool(split), "num_warps": warps})
         k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": warps, "maxnreg": maxnreg})
         regs = sorted(set(int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])))
@@ -278,15 +329,17 @@ def compile_only() -> None:
         spills = re.findall(r"(\d+) bytes spill stores", report)
         # each release of a stage is one arrive by thread 0; it is safe only after a barrier
         # of the whole partition, which the compiler inserts: check it is there
-        lines = [ln.strip() for ln in k.asm["ptx"].splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in k.asm["ptx"].splitlines()
+                 if ln.strip() and not ln.strip().startswith(("//", ".loc"))]  # instructions only
         arrives = [i for i, ln in enumerate(lines) if "mbarrier.arrive.shared" in ln and "expect" not in ln]
-        fenced = sum(any(ln.startswith("bar.sync") for ln in lines[i - 4:i]) for i in arrives)
-        print(f"{bm}x{bn} stages={stages} overlap={overlap} causal={causal} D={d} warps={warps} maxnreg={maxnreg}: "
+        fenced = sum(_after_barrier(lines, i) for i in arrives)
+        print(f"{bm}x{bn} stages={stages} overlap={overlap} causal={causal} split={split} D={d} warps={warps}: "
               f"compiled, {k.metadata.num_warps} warps, {k.metadata.shared} B shared, setmaxnreg {regs}, "
               f"spill stores {spills[0] if spills else '?'} B, arrives after bar.sync {fenced}/{len(arrives)}")
 
 
-def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, causal: int, d: int) -> None:
+def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, causal: int, split: int,
+        d: int) -> None:
     """Child: compile, check against SDPA and time one config (prints a RESULT line)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -296,12 +349,13 @@ def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, c
     torch.manual_seed(0)
     q, k, v = (torch.randn(B * H * T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     o = torch.full_like(q, float("nan"))
-    descs = [TensorDescriptor.from_tensor(x, [b, d], _layout([b, d])) for x, b in ((q, bm), (k, bn), (v, bn), (o, bm))]
+    bo = bm // 2 if split else bm
+    descs = [TensorDescriptor.from_tensor(x, [b, d], _layout([b, d])) for x, b in ((q, bm), (k, bn), (v, bn), (o, bo))]
     scale = 1.4426950408889634 / math.sqrt(d)
 
     def run():
         return gluon_attn_fwd[(T // bm, B * H)](*descs, T, scale, STAGES=stages, OVERLAP=bool(overlap),
-                                                CAUSAL=bool(causal), num_warps=warps, maxnreg=maxnreg)
+                                                CAUSAL=bool(causal), SPLIT=bool(split), num_warps=warps, maxnreg=maxnreg)
 
     compiled = run()
     print(f"compiled: {compiled.metadata.num_warps} warps, {compiled.metadata.shared} B shared", flush=True)
@@ -313,8 +367,8 @@ if __name__ == "__main__":
     if sys.argv[1] == "--compile":
         compile_only()
     elif sys.argv[1] == "--one":
-        one(*map(int, sys.argv[2:10]))
+        one(*map(int, sys.argv[2:11]))
     else:
         ws_probe.run_all(__file__, CONFIGS, sys.argv[1], "gluon_probe.txt",
-                         name=lambda c: f"{'causal' if c[6] else 'gluon'} {c[0]}x{c[1]} s{c[2]} ov{c[5]}",
+                         name=lambda c: f"{'causal' if c[6] else 'gluon'} {c[0]}x{c[1]} s{c[2]} ov{c[5]}{' split' if c[7] else ''}",
                          masks=lambda c: c[6])
