@@ -147,13 +147,15 @@ def _overlapped_tile(j, s, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_
 @gluon.jit
 def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full, n_tiles, q_start, qk_scale_log2,
               BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, OVERLAP: gl.constexpr,
-              num_warps: gl.constexpr):
-    """Default partition: online softmax over key tiles 0 .. n_tiles - 1, of which those from
-    n_full on take the causal mask; returns the unnormalised output [BLOCK_M, D] (float32)
+              CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+    """Consumer partition (the default one, or a worker in the SPLIT layout): online softmax
+    over key tiles 0 .. n_tiles - 1, of which those from n_full on take the causal mask
+    (CAUSAL; else n_full == n_tiles); returns the unnormalised output [BLOCK_M, D] (float32)
     and the row sums [BLOCK_M]. OVERLAP issues the next tile's Q Kᵀ before this tile's
     softmax, so that the exponentials run while the tensor cores work (FlashAttention-3's
-    intra-warpgroup overlap). n_tiles >= 1. An arrive is one arrival per partition (thread
-    0, after the barrier the compiler puts before it)."""
+    intra-warpgroup overlap). n_tiles >= 1; with CAUSAL the last tile is always masked. An
+    arrive is one arrival per partition (thread 0, after the barrier the compiler puts
+    before it)."""
     STAGES: gl.constexpr = k_bufs.type.shape[0]
     s_layout: gl.constexpr = _mma_layout(num_warps, BLOCK_N)
     o_layout: gl.constexpr = _mma_layout(num_warps, D)
@@ -168,21 +170,18 @@ def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         last = n_tiles - 1
-        for j in range(gl.minimum(n_full, last)):
+        for j in range(n_full if CAUSAL else last):
             s, row_max, row_sum, acc = _overlapped_tile(j, s, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
                                                         s_init, row_max, row_sum, acc, qk_scale_log2, q_start,
                                                         s_layout, o_layout, p_layout, False)
-        for j in range(n_full, last):
-            s, row_max, row_sum, acc = _overlapped_tile(j, s, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty,
-                                                        s_init, row_max, row_sum, acc, qk_scale_log2, q_start,
-                                                        s_layout, o_layout, p_layout, True)
+        if CAUSAL:
+            for j in range(n_full, last):
+                s, row_max, row_sum, acc = _overlapped_tile(j, s, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty,
+                                                            v_empty, s_init, row_max, row_sum, acc, qk_scale_log2,
+                                                            q_start, s_layout, o_layout, p_layout, True)
         # the last tile: its scores are in s, nothing to prefetch
-        if last >= n_full:
-            p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, q_start, last * BLOCK_N,
-                                                        s_layout, o_layout, p_layout, True)
-        else:
-            p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, q_start, last * BLOCK_N,
-                                                        s_layout, o_layout, p_layout, False)
+        p_op, row_max, row_sum, acc = _softmax_step(s, row_max, row_sum, acc, qk_scale_log2, q_start, last * BLOCK_N,
+                                                    s_layout, o_layout, p_layout, CAUSAL)
         mbarrier.wait(v_ready.index(last % STAGES), (last // STAGES) & 1)
         acc = warpgroup_mma(p_op, v_bufs.index(last % STAGES), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
@@ -191,28 +190,33 @@ def _consumer(q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full
         for j in range(n_full):
             row_max, row_sum, acc = _plain_tile(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, s_init,
                                                 row_max, row_sum, acc, qk_scale_log2, q_start, s_layout, o_layout, p_layout, False)
-        for j in range(n_full, n_tiles):
-            row_max, row_sum, acc = _plain_tile(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, s_init,
-                                                row_max, row_sum, acc, qk_scale_log2, q_start, s_layout, o_layout, p_layout, True)
+        if CAUSAL:
+            for j in range(n_full, n_tiles):
+                row_max, row_sum, acc = _plain_tile(j, q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, s_init,
+                                                    row_max, row_sum, acc, qk_scale_log2, q_start, s_layout, o_layout,
+                                                    p_layout, True)
     return acc, gl.convert_layout(row_sum, gl.SliceLayout(1, o_layout))
 
 
 @gluon.jit
-def _split_partition(ROLE: gl.constexpr, q_smem, k_desc, v_desc, o_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty,
-                     v_empty, head_row, q_start, n_full, n_tiles, qk_scale_log2, OVERLAP: gl.constexpr):
+def _split_partition(ROLE: gl.constexpr, OVERLAP: gl.constexpr, CAUSAL: gl.constexpr, q_smem, q_ready, k_desc, v_desc,
+                     o_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row, q_start, n_full, n_tiles,
+                     qk_scale_log2):
     """SPLIT layout: ROLE 0 and 1 are consumers of 4 warps, each owning 64 of the query tile's
     rows (its own Q Kᵀ, softmax, P V and output store), so that the two warp groups run out
     of step and one's exponentials can overlap the other's products; ROLE 2 is the producer.
-    One signature for every role, as worker partitions must share one."""
+    One function for every role; workers take scalars and shared-memory descriptors only."""
     if ROLE == 2:
         _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row, n_tiles)
     else:
         HALF: gl.constexpr = o_desc.block_type.shape[0]
         D: gl.constexpr = o_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+        gl.static_assert(2 * HALF == q_smem.type.shape[0] and HALF == 64, "SPLIT takes 128-row query tiles")
+        mbarrier.wait(q_ready, 0)  # completed before the split; every consumer checks it, as FlashAttention-3 does
         q_half = q_smem.slice(ROLE * HALF, HALF)
         acc, row_sum = _consumer(q_half, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full, n_tiles,
-                                 q_start + ROLE * HALF, qk_scale_log2, HALF, BLOCK_N, D, OVERLAP, 4)
+                                 q_start + ROLE * HALF, qk_scale_log2, HALF, BLOCK_N, D, OVERLAP, CAUSAL, 4)
         q_half.store((acc / gl.expand_dims(row_sum, 1)).to(o_desc.dtype))  # this half's Q rows are done with
         fence_async_shared()
         tma.async_copy_shared_to_global(o_desc, [head_row + q_start + ROLE * HALF, 0], q_half)
@@ -263,22 +267,23 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, T, qk_scale_log2, STAGES: gl.
     mbarrier.wait(q_ready, 0)
 
     if SPLIT:
-        args = (q_smem, k_desc, v_desc, o_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row, q_start,
-                n_full, n_tiles, qk_scale_log2, OVERLAP)
-        gl.warp_specialize([(_split_partition, (0, ) + args), (_split_partition, (1, ) + args),
-                            (_split_partition, (2, ) + args)], [4, 1], [240, 24])
-        return
-    acc, row_sum = gl.warp_specialize([
-        (_consumer, (q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full, n_tiles, q_start, qk_scale_log2,
-                     BLOCK_M, BLOCK_N, D, OVERLAP, num_warps)),
-        (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row, n_tiles)),
-    ], [1], [24])
-
-    o = acc / gl.expand_dims(row_sum, 1)
-    q_smem.store(o.to(o_desc.dtype))  # Q's buffer is free once the loop is done
-    fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
-    tma.store_wait(pendings=0)
+        gl.static_assert(num_warps == 4, "SPLIT takes num_warps=4: each consumer partition is one warp group")
+        args = (q_smem, q_ready, k_desc, v_desc, o_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row,
+                q_start, n_full, n_tiles, qk_scale_log2)
+        # the constexpr flags go in the literal part of each tuple, where they stay constexpr
+        gl.warp_specialize([(_split_partition, (0, OVERLAP, CAUSAL) + args), (_split_partition, (1, OVERLAP, CAUSAL) + args),
+                            (_split_partition, (2, OVERLAP, CAUSAL) + args)], [4, 1], [240, 24])
+    else:
+        acc, row_sum = gl.warp_specialize([
+            (_consumer, (q_smem, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, n_full, n_tiles, q_start,
+                         qk_scale_log2, BLOCK_M, BLOCK_N, D, OVERLAP, CAUSAL, num_warps)),
+            (_producer, (k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, head_row, n_tiles)),
+        ], [1], [24])
+        o = acc / gl.expand_dims(row_sum, 1)
+        q_smem.store(o.to(o_desc.dtype))  # Q's buffer is free once the loop is done
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
+        tma.store_wait(pendings=0)
 
 
 def _layout(block):
@@ -346,6 +351,7 @@ def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, c
 
     B, H, T = ws_probe.SHAPE["B"], ws_probe.SHAPE["H"], ws_probe.SHAPE["T"]
     assert T % bm == 0 and bm % bn == 0 and stages >= 1, "the kernel takes whole tiles, BLOCK_M a multiple of BLOCK_N"
+    assert not split or (bm == 128 and warps == 4), "SPLIT takes 128-row query tiles and num_warps=4"
     torch.manual_seed(0)
     q, k, v = (torch.randn(B * H * T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     o = torch.full_like(q, float("nan"))
