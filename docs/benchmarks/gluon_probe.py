@@ -64,6 +64,26 @@ def _mma_layout(num_warps, n):
 
 
 @gluon.jit
+def ring(a_desc, b_desc, STAGES: gl.constexpr, CONSUMERS: gl.constexpr):
+    """Shared-memory rings of STAGES tiles for two streamed operands (tiles as their
+    descriptors' blocks), each stage with a ready mbarrier (completed by the TMA copy) and an
+    empty one (completed by CONSUMERS arrivals). Returns bufs_a, bufs_b, ready_a, ready_b,
+    empty_a, empty_b."""
+    bufs_a = gl.allocate_shared_memory(a_desc.dtype, [STAGES] + a_desc.block_type.shape, a_desc.layout)
+    bufs_b = gl.allocate_shared_memory(b_desc.dtype, [STAGES] + b_desc.block_type.shape, b_desc.layout)
+    ready_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    ready_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_a = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty_b = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready_a.index(i), count=1)
+        mbarrier.init(ready_b.index(i), count=1)
+        mbarrier.init(empty_a.index(i), count=CONSUMERS)
+        mbarrier.init(empty_b.index(i), count=CONSUMERS)
+    return bufs_a, bufs_b, ready_a, ready_b, empty_a, empty_b
+
+
+@gluon.jit
 def _producer(k_desc, v_desc, k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty, kv_row, n_tiles):
     """Worker partition: TMA copies of K and V tiles into the ring, up to STAGES tiles ahead
     of use. K and V have their own "empty" barriers, so the next K tile can load as soon as
@@ -247,19 +267,9 @@ def gluon_attn_fwd(q_desc, k_desc, v_desc, o_desc, T, qk_scale_log2, STAGES: gl.
     q_row = head_row + q_start
 
     q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
-    k_bufs = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
-    v_bufs = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    # arrivals that free a stage: one per consumer partition
+    k_bufs, v_bufs, k_ready, v_ready, k_empty, v_empty = ring(k_desc, v_desc, STAGES, 2 if SPLIT else 1)
     q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    CONSUMERS: gl.constexpr = 2 if SPLIT else 1  # arrivals that free a stage
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=CONSUMERS)
-        mbarrier.init(v_empty.index(i), count=CONSUMERS)
     mbarrier.init(q_ready, count=1)
 
     mbarrier.expect(q_ready, q_desc.block_type.nbytes)
@@ -302,8 +312,10 @@ def _after_barrier(lines: list, i: int) -> bool:
     return False
 
 
-def compile_only() -> None:
-    """Compile every config for sm_90 without a GPU and print its warps and shared memory."""
+def compile_report(fn, signature: dict, constexprs: dict, warps: int, maxnreg: int) -> str:
+    """Compile a Gluon kernel for sm_90 without a GPU; report its warps, shared memory,
+    ``setmaxnreg`` values, ptxas's spill stores, and how many stage releases follow a barrier
+    of their partition."""
     import re
     import subprocess
     import tempfile
@@ -312,6 +324,28 @@ def compile_only() -> None:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    k = triton.compile(GluonASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "maxnreg": maxnreg})
+    regs = sorted(set(int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])))
+    with tempfile.TemporaryDirectory() as tmp:  # ptxas's own report: registers and spills
+        ptx = os.path.join(tmp, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(k.asm["ptx"])
+        report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
+                                capture_output=True, text=True).stderr
+    spills = re.findall(r"(\d+) bytes spill stores", report)
+    # each release of a stage is one arrive by thread 0; it is safe only after a barrier of
+    # the whole partition, which the compiler inserts: check it is there
+    lines = [ln.strip() for ln in k.asm["ptx"].splitlines()
+             if ln.strip() and not ln.strip().startswith(("//", ".loc"))]  # instructions only
+    arrives = [i for i, ln in enumerate(lines) if "mbarrier.arrive.shared" in ln and "expect" not in ln]
+    fenced = sum(_after_barrier(lines, i) for i in arrives)
+    return (f"compiled, {k.metadata.num_warps} warps, {k.metadata.shared} B shared, setmaxnreg {regs}, "
+            f"spill stores {spills[0] if spills else '?'} B, arrives after bar.sync {fenced}/{len(arrives)}")
+
+
+def compile_only() -> None:
+    """Compile every config for sm_90 without a GPU and print compile_report's line."""
     for bm, bn, stages, warps, maxnreg, overlap, causal, split, d in CONFIGS:
         bo = bm // 2 if split else bm  # the output tile: half the query tile when split
         sig = {"q_desc": f"tensordesc<bf16[{bm},{d}],{_layout([bm, d])!r}>",
@@ -320,27 +354,10 @@ def compile_only() -> None:
                "o_desc": f"tensordesc<bf16[{bo},{d}],{_layout([bo, d])!r}>",
                "T": "i32", "qk_scale_log2": "fp32", "STAGES": "constexpr", "OVERLAP": "constexpr",
                "CAUSAL": "constexpr", "SPLIT": "constexpr", "num_warps": "constexpr"}
-        src = GluonASTSource(gluon_attn_fwd, sig, constexprs={"STAGES": stages, "OVERLAP": bool(overlap),
-                                                               "CAUSAL": bool(causal), "SPLIT": bool(split), "num_warps": warps})
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": warps, "maxnreg": maxnreg})
-        regs = sorted(set(int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])))
-        with tempfile.TemporaryDirectory() as tmp:  # ptxas's own report: registers and spills
-            ptx = os.path.join(tmp, "k.ptx")
-            with open(ptx, "w") as f:
-                f.write(k.asm["ptx"])
-            report = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", ptx, "-o", os.path.join(tmp, "k.cubin")],
-                                    capture_output=True, text=True).stderr
-        spills = re.findall(r"(\d+) bytes spill stores", report)
-        # each release of a stage is one arrive by thread 0; it is safe only after a barrier
-        # of the whole partition, which the compiler inserts: check it is there
-        lines = [ln.strip() for ln in k.asm["ptx"].splitlines()
-                 if ln.strip() and not ln.strip().startswith(("//", ".loc"))]  # instructions only
-        arrives = [i for i, ln in enumerate(lines) if "mbarrier.arrive.shared" in ln and "expect" not in ln]
-        fenced = sum(_after_barrier(lines, i) for i in arrives)
-        print(f"{bm}x{bn} stages={stages} overlap={overlap} causal={causal} split={split} D={d} warps={warps}: "
-              f"compiled, {k.metadata.num_warps} warps, {k.metadata.shared} B shared, setmaxnreg {regs}, "
-              f"spill stores {spills[0] if spills else '?'} B, arrives after bar.sync {fenced}/{len(arrives)}")
+        constexprs = {"STAGES": stages, "OVERLAP": bool(overlap), "CAUSAL": bool(causal), "SPLIT": bool(split),
+                      "num_warps": warps}
+        report = compile_report(gluon_attn_fwd, sig, constexprs, warps, maxnreg)
+        print(f"{bm}x{bn} stages={stages} overlap={overlap} causal={causal} split={split} D={d} warps={warps}: {report}")
 
 
 def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, causal: int, split: int,
@@ -370,11 +387,6 @@ def one(bm: int, bn: int, stages: int, warps: int, maxnreg: int, overlap: int, c
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--compile":
-        compile_only()
-    elif sys.argv[1] == "--one":
-        one(*map(int, sys.argv[2:11]))
-    else:
-        ws_probe.run_all(__file__, CONFIGS, sys.argv[1], "gluon_probe.txt",
-                         name=lambda c: f"{'causal' if c[6] else 'gluon'} {c[0]}x{c[1]} s{c[2]} ov{c[5]}{' split' if c[7] else ''}",
-                         masks=lambda c: c[6])
+    ws_probe.main(__file__, CONFIGS, "gluon_probe.txt",
+                  lambda c: f"{'causal' if c[6] else 'gluon'} {c[0]}x{c[1]} s{c[2]} ov{c[5]}{' split' if c[7] else ''}",
+                  one, masks=lambda c: c[6], compile_only=compile_only)

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 
-LIMIT_S = 40
+LIMIT_S = int(os.environ.get("PROBE_LIMIT_S", 40))  # per config; a kernel that deadlocks never returns
 MAX_ERR = 1e-2  # relative error against SDPA above which a config is reported WRONG (bf16 P: about 1e-3)
 SHAPE = dict(B=1, H=16, T=16384)
 # (BLOCK_M, BLOCK_N, warps, stages, warp_specialize, D)
@@ -109,8 +109,10 @@ def check_and_time(run, q, k, v, o, d: int, warps: int, causal: bool = False) ->
     print(f"RESULT {ms:.4f} {_flops(d, causal) / ms / 1e9:.1f} {err:.1e} {warps}", flush=True)
 
 
-def baselines(d: int, causal: bool = False) -> None:
-    """Child: SDPA-cuDNN and attngen's dense (or causal) forward at the probe's shape."""
+def baselines(d: int, causal: bool = False, mode: str = "fwd") -> None:
+    """Child: SDPA-cuDNN and attngen at the probe's shape and mask: the forward, or with
+    mode ``bwd`` the backward alone (forward+backward time less forward time, FLOPs counted as
+    2.5 times the forward's, as the anchors suite counts them)."""
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -120,18 +122,25 @@ def baselines(d: int, causal: bool = False) -> None:
     B, H, T = SHAPE["B"], SHAPE["H"], SHAPE["T"]
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, H, T, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-        ms = triton.testing.do_bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal),
-                                     warmup=25, rep=100, return_mode="median")
     mask = "causal" if causal else "dense"
-    print(f"BASE sdpa-cudnn{'-causal' if causal else ''} {ms:.4f} {_flops(d, causal) / ms / 1e9:.1f}", flush=True)
     op = attngen.compile(f"specs/{mask}.yaml")
-    op(q, k, v)
-    ms = triton.testing.do_bench(lambda: op(q, k, v), warmup=25, rep=100, return_mode="median")
-    print(f"BASE attngen-{mask} {ms:.4f} {_flops(d, causal) / ms / 1e9:.1f}", flush=True)
+    systems = {f"sdpa-cudnn{'-causal' if causal else ''}": lambda *x: torch.nn.functional.scaled_dot_product_attention(
+        *x, is_causal=causal), f"attngen-{mask}": op}
+    for name, fn in systems.items():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            fn(q, k, v)
+            ms = triton.testing.do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+            flops = _flops(d, causal)
+            if mode == "bwd":
+                leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+                do = torch.randn_like(q)
+                both = triton.testing.do_bench(lambda: fn(*leaves).backward(do), warmup=25, rep=100,
+                                               grad_to_none=leaves, return_mode="median")
+                ms, flops, name = both - ms, 2.5 * flops, name + "-bwd"
+        print(f"BASE {name} {ms:.4f} {flops / ms / 1e9:.1f}", flush=True)
 
 
-def run_all(script: str, configs, out: str, filename: str, name, masks=lambda c: 0) -> None:
+def run_all(script: str, configs, out: str, filename: str, name, masks=lambda c: 0, baseline: str = "fwd") -> None:
     """Parent: the baselines for every head dim in ``configs`` (last field D) and mask
     (``masks(config)``: 1 causal, 0 none), then each config through
     ``python script --one *config`` in its own process under LIMIT_S; prints the table last
@@ -140,7 +149,7 @@ def run_all(script: str, configs, out: str, filename: str, name, masks=lambda c:
     lines = []
     for d, causal in sorted({(c[-1], masks(c)) for c in configs}, reverse=True):
         try:
-            res = subprocess.run([sys.executable, __file__, "--baselines", str(d), str(causal)],
+            res = subprocess.run([sys.executable, __file__, "--baselines", str(d), str(causal), baseline],
                                  capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
             lines.append(f"{d:>4} baselines ({'causal' if causal else 'no mask'}): no result in 300 s")
@@ -181,10 +190,20 @@ def run_all(script: str, configs, out: str, filename: str, name, masks=lambda c:
     print(text)
 
 
-if __name__ == "__main__":
+def main(script: str, configs, filename: str, name, one_config, masks=lambda c: 0, baseline: str = "fwd",
+         compile_only=None) -> None:
+    """Command line of a probe: ``OUT`` runs every config (run_all), ``--one FIELDS...`` one
+    config in this process, ``--baselines D CAUSAL MODE`` the baselines, ``--compile`` the
+    probe's compile check where it has one."""
     if sys.argv[1] == "--one":
-        one(*map(int, sys.argv[2:8]))
+        one_config(*map(int, sys.argv[2:2 + len(configs[0])]))
     elif sys.argv[1] == "--baselines":
-        baselines(int(sys.argv[2]), bool(int(sys.argv[3])) if len(sys.argv) > 3 else False)
+        baselines(int(sys.argv[2]), bool(int(sys.argv[3])), sys.argv[4])
+    elif sys.argv[1] == "--compile" and compile_only is not None:
+        compile_only()
     else:
-        run_all(__file__, CONFIGS, sys.argv[1], "ws_probe.txt", name=lambda c: f"{c[0]}x{c[1]} w{c[2]} s{c[3]} ws{c[4]}")
+        run_all(script, configs, sys.argv[1], filename, name, masks, baseline)
+
+
+if __name__ == "__main__":
+    main(__file__, CONFIGS, "ws_probe.txt", lambda c: f"{c[0]}x{c[1]} w{c[2]} s{c[3]} ws{c[4]}", one)

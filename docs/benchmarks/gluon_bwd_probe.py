@@ -1,0 +1,236 @@
+"""A warp-specialised dK/dV kernel written by hand in Gluon, for Hopper (companion of
+gluon_probe.py, which does the forward).
+
+    PYTHONPATH=. python docs/benchmarks/gluon_bwd_probe.py OUT      # on the H200
+    python docs/benchmarks/gluon_bwd_probe.py --compile             # sm_90 compile check, no GPU
+
+One program per key tile of BLOCK_N = 128 keys and head holds K and V in shared memory and
+walks the query tiles (FlashAttention-2's dK/dV loop, in FlashAttention-3's
+producer/consumer form):
+
+- a producer partition of one warp TMA-copies each query tile's Q and dO into a ring of
+  ``STAGES`` buffers (ready and empty mbarriers per buffer, Q and dO apart);
+- the default partition (8 warps: two warp groups of 64 keys) computes, per query tile of
+  BLOCK_M rows, Sᵀ = K Qᵀ, Pᵀ = exp2(Sᵀ·scale·log2 e − lse₂), dV += Pᵀ dO, dPᵀ = V dOᵀ,
+  dSᵀ = Pᵀ (dPᵀ − δ) and dK += dSᵀ Q, with Pᵀ and dSᵀ fed to the products from registers;
+- with the causal mask, only query tiles that see a key of the tile are visited, and only
+  the diagonal ones are masked.
+
+dQ is not computed: the probe asks how fast the four products of the dK/dV loop run when
+split this way. It reports that loop's rate (4 products: twice the forward's FLOPs) next to
+the whole backward of SDPA-cuDNN and of attngen (5 products counted, as the anchors
+suite counts them), in the same run. Correctness: dK and dV against SDPA's autograd
+gradients (relative error; above 1e-2 is WRONG). B = 1, H = 16, T = 16384, bf16. Not yet
+run on a GPU: written in the eleventh session after its device time was spent; it compiles
+for sm_90 (``--compile``).
+"""
+
+import math
+import os
+import sys
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gluon_probe  # noqa: E402  (the wgmma layout and the sm_90 compile report)
+import ws_probe  # noqa: E402  (the shared shape, FLOP count and process-per-config runner)
+
+# (BLOCK_N, BLOCK_M, STAGES, num_warps, maxnreg, CAUSAL, D)
+CONFIGS = [
+    (128, 64, 2, 8, 168, 0, 128),
+    (128, 64, 3, 8, 168, 0, 128),
+    (128, 64, 2, 8, 168, 1, 128),
+    (128, 64, 3, 8, 168, 0, 64),
+    (128, 64, 3, 8, 168, 1, 64),
+]
+
+
+@gluon.jit
+def _producer(q_desc, do_desc, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, head_row, j_first, n_tiles):
+    """Worker partition: TMA copies of the query tiles j_first .. j_first + n_tiles - 1 of Q
+    and dO into the ring, up to STAGES tiles ahead of use."""
+    STAGES: gl.constexpr = q_bufs.type.shape[0]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    for i in range(n_tiles):
+        stage = i % STAGES
+        phase = (i // STAGES) & 1
+        row = head_row + (j_first + i) * BLOCK_M
+        mbarrier.wait(q_empty.index(stage), phase ^ 1)  # a fresh barrier passes parity 1 at once
+        mbarrier.expect(q_ready.index(stage), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [row, 0], q_ready.index(stage), q_bufs.index(stage))
+        mbarrier.wait(do_empty.index(stage), phase ^ 1)
+        mbarrier.expect(do_ready.index(stage), do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(do_desc, [row, 0], do_ready.index(stage), do_bufs.index(stage))
+
+
+@gluon.jit
+def _query_tile(i, j, k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, LSE2, DELTA, head_row,
+                k_start, dk, dv, qk_scale_log2, s_layout: gl.constexpr, g_layout: gl.constexpr, MASKED: gl.constexpr):
+    """The i-th visited query tile (tile index j): adds its share to dK and dV."""
+    STAGES: gl.constexpr = q_bufs.type.shape[0]
+    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_bufs.type.shape[1]
+    stage = i % STAGES
+    phase = (i // STAGES) & 1
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=g_layout, k_width=2)
+    cols = j * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, s_layout))  # query positions
+    lse2 = gl.load(LSE2 + head_row + cols)
+    delta = gl.load(DELTA + head_row + cols)
+    zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+
+    mbarrier.wait(q_ready.index(stage), phase)
+    q_t = q_bufs.index(stage)
+    s_t = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero, use_acc=False, is_async=True)
+    s_t = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, ))
+    p_t = gl.exp2(s_t * qk_scale_log2 - gl.expand_dims(lse2, 0))
+    if MASKED:
+        keys = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
+        p_t = gl.where(gl.expand_dims(keys, 1) <= gl.expand_dims(cols, 0), p_t, 0.0)
+    mbarrier.wait(do_ready.index(stage), phase)
+    do_t = do_bufs.index(stage)
+    dv = warpgroup_mma(gl.convert_layout(p_t.to(gl.bfloat16), op_layout), do_t, dv, is_async=True)
+    dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero, use_acc=False, is_async=True)
+    dv, dp_t = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp_t))
+    mbarrier.arrive(do_empty.index(stage), count=1)  # both products have read dO
+    ds_t = p_t * (dp_t - gl.expand_dims(delta, 0))
+    dk = warpgroup_mma(gl.convert_layout(ds_t.to(gl.bfloat16), op_layout), q_t, dk, is_async=True)
+    dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
+    mbarrier.arrive(q_empty.index(stage), count=1)  # both products have read Q
+    return dk, dv
+
+
+@gluon.jit
+def _consumer(k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, LSE2, DELTA, head_row, k_start,
+              j_first, n_masked, n_tiles, qk_scale_log2, D: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+    """Default partition: dK (unscaled) and dV [BLOCK_N, D] in float32 over the visited query
+    tiles; the first n_masked of them take the causal mask."""
+    BLOCK_N: gl.constexpr = k_smem.type.shape[0]
+    BLOCK_M: gl.constexpr = q_bufs.type.shape[1]
+    s_layout: gl.constexpr = gluon_probe._mma_layout(num_warps, BLOCK_M)
+    g_layout: gl.constexpr = gluon_probe._mma_layout(num_warps, D)
+    dk = gl.zeros([BLOCK_N, D], gl.float32, g_layout)
+    dv = gl.zeros([BLOCK_N, D], gl.float32, g_layout)
+    if CAUSAL:
+        for i in range(n_masked):
+            dk, dv = _query_tile(i, j_first + i, k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty,
+                                 LSE2, DELTA, head_row, k_start, dk, dv, qk_scale_log2, s_layout, g_layout, True)
+    for i in range(n_masked if CAUSAL else 0, n_tiles):
+        dk, dv = _query_tile(i, j_first + i, k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty,
+                             LSE2, DELTA, head_row, k_start, dk, dv, qk_scale_log2, s_layout, g_layout, False)
+    return dk, dv
+
+
+@gluon.jit
+def gluon_attn_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE2, DELTA, T, sm_scale, qk_scale_log2,
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+    """dK and dV of attention over flattened [B * H * T, D] bf16 tensors; LSE2 [B * H * T]
+    float32 is each row's log-sum-exp of the scaled scores in base 2, DELTA [B * H * T]
+    float32 is rowsum(O · dO). One program per (key tile, head); T a multiple of both tiles
+    and BLOCK_N of BLOCK_M. Causal programs run longest first."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
+    D: gl.constexpr = k_desc.block_type.shape[1]
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    head_row = gl.program_id(1) * T
+    if CAUSAL:
+        k_start = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_N
+        j_first = k_start // BLOCK_M  # the first query tile with a query at or after the tile's first key
+        n_masked = BLOCK_N // BLOCK_M  # the query tiles that overlap the key tile hold the diagonal
+    else:
+        k_start = gl.program_id(0) * BLOCK_N
+        j_first = 0
+        n_masked = 0
+    n_tiles = T // BLOCK_M - j_first
+
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, v_desc.block_type.shape, v_desc.layout)
+    q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty = gluon_probe.ring(q_desc, do_desc, STAGES, 1)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+
+    mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [head_row + k_start, 0], kv_ready, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [head_row + k_start, 0], kv_ready, v_smem)
+    mbarrier.wait(kv_ready, 0)
+
+    dk, dv = gl.warp_specialize([
+        (_consumer, (k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, LSE2, DELTA, head_row,
+                     k_start, j_first, n_masked, n_tiles, qk_scale_log2, D, CAUSAL, num_warps)),
+        (_producer, (q_desc, do_desc, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, head_row, j_first,
+                     n_tiles)),
+    ], [1], [24])
+
+    # K's and V's buffers are free once the loop is done: the gradients leave through them
+    k_smem.store((dk * sm_scale).to(dk_desc.dtype))
+    v_smem.store(dv.to(dv_desc.dtype))
+    fence_async_shared()
+    tma.async_copy_shared_to_global(dk_desc, [head_row + k_start, 0], k_smem)
+    tma.async_copy_shared_to_global(dv_desc, [head_row + k_start, 0], v_smem)
+    tma.store_wait(pendings=0)
+
+
+def _signature(bn: int, bm: int, d: int) -> dict:
+    desc = lambda rows: f"tensordesc<bf16[{rows},{d}],{gluon_probe._layout([rows, d])!r}>"  # noqa: E731
+    return {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "do_desc": desc(bm), "dk_desc": desc(bn),
+            "dv_desc": desc(bn), "LSE2": "*fp32", "DELTA": "*fp32", "T": "i32", "sm_scale": "fp32",
+            "qk_scale_log2": "fp32", "STAGES": "constexpr", "CAUSAL": "constexpr", "num_warps": "constexpr"}
+
+
+def compile_only() -> None:
+    """Compile every config for sm_90 without a GPU and print what gluon_probe reports."""
+    for bn, bm, stages, warps, maxnreg, causal, d in CONFIGS:
+        report = gluon_probe.compile_report(gluon_attn_dkdv, _signature(bn, bm, d),
+                                            {"STAGES": stages, "CAUSAL": bool(causal), "num_warps": warps}, warps, maxnreg)
+        print(f"{bn}x{bm} stages={stages} causal={causal} D={d} warps={warps}: {report}")
+
+
+def one(bn: int, bm: int, stages: int, warps: int, maxnreg: int, causal: int, d: int) -> None:
+    """Child: dK and dV against SDPA's autograd gradients, then the kernel's time (RESULT line)."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    B, H, T = ws_probe.SHAPE["B"], ws_probe.SHAPE["H"], ws_probe.SHAPE["T"]
+    assert T % bn == 0 and bn % bm == 0 and stages >= 1, "the kernel takes whole tiles, BLOCK_N a multiple of BLOCK_M"
+    torch.manual_seed(0)
+    q, k, v, do = (torch.randn(B, H, T, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    sm_scale = 1 / math.sqrt(d)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    o = torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=bool(causal))
+    o.backward(do)
+    ref_dk, ref_dv = leaves[1].grad, leaves[2].grad
+    # log-sum-exp per row in base 2, from float32 scores one head at a time (T x T per head)
+    lse2 = torch.empty(B, H, T, device="cuda", dtype=torch.float32)
+    hidden = torch.ones(T, T, device="cuda", dtype=torch.bool).triu(1) if causal else None
+    for b in range(B):
+        for h in range(H):
+            scores = (q[b, h].float() @ k[b, h].float().T) * sm_scale
+            if causal:
+                scores.masked_fill_(hidden, float("-inf"))
+            lse2[b, h] = torch.logsumexp(scores, dim=-1) * 1.4426950408889634
+            del scores
+    del hidden
+    delta = (o.float() * do.float()).sum(-1)
+    dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+    flat = lambda x: x.reshape(B * H * T, d)  # noqa: E731
+    descs = [TensorDescriptor.from_tensor(flat(x), [rows, d], gluon_probe._layout([rows, d]))
+             for x, rows in ((q, bm), (k, bn), (v, bn), (do, bm), (dk, bn), (dv, bn))]
+
+    def run():
+        return gluon_attn_dkdv[(T // bn, B * H)](*descs, lse2.reshape(-1), delta.reshape(-1), T, sm_scale,
+                                                sm_scale * 1.4426950408889634, STAGES=stages, CAUSAL=bool(causal),
+                                                num_warps=warps, maxnreg=maxnreg)
+
+    compiled = run()
+    print(f"compiled: {compiled.metadata.num_warps} warps, {compiled.metadata.shared} B shared", flush=True)
+    torch.cuda.synchronize()
+    err = max(((x.float() - r.float()).norm() / r.float().norm()).item() for x, r in ((dk, ref_dk), (dv, ref_dv)))
+    ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+    flops = 2 * ws_probe._flops(d, bool(causal))  # four products: twice the forward's two
+    print(f"RESULT {ms:.4f} {flops / ms / 1e9:.1f} {err:.1e} {compiled.metadata.num_warps}", flush=True)
+
+
+if __name__ == "__main__":
+    ws_probe.main(__file__, CONFIGS, "gluon_bwd_probe.txt", lambda c: f"dkdv{' causal' if c[5] else ''} {c[0]}x{c[1]} s{c[2]}",
+                  one, masks=lambda c: c[5], baseline="bwd", compile_only=compile_only)
