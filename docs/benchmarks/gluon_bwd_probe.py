@@ -38,13 +38,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gluon_probe  # noqa: E402  (the wgmma layout and the sm_90 compile report)
 import ws_probe  # noqa: E402  (the shared shape, FLOP count and process-per-config runner)
 
-# (BLOCK_N, BLOCK_M, STAGES, num_warps, maxnreg, CAUSAL, D)
+# (BLOCK_N, BLOCK_M, STAGES, num_warps, maxnreg, CAUSAL, EARLY_DP, D)
 CONFIGS = [
-    (128, 64, 2, 8, 168, 0, 128),
-    (128, 64, 3, 8, 168, 0, 128),
-    (128, 64, 2, 8, 168, 1, 128),
-    (128, 64, 3, 8, 168, 0, 64),
-    (128, 64, 3, 8, 168, 1, 64),
+    (128, 64, 2, 8, 168, 0, 0, 128),
+    (128, 64, 3, 8, 168, 0, 0, 128),
+    (128, 64, 2, 8, 168, 0, 1, 128),
+    (128, 64, 2, 8, 168, 1, 0, 128),
+    (128, 64, 2, 8, 168, 1, 1, 128),
+    (128, 64, 3, 8, 168, 0, 0, 64),
+    (128, 64, 3, 8, 168, 1, 0, 64),
 ]
 
 
@@ -68,8 +70,12 @@ def _producer(q_desc, do_desc, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_e
 
 @gluon.jit
 def _query_tile(i, j, k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, LSE2, DELTA, head_row,
-                k_start, dk, dv, qk_scale_log2, s_layout: gl.constexpr, g_layout: gl.constexpr, MASKED: gl.constexpr):
-    """The i-th visited query tile (tile index j): adds its share to dK and dV."""
+                k_start, dk, dv, qk_scale_log2, s_layout: gl.constexpr, g_layout: gl.constexpr, MASKED: gl.constexpr,
+                EARLY_DP: gl.constexpr):
+    """The i-th visited query tile (tile index j): adds its share to dK and dV. Products are
+    issued so that the tensor cores have work while the warps compute: dPᵀ before dV, and
+    dK while dV is still running (wgmma groups complete in issue order). EARLY_DP also
+    issues dPᵀ right after Sᵀ, to run under the exponentials (more registers live)."""
     STAGES: gl.constexpr = q_bufs.type.shape[0]
     BLOCK_N: gl.constexpr = k_smem.type.shape[0]
     BLOCK_M: gl.constexpr = q_bufs.type.shape[1]
@@ -84,62 +90,71 @@ def _query_tile(i, j, k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empt
     mbarrier.wait(q_ready.index(stage), phase)
     q_t = q_bufs.index(stage)
     s_t = warpgroup_mma(k_smem, q_t.permute((1, 0)), zero, use_acc=False, is_async=True)
-    s_t = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, ))
+    if EARLY_DP:
+        mbarrier.wait(do_ready.index(stage), phase)
+        do_t = do_bufs.index(stage)
+        dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t, ))  # Sᵀ done, dPᵀ may still run
+    else:
+        s_t = warpgroup_mma_wait(num_outstanding=0, deps=(s_t, ))
     p_t = gl.exp2(s_t * qk_scale_log2 - gl.expand_dims(lse2, 0))
     if MASKED:
         keys = k_start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
         p_t = gl.where(gl.expand_dims(keys, 1) <= gl.expand_dims(cols, 0), p_t, 0.0)
-    mbarrier.wait(do_ready.index(stage), phase)
-    do_t = do_bufs.index(stage)
+    if not EARLY_DP:
+        mbarrier.wait(do_ready.index(stage), phase)
+        do_t = do_bufs.index(stage)
+        dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero, use_acc=False, is_async=True)
     dv = warpgroup_mma(gl.convert_layout(p_t.to(gl.bfloat16), op_layout), do_t, dv, is_async=True)
-    dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), zero, use_acc=False, is_async=True)
-    dv, dp_t = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dp_t))
-    mbarrier.arrive(do_empty.index(stage), count=1)  # both products have read dO
+    dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t, ))  # dPᵀ done, dV may still run
     ds_t = p_t * (dp_t - gl.expand_dims(delta, 0))
     dk = warpgroup_mma(gl.convert_layout(ds_t.to(gl.bfloat16), op_layout), q_t, dk, is_async=True)
-    dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk, ))
-    mbarrier.arrive(q_empty.index(stage), count=1)  # both products have read Q
+    dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+    mbarrier.arrive(do_empty.index(stage), count=1)  # dPᵀ and dV have read dO
+    mbarrier.arrive(q_empty.index(stage), count=1)  # Sᵀ and dK have read Q
     return dk, dv
 
 
 @gluon.jit
-def _consumer(k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, LSE2, DELTA, head_row, k_start,
-              j_first, n_masked, n_tiles, qk_scale_log2, D: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+def _consumer(k_smem, v_smem, kv_ready, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, LSE2, DELTA, head_row,
+              k_start, j_first, n_masked, n_tiles, qk_scale_log2, D: gl.constexpr, CAUSAL: gl.constexpr,
+              EARLY_DP: gl.constexpr, num_warps: gl.constexpr):
     """Default partition: dK (unscaled) and dV [BLOCK_N, D] in float32 over the visited query
-    tiles; the first n_masked of them take the causal mask."""
+    tiles; the first n_masked of them take the causal mask. Waits for K and V here, so that
+    the producer's first copies overlap theirs."""
     BLOCK_N: gl.constexpr = k_smem.type.shape[0]
     BLOCK_M: gl.constexpr = q_bufs.type.shape[1]
     s_layout: gl.constexpr = gluon_probe._mma_layout(num_warps, BLOCK_M)
     g_layout: gl.constexpr = gluon_probe._mma_layout(num_warps, D)
     dk = gl.zeros([BLOCK_N, D], gl.float32, g_layout)
     dv = gl.zeros([BLOCK_N, D], gl.float32, g_layout)
+    mbarrier.wait(kv_ready, 0)
     if CAUSAL:
         for i in range(n_masked):
             dk, dv = _query_tile(i, j_first + i, k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty,
-                                 LSE2, DELTA, head_row, k_start, dk, dv, qk_scale_log2, s_layout, g_layout, True)
+                                 LSE2, DELTA, head_row, k_start, dk, dv, qk_scale_log2, s_layout, g_layout, True, EARLY_DP)
     for i in range(n_masked if CAUSAL else 0, n_tiles):
         dk, dv = _query_tile(i, j_first + i, k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty,
-                             LSE2, DELTA, head_row, k_start, dk, dv, qk_scale_log2, s_layout, g_layout, False)
+                             LSE2, DELTA, head_row, k_start, dk, dv, qk_scale_log2, s_layout, g_layout, False, EARLY_DP)
     return dk, dv
 
 
 @gluon.jit
 def gluon_attn_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE2, DELTA, T, sm_scale, qk_scale_log2,
-                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, num_warps: gl.constexpr):
+                    STAGES: gl.constexpr, CAUSAL: gl.constexpr, EARLY_DP: gl.constexpr, num_warps: gl.constexpr):
     """dK and dV of attention over flattened [B * H * T, D] bf16 tensors; LSE2 [B * H * T]
     float32 is each row's log-sum-exp of the scaled scores in base 2, DELTA [B * H * T]
     float32 is rowsum(O · dO). One program per (key tile, head); T a multiple of both tiles
-    and BLOCK_N of BLOCK_M. Causal programs run longest first."""
+    and BLOCK_N of BLOCK_M. Causal programs run longest first: key tile 0 sees every query."""
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
     D: gl.constexpr = k_desc.block_type.shape[1]
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
     head_row = gl.program_id(1) * T
+    k_start = gl.program_id(0) * BLOCK_N
     if CAUSAL:
-        k_start = (gl.num_programs(0) - 1 - gl.program_id(0)) * BLOCK_N
         j_first = k_start // BLOCK_M  # the first query tile with a query at or after the tile's first key
         n_masked = BLOCK_N // BLOCK_M  # the query tiles that overlap the key tile hold the diagonal
     else:
-        k_start = gl.program_id(0) * BLOCK_N
         j_first = 0
         n_masked = 0
     n_tiles = T // BLOCK_M - j_first
@@ -153,11 +168,10 @@ def gluon_attn_dkdv(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, LSE2, DEL
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [head_row + k_start, 0], kv_ready, k_smem)
     tma.async_copy_global_to_shared(v_desc, [head_row + k_start, 0], kv_ready, v_smem)
-    mbarrier.wait(kv_ready, 0)
 
     dk, dv = gl.warp_specialize([
-        (_consumer, (k_smem, v_smem, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, LSE2, DELTA, head_row,
-                     k_start, j_first, n_masked, n_tiles, qk_scale_log2, D, CAUSAL, num_warps)),
+        (_consumer, (k_smem, v_smem, kv_ready, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, LSE2, DELTA,
+                     head_row, k_start, j_first, n_masked, n_tiles, qk_scale_log2, D, CAUSAL, EARLY_DP, num_warps)),
         (_producer, (q_desc, do_desc, q_bufs, do_bufs, q_ready, do_ready, q_empty, do_empty, head_row, j_first,
                      n_tiles)),
     ], [1], [24])
@@ -175,18 +189,20 @@ def _signature(bn: int, bm: int, d: int) -> dict:
     desc = lambda rows: f"tensordesc<bf16[{rows},{d}],{gluon_probe._layout([rows, d])!r}>"  # noqa: E731
     return {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "do_desc": desc(bm), "dk_desc": desc(bn),
             "dv_desc": desc(bn), "LSE2": "*fp32", "DELTA": "*fp32", "T": "i32", "sm_scale": "fp32",
-            "qk_scale_log2": "fp32", "STAGES": "constexpr", "CAUSAL": "constexpr", "num_warps": "constexpr"}
+            "qk_scale_log2": "fp32", "STAGES": "constexpr", "CAUSAL": "constexpr", "EARLY_DP": "constexpr",
+            "num_warps": "constexpr"}
 
 
 def compile_only() -> None:
     """Compile every config for sm_90 without a GPU and print what gluon_probe reports."""
-    for bn, bm, stages, warps, maxnreg, causal, d in CONFIGS:
-        report = gluon_probe.compile_report(gluon_attn_dkdv, _signature(bn, bm, d),
-                                            {"STAGES": stages, "CAUSAL": bool(causal), "num_warps": warps}, warps, maxnreg)
-        print(f"{bn}x{bm} stages={stages} causal={causal} D={d} warps={warps}: {report}")
+    for bn, bm, stages, warps, maxnreg, causal, early_dp, d in CONFIGS:
+        constexprs = {"STAGES": stages, "CAUSAL": bool(causal), "EARLY_DP": bool(early_dp), "num_warps": warps}
+        report = gluon_probe.compile_report(gluon_attn_dkdv, _signature(bn, bm, d), constexprs, warps, maxnreg,
+                                            aligned=("LSE2", "DELTA", "T"))
+        print(f"{bn}x{bm} stages={stages} causal={causal} early_dp={early_dp} D={d} warps={warps}: {report}")
 
 
-def one(bn: int, bm: int, stages: int, warps: int, maxnreg: int, causal: int, d: int) -> None:
+def one(bn: int, bm: int, stages: int, warps: int, maxnreg: int, causal: int, early_dp: int, d: int) -> None:
     """Child: dK and dV against SDPA's autograd gradients, then the kernel's time (RESULT line)."""
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -211,7 +227,7 @@ def one(bn: int, bm: int, stages: int, warps: int, maxnreg: int, causal: int, d:
             lse2[b, h] = torch.logsumexp(scores, dim=-1) * 1.4426950408889634
             del scores
     del hidden
-    delta = (o.float() * do.float()).sum(-1)
+    delta = (o.detach().float() * do.float()).sum(-1)
     dk, dv = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
     flat = lambda x: x.reshape(B * H * T, d)  # noqa: E731
     descs = [TensorDescriptor.from_tensor(flat(x), [rows, d], gluon_probe._layout([rows, d]))
@@ -220,7 +236,7 @@ def one(bn: int, bm: int, stages: int, warps: int, maxnreg: int, causal: int, d:
     def run():
         return gluon_attn_dkdv[(T // bn, B * H)](*descs, lse2.reshape(-1), delta.reshape(-1), T, sm_scale,
                                                 sm_scale * 1.4426950408889634, STAGES=stages, CAUSAL=bool(causal),
-                                                num_warps=warps, maxnreg=maxnreg)
+                                                EARLY_DP=bool(early_dp), num_warps=warps, maxnreg=maxnreg)
 
     compiled = run()
     print(f"compiled: {compiled.metadata.num_warps} warps, {compiled.metadata.shared} B shared", flush=True)
@@ -232,5 +248,6 @@ def one(bn: int, bm: int, stages: int, warps: int, maxnreg: int, causal: int, d:
 
 
 if __name__ == "__main__":
-    ws_probe.main(__file__, CONFIGS, "gluon_bwd_probe.txt", lambda c: f"dkdv{' causal' if c[5] else ''} {c[0]}x{c[1]} s{c[2]}",
+    ws_probe.main(__file__, CONFIGS, "gluon_bwd_probe.txt",
+                  lambda c: f"dkdv{' causal' if c[5] else ''} {c[0]}x{c[1]} s{c[2]}{' early-dP' if c[6] else ''}",
                   one, masks=lambda c: c[5], baseline="bwd", compile_only=compile_only)

@@ -312,10 +312,12 @@ def _after_barrier(lines: list, i: int) -> bool:
     return False
 
 
-def compile_report(fn, signature: dict, constexprs: dict, warps: int, maxnreg: int) -> str:
+def compile_report(fn, signature: dict, constexprs: dict, warps: int, maxnreg: int, aligned=("T", )) -> str:
     """Compile a Gluon kernel for sm_90 without a GPU; report its warps, shared memory,
     ``setmaxnreg`` values, ptxas's spill stores, and how many stage releases follow a barrier
-    of their partition."""
+    of their partition. ``aligned`` names the arguments that a launch will find divisible by
+    16 (pointers and sizes), as Triton specialises them, so that the report is of the kernel
+    that runs."""
     import re
     import subprocess
     import tempfile
@@ -324,7 +326,8 @@ def compile_report(fn, signature: dict, constexprs: dict, warps: int, maxnreg: i
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    k = triton.compile(GluonASTSource(fn, signature, constexprs=constexprs), target=GPUTarget("cuda", 90, 32),
+    attrs = {(fn.arg_names.index(a), ): [["tt.divisibility", 16]] for a in aligned}
+    k = triton.compile(GluonASTSource(fn, signature, constexprs=constexprs, attrs=attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": warps, "maxnreg": maxnreg})
     regs = sorted(set(int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+)", k.asm["ptx"])))
     with tempfile.TemporaryDirectory() as tmp:  # ptxas's own report: registers and spills

@@ -11,8 +11,12 @@ groups (232 registers each, ``setmaxnreg``): the scheme of FlashAttention-3 and 
 (s11/ws_compile.py). Each config runs in its own process under a time limit, since a kernel
 that deadlocks never returns; a config that passes the limit is reported as a hang.
 Baselines, in one process per head dim: SDPA with the cuDNN backend and attngen's own dense
-forward (specs/dense.yaml, default configs) at the same shape. Prints a table last and writes it to
-OUT/ws_probe.txt. Results: docs/benchmarks/h200-warp-specialize-s11.txt.
+forward (specs/dense.yaml, default configs) at the same shape. TFLOP/s count the forward's
+4·B·H·T²·D FLOPs (T (T + 1) / 2 pairs instead of T² for the causal baselines of the Gluon
+probes); err is ||o − sdpa|| / ||sdpa||, and a config above 1e-2 is reported WRONG. Prints a
+table last and writes it to OUT/ws_probe.txt. Results:
+docs/benchmarks/h200-warp-specialize-s11.txt. The Gluon probes (gluon_probe.py,
+gluon_bwd_probe.py) reuse its runner, baselines and command line (main).
 """
 
 import math
@@ -111,8 +115,8 @@ def check_and_time(run, q, k, v, o, d: int, warps: int, causal: bool = False) ->
 
 def baselines(d: int, causal: bool = False, mode: str = "fwd") -> None:
     """Child: SDPA-cuDNN and attngen at the probe's shape and mask: the forward, or with
-    mode ``bwd`` the backward alone (forward+backward time less forward time, FLOPs counted as
-    2.5 times the forward's, as the anchors suite counts them)."""
+    mode ``bwd`` the backward alone (``torch.autograd.grad`` replayed on one forward's graph;
+    FLOPs counted as 2.5 times the forward's, as the anchors suite counts them)."""
     import torch
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -131,12 +135,12 @@ def baselines(d: int, causal: bool = False, mode: str = "fwd") -> None:
             fn(q, k, v)
             ms = triton.testing.do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
             flops = _flops(d, causal)
-            if mode == "bwd":
+            if mode == "bwd":  # the backward alone, replayed on one forward's graph
                 leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-                do = torch.randn_like(q)
-                both = triton.testing.do_bench(lambda: fn(*leaves).backward(do), warmup=25, rep=100,
-                                               grad_to_none=leaves, return_mode="median")
-                ms, flops, name = both - ms, 2.5 * flops, name + "-bwd"
+                out, do = fn(*leaves), torch.randn_like(q)
+                ms = triton.testing.do_bench(lambda: torch.autograd.grad(out, leaves, do, retain_graph=True),
+                                             warmup=25, rep=100, return_mode="median")
+                flops, name = 2.5 * flops, name + "-bwd"
         print(f"BASE {name} {ms:.4f} {flops / ms / 1e9:.1f}", flush=True)
 
 
@@ -182,7 +186,8 @@ def run_all(script: str, configs, out: str, filename: str, name, masks=lambda c:
         status = "ok" if float(err) < MAX_ERR else "WRONG"  # a NaN error is WRONG too
         lines.append(f"{d:>4} {label:<28} {nw:>6} {float(ms):8.3f} {float(tf):7.1f} {err:>8}  {status} ({time.time() - t0:.0f} s)")
     head = (f"# {os.path.basename(script)}: B={SHAPE['B']} H={SHAPE['H']} T={SHAPE['T']} bf16, no mask unless named causal; "
-            f"TF/s = 4*B*H*D*(kept pairs) / time; err = ||o - sdpa|| / ||sdpa||; warps = warps the compiled kernel launches\n"
+            f"TF/s on kept pairs and err (relative, against SDPA) as the probe's docstring defines them; "
+            f"warps = warps the compiled kernel launches\n"
             f"{'D':>4} {'kernel / config':<28} {'warps':>6} {'ms':>8} {'TF/s':>7} {'err':>8}  status")
     text = head + "\n" + "\n".join(lines)
     with open(os.path.join(out, filename), "w") as f:
