@@ -249,5 +249,5 @@ def one(bn: int, bm: int, stages: int, warps: int, maxnreg: int, causal: int, ea
 
 if __name__ == "__main__":
     ws_probe.main(__file__, CONFIGS, "gluon_bwd_probe.txt",
-                  lambda c: f"dkdv{' causal' if c[5] else ''} {c[0]}x{c[1]} s{c[2]}{' early-dP' if c[6] else ''}",
+                  lambda c: f"dkdv{' causal' if c[5] else ''} {c[0]}x{c[1]} s{c[2]}{' edp' if c[6] else ''}",
                   one, masks=lambda c: c[5], baseline="bwd", compile_only=compile_only)
