@@ -106,9 +106,6 @@ def test_the_smallest_h200_fault_cases_match_the_reference_under_the_interpreter
     assert all(r.ok for r in rows), rows
 
 
-
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the address sanitizer needs Triton's interpreter (CPU)")
 @pytest.mark.parametrize("dq", ["0", "1"], ids=["dq-kernel", "dq-fused"])
 @pytest.mark.parametrize("name", ["softmax_band_dqk16_dv80"])
