@@ -133,6 +133,16 @@ def dq_mode() -> int | None:
     return _forced_choice("ATTNGEN_DQ", ("0", "1", "2"), "0 (a dQ kernel of its own), 1 (atomics), 2 (bulk reductions)")
 
 
+def warp_specialize() -> bool:
+    """Whether forward calls that can take the warp-specialised Hopper kernel do
+    (:mod:`attngen.warpspec`); ``ATTNGEN_WS=0`` sends them to the Triton forward.
+
+    Raises:
+        EnvError: the variable is set to anything but ``auto``, ``0`` or ``1``.
+    """
+    return _forced_choice("ATTNGEN_WS", ("0", "1"), "0 (the Triton forward) or 1 (the warp-specialised one where it applies)") != 0
+
+
 def _forced_choice(name: str, allowed: tuple[str, ...], meanings: str) -> int | None:
     """The integer choice environment variable ``name`` forces, or None when it is unset or
     ``auto``; ``meanings`` describes ``allowed`` in the error."""
@@ -146,7 +156,7 @@ def _forced_choice(name: str, allowed: tuple[str, ...], meanings: str) -> int | 
 
 def check_switches() -> None:
     """Read every switch (``ATTNGEN_VERIFY_IR``, ``ATTNGEN_NO_SKIP``, ``ATTNGEN_POISON``,
-    ``ATTNGEN_STAGES``, ``ATTNGEN_MIN_HEAD_BLOCK``, ``ATTNGEN_DESCRIPTORS``, ``ATTNGEN_DQ``), so
+    ``ATTNGEN_STAGES``, ``ATTNGEN_MIN_HEAD_BLOCK``, ``ATTNGEN_DESCRIPTORS``, ``ATTNGEN_DQ``, ``ATTNGEN_WS``), so
     a bad one fails when a spec is compiled rather than at the first launch that reads it.
     Each launch still reads them again, so a change after compiling takes effect.
 
@@ -160,6 +170,7 @@ def check_switches() -> None:
     min_head_block()
     descriptor_rank()
     dq_mode()
+    warp_specialize()
 
 
 def poison_outputs() -> bool:

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from . import config
+from . import config, warpspec
 from .args import check_call, position_offset
 from .errors import UnsupportedError
 from .schema import AttentionSpec
@@ -346,6 +346,24 @@ class AttentionOp:
             self._decode_module, _ = load_module(decode_module_name(self.spec.name), render_decode(self.plan))
         return kernel_of(self._decode_module, "merge_splits" if merge else self.plan.decode.name, device)
 
+    @functools.cached_property
+    def ws_unsupported(self) -> str | None:
+        """Why this spec's forward cannot take the warp-specialised Hopper kernel
+        (:func:`attngen.warpspec.plan_supports`), or None."""
+        return warpspec.plan_supports(self.plan)
+
+    @functools.cached_property
+    def ws_module(self) -> ModuleType:
+        """The warp-specialised forward's module, rendered and loaded on first use."""
+        from .load import load_module
+
+        return load_module(warpspec.module_name(self.spec.name), warpspec.render_ws(self.plan))[0]
+
+    def _warp_specialized(self, q, k, v, constexprs: dict) -> bool:
+        """Whether this forward call runs the warp-specialised kernel (attngen.warpspec)."""
+        return (self.ws_unsupported is None and q.numel() > 0 and k.shape[2] > 0
+                and warpspec.call_supports(q, k, v, constexprs["GUARD_UNSEEN"], self.plan.has_mask))
+
     # -- kernel access -------------------------------------------------------------------
     def kernel(self, name: str, device: torch.device):
         """The kernel ``name`` for tensors on ``device``.
@@ -610,6 +628,9 @@ class AttentionOp:
         p = None
         if want_p and shard is None and self.stores_p(T_Q, dims["T_KV"]):
             p = _new_output((B, H, T_Q, dims["T_KV"]), q.dtype, q.device)
+        if p is None and self._warp_specialized(q, k, v, constexprs):
+            warpspec.launch(self.ws_module, q, k, v, o, lse, runtime, constexprs["GROUP"])
+            return (o, lse, None) if want_p else (o, lse)
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
         for part in [self.plan.stored] if p is not None else self.parts:
