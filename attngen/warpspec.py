@@ -36,16 +36,18 @@ MAXNREG = 168  # setmaxnreg then gives the consumers 240 registers and the produ
 #: names a mask expression may read in this kernel: positions, and the functions Gluon shares
 #: with Triton's language under the same names
 _MASK_NAMES = {"pos_q", "pos_k", "tl", "where", "minimum", "maximum", "abs"}
+#: names a score expression may read: the scaled score, positions, the same functions and
+#: exponentials, and the helpers the template defines (sigmoid, fast_tanh's _tanh)
+_SCORE_NAMES = _MASK_NAMES | {"s", "exp", "exp2", "log", "log2", "sqrt", "sigmoid", "_tanh", "FAST_SIGMOID"}
 
 
 def plan_supports(plan: ModulePlan) -> str | None:
-    """Why ``plan``'s forward cannot run warp-specialised, or None when it can: softmax
-    without a score modification, no runtime inputs, no strided (residue-order) part or
-    stored P, and a mask of ``pos_q`` and ``pos_k`` alone classified in closed form."""
+    """Why ``plan``'s forward cannot run warp-specialised, or None when it can: softmax, no
+    runtime inputs, no strided (residue-order) part or stored P, a mask of ``pos_q`` and
+    ``pos_k`` alone classified in closed form, and a score modification (if any) of ``s``
+    and the positions alone, built from functions Gluon has."""
     if plan.sigmoid:
         return "sigmoid normaliser"
-    if plan.has_score or not plan.fold_scale:
-        return "score modification"
     if plan.inputs or plan.fwd_ranges.meta is not None or plan.fwd.inner_loads or plan.fwd.outer_loads:
         return "runtime inputs"
     if plan.perm is not None or plan.perm_stride or plan.store_p:
@@ -53,6 +55,9 @@ def plan_supports(plan: ModulePlan) -> str | None:
     names = set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", plan.mask_code))
     if not names <= _MASK_NAMES:
         return f"mask reads {sorted(names - _MASK_NAMES)}"
+    names = set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", plan.score_code)) if plan.has_score else set()
+    if not names <= _SCORE_NAMES:
+        return f"score reads {sorted(names - _SCORE_NAMES)}"
     return None
 
 
@@ -121,10 +126,10 @@ def launch(module: ModuleType, q, k, v, o, lse, runtime: list, group: int) -> No
     ``o [B, H, T_Q, 128]`` (written) and ``lse [B, H, T_Q]`` float32 (written); ``runtime``
     is the Triton forward's ``[H, T_Q, T_KV, Q_OFFSET, K_OFFSET, scale, scale * log2 e]``."""
     B, H, T_Q, _ = q.shape
-    H_, T_Q_, T_KV, q_start, k_start, _scale, qk_scale_log2 = runtime
+    _, _, T_KV, q_start, k_start, scale, qk_scale_log2 = runtime
     grid = (-(-T_Q // BLOCK_Q), H, B)
     getattr(module, KERNEL)[grid](
         _descriptor(q, BLOCK_Q), _descriptor(k, BLOCK_KV), _descriptor(v, BLOCK_KV), _descriptor(o, BLOCK_Q // 2), lse,
-        H, T_Q, T_KV, q_start, k_start, qk_scale_log2,
+        H, T_Q, T_KV, q_start, k_start, scale, qk_scale_log2,
         GROUP=group, STAGES=STAGES, TILE_SKIP=config.tile_skipping(), num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )  # fmt: skip

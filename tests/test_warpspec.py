@@ -25,15 +25,18 @@ from helpers import SMALL_PARAMS, check_spec, dims
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel runs on compute capability 9.x only")
 
-#: zoo specs it takes: softmax, no score modification, masks of positions in closed form
-TAKEN = ["causal", "chunked", "dense", "llama3_gqa", "longformer", "prefix_lm", "sliding_window", "streaming_sinks"]
+#: zoo specs it takes: softmax, scores and masks of positions (masks in closed form)
+TAKEN = ["causal", "chunked", "dense", "gemma2_local", "llama3_gqa", "longformer", "prefix_lm", "sliding_window", "softcap",
+         "streaming_sinks"]
+#: the anchors suite's softcap: the hardware's tanh.approx through the template's _tanh
+SOFTCAP_FAST = {"name": "softcap_fast", "mask": "k <= q", "score": "cap * tanh(s / cap)", "params": {"cap": 30.0},
+                "fast_tanh": True}
 
 
 @pytest.mark.parametrize(
     ("name", "reason"),
     [(n, None) for n in TAKEN]
-    + [("softcap", "score modification"), ("alibi", "score modification"), ("gemma2_local", "score modification"),
-       ("document", "runtime inputs"), ("strided", "strided part or stored P"),
+    + [(SOFTCAP_FAST, None), ("alibi", "runtime inputs"), ("document", "runtime inputs"), ("strided", "strided part or stored P"),
        ("dilated_window", "strided part or stored P"), ("sigmoid_causal", "sigmoid normaliser")],
 )  # fmt: skip
 def test_plan_supports_names_what_keeps_a_spec_out(name, reason):
@@ -59,9 +62,10 @@ _COMPILE = textwrap.dedent("""
     from attngen import warpspec
     from attngen.compiler import build
     from attngen.load import load_module
+    import name_here
 
     name, group = sys.argv[1], int(sys.argv[2])
-    plan = build(name).plan
+    plan = build(name if name != "softcap_fast" else SOFTCAP_FAST).plan
     fn = getattr(load_module(warpspec.module_name(name), warpspec.render_ws(plan))[0], warpspec.KERNEL)
 
     def desc(rows):
@@ -70,7 +74,7 @@ _COMPILE = textwrap.dedent("""
 
     sig = {"q_desc": desc(warpspec.BLOCK_Q), "k_desc": desc(warpspec.BLOCK_KV), "v_desc": desc(warpspec.BLOCK_KV),
            "o_desc": desc(warpspec.BLOCK_Q // 2), "LSE": "*fp32", "H": "i32", "T_Q": "i32", "T_KV": "i32",
-           "Q_OFFSET": "i32", "K_OFFSET": "i32", "qk_scale_log2": "fp32",
+           "Q_OFFSET": "i32", "K_OFFSET": "i32", "sm_scale": "fp32", "qk_scale_log2": "fp32",
            "GROUP": "constexpr", "STAGES": "constexpr", "TILE_SKIP": "constexpr"}
     k = triton.compile(GluonASTSource(fn, sig, constexprs={"GROUP": group, "STAGES": warpspec.STAGES, "TILE_SKIP": True}),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warpspec.NUM_WARPS, "maxnreg": warpspec.MAXNREG})
@@ -84,14 +88,19 @@ _COMPILE = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize(("name", "group"), [("sliding_window", 1), ("llama3_gqa", 4)])
+def test_score_reading_anything_but_the_score_and_positions_keeps_a_spec_out():
+    spec = {"name": "head_bias", "mask": "k <= q", "score": "s + 0.1 * h"}
+    assert warpspec.plan_supports(build(spec).plan).startswith("score reads")
+
+
+@pytest.mark.parametrize(("name", "group"), [("sliding_window", 1), ("llama3_gqa", 4), ("softcap_fast", 1)])
 def test_kernel_compiles_for_sm90_into_three_partitions_without_spills(name, group, tmp_path):
     # compiled in a child process: this one may run Triton's interpreter, which Triton fixes
     # at import; no GPU is needed to compile for sm_90
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["ATTNGEN_CACHE_DIR"] = str(tmp_path)
     script = tmp_path / "compile.py"
-    script.write_text(_COMPILE)
+    script.write_text(_COMPILE.replace("import name_here", f"SOFTCAP_FAST = {SOFTCAP_FAST!r}"))
     out = subprocess.run([sys.executable, str(script), name, str(group)], capture_output=True, text=True, env=env,
                          timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
@@ -122,6 +131,12 @@ def test_zoo_spec_matches_the_reference(name, dtype, launches):
     # 333 positions: the last query and key tiles are partial; 2 query heads per KV head
     check_spec(name, dims(B=2, H=4, H_KV=2, T_Q=333, T_KV=333, D_QK=128), dtype, params=SMALL_PARAMS.get(name))
     assert launches, "the forward did not take the warp-specialised kernel"
+
+
+@needs_hopper
+def test_fast_tanh_softcap_matches_the_reference(launches):
+    check_spec(SOFTCAP_FAST, dims(B=1, H=4, H_KV=1, T_Q=450, T_KV=450, D_QK=128), torch.bfloat16)
+    assert launches
 
 
 @needs_hopper
