@@ -133,14 +133,15 @@ def dq_mode() -> int | None:
     return _forced_choice("ATTNGEN_DQ", ("0", "1", "2"), "0 (a dQ kernel of its own), 1 (atomics), 2 (bulk reductions)")
 
 
-def warp_specialize() -> bool:
-    """Whether forward calls that can take the warp-specialised Hopper kernel do
-    (:mod:`attngen.warpspec`); ``ATTNGEN_WS=0`` sends them to the Triton forward.
+def warp_specialize() -> int | None:
+    """The forward kernel forced by ``ATTNGEN_WS`` (:mod:`attngen.warpspec`): 0 the Triton
+    forward for every call, 1 the warp-specialised Hopper kernel for every call it can run,
+    or None (unset or ``auto``: the warp-specialised kernel where it can run and pays).
 
     Raises:
         EnvError: the variable is set to anything but ``auto``, ``0`` or ``1``.
     """
-    return _forced_choice("ATTNGEN_WS", ("0", "1"), "0 (the Triton forward) or 1 (the warp-specialised one where it applies)") != 0
+    return _forced_choice("ATTNGEN_WS", ("0", "1"), "0 (the Triton forward) or 1 (the warp-specialised one wherever it can run)")
 
 
 def _forced_choice(name: str, allowed: tuple[str, ...], meanings: str) -> int | None:

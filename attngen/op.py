@@ -361,8 +361,11 @@ class AttentionOp:
 
     def _warp_specialized(self, q, k, v, constexprs: dict) -> bool:
         """Whether this forward call runs the warp-specialised kernel (attngen.warpspec)."""
-        return (self.ws_unsupported is None and q.numel() > 0 and k.shape[2] > 0
-                and warpspec.call_supports(q, k, v, constexprs["GUARD_UNSEEN"], self.plan.has_mask))
+        if self.ws_unsupported is not None or q.numel() == 0 or k.shape[2] == 0:
+            return False
+        if config.warp_specialize() is None and not warpspec.pays(self.plan):
+            return False
+        return warpspec.call_supports(q, k, v, constexprs["GUARD_UNSEEN"], self.plan.has_mask)
 
     # -- kernel access -------------------------------------------------------------------
     def kernel(self, name: str, device: torch.device):
@@ -629,7 +632,8 @@ class AttentionOp:
         if want_p and shard is None and self.stores_p(T_Q, dims["T_KV"]):
             p = _new_output((B, H, T_Q, dims["T_KV"]), q.dtype, q.device)
         if p is None and self._warp_specialized(q, k, v, constexprs):
-            warpspec.launch(self.ws_module, q, k, v, o, lse, runtime, constexprs["GROUP"])
+            meta = self.tile_meta("k", warpspec.BLOCK_Q, warpspec.BLOCK_KV, inputs, dims, q.device, shard)
+            warpspec.launch(self.ws_module, q, k, v, o, lse, runtime, constexprs["GROUP"], self._input_args(inputs) + meta)
             return (o, lse, None) if want_p else (o, lse)
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)

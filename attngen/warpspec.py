@@ -9,8 +9,9 @@ mbarriers, and two consumer warp groups of 64 query rows each run the online sof
 visits the same key tiles as the Triton forward (the plan's closed-form tile ranges, masked
 tiles first) and writes the same ``o`` and log-sum-exp, so the backward kernels are shared.
 
-It runs where :func:`plan_supports` accepts the spec and :func:`call_supports` the call;
-everything else takes the Triton forward. ``ATTNGEN_WS=0`` turns it off.
+It runs where :func:`plan_supports` accepts the spec, :func:`call_supports` the call and
+:func:`pays` the spec; everything else takes the Triton forward. ``ATTNGEN_WS=0`` turns it
+off, ``ATTNGEN_WS=1`` runs it wherever it can run, whether it pays or not.
 """
 
 from __future__ import annotations
@@ -34,31 +35,52 @@ NUM_WARPS = 4  # the default partition: consumer warp group 0
 MAXNREG = 168  # setmaxnreg then gives the consumers 240 registers and the producer 24
 
 #: names a mask expression may read in this kernel: positions, and the functions Gluon shares
-#: with Triton's language under the same names
+#: with Triton's language under the same names (runtime-input reads ``ld<i>`` are checked apart)
 _MASK_NAMES = {"pos_q", "pos_k", "tl", "where", "minimum", "maximum", "abs"}
 #: names a score expression may read: the scaled score, positions, the same functions and
 #: exponentials, and the helpers the template defines (sigmoid, fast_tanh's _tanh)
 _SCORE_NAMES = _MASK_NAMES | {"s", "exp", "exp2", "log", "log2", "sqrt", "sigmoid", "_tanh", "FAST_SIGMOID"}
+#: names a runtime-input read's address and bounds may use besides the input's own arguments
+_LOAD_NAMES = {"pos_q", "pos_k", "off_b", "off_h", "tl", "to", "int64"}
+
+
+def _names(code: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", code))
 
 
 def plan_supports(plan: ModulePlan) -> str | None:
     """Why ``plan``'s forward cannot run warp-specialised, or None when it can: softmax, no
-    runtime inputs, no strided (residue-order) part or stored P, a mask of ``pos_q`` and
-    ``pos_k`` alone classified in closed form, and a score modification (if any) of ``s``
-    and the positions alone, built from functions Gluon has."""
+    strided (residue-order) part or stored P, and a mask and score modification built from
+    the score ``s``, the positions, runtime-input reads indexed by batch entry, head and
+    positions, and functions Gluon has. The tile ranges may depend on runtime inputs
+    (documents), through the metadata kernel's output."""
     if plan.sigmoid:
         return "sigmoid normaliser"
-    if plan.inputs or plan.fwd_ranges.meta is not None or plan.fwd.inner_loads or plan.fwd.outer_loads:
-        return "runtime inputs"
     if plan.perm is not None or plan.perm_stride or plan.store_p:
         return "strided part or stored P"
-    names = set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", plan.mask_code))
-    if not names <= _MASK_NAMES:
-        return f"mask reads {sorted(names - _MASK_NAMES)}"
-    names = set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", plan.score_code)) if plan.has_score else set()
-    if not names <= _SCORE_NAMES:
-        return f"score reads {sorted(names - _SCORE_NAMES)}"
+    loads = plan.fwd.outer_loads + plan.fwd.inner_loads
+    reads = {ld.var for ld in loads}
+    for ld in loads:
+        own = {f"{ld.input}_ptr"} | {f"{ld.input}_{kind}_{d}" for kind in ("stride", "size") for d in range(8)}
+        names = _names(" ".join(ld.offset_terms + ld.bound_codes))
+        if not names <= _LOAD_NAMES | own | reads:
+            return f"runtime input {ld.input!r} read at {sorted(names - _LOAD_NAMES - own - reads)}"
+    names = _names(plan.mask_code)
+    if not names <= _MASK_NAMES | reads:
+        return f"mask reads {sorted(names - _MASK_NAMES - reads)}"
+    names = _names(plan.score_code) if plan.has_score else set()
+    if not names <= _SCORE_NAMES | reads:
+        return f"score reads {sorted(names - _SCORE_NAMES - reads)}"
     return None
+
+
+def pays(plan: ModulePlan) -> bool:
+    """Whether the kernel is the default for a spec it can run: not when the tile ranges come
+    from runtime inputs (documents). On the H200, at B = 1, H = 16, T = 16384, D = 128 with
+    1000-token documents, it ran the forward at 195.5 TFLOP/s where the Triton forward ran at
+    219.4 (docs/perf-notes.md): programs of about 8 key tiles leave the pipeline little to
+    overlap."""
+    return plan.fwd_ranges.meta is None
 
 
 def bound_names(plan: ModulePlan) -> list[str]:
@@ -69,13 +91,28 @@ def bound_names(plan: ModulePlan) -> list[str]:
             + [seg[0] for seg in r.full] + [f"fc_{j}" for j in range(1, len(r.full))])  # fmt: skip
 
 
+def input_arg_names(plan: ModulePlan) -> list[str]:
+    """The runtime-input arguments of the kernels, in launch order (``input_args`` in
+    macros.j2): per input its pointer, then a stride and a size per dimension."""
+    names = []
+    for inp in plan.inputs:
+        names.append(f"{inp.name}_ptr")
+        for d in range(inp.rank):
+            names += [f"{inp.name}_stride_{d}", f"{inp.name}_size_{d}"]
+    return names
+
+
 def render_ws(plan: ModulePlan) -> RenderedModule:
     """Render the warp-specialised forward of a plan :func:`plan_supports` accepts.
 
     Raises:
         CodegenError: the template failed to render or produced text that is not Python.
     """
-    return _render(TEMPLATE, plan.spec_name, [dict(plan=plan, bounds=", ".join(bound_names(plan)))])
+    args = input_arg_names(plan)
+    extra = args + (["META"] if plan.fwd_ranges.meta is not None else [])
+    ctx = args + [ld.var for ld in plan.fwd.outer_loads] + (["off_b", "off_h"] if plan.fwd.inner_loads else [])
+    context = dict(plan=plan, bounds=", ".join(bound_names(plan)), extra=", ".join(extra), ctx=ctx)
+    return _render(TEMPLATE, plan.spec_name, [context])
 
 
 def module_name(spec_name: str) -> str:
@@ -98,7 +135,7 @@ def call_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guard_unsee
     16-byte aligned tensors with a contiguous last dimension (TMA), and, under a mask, no key
     hidden from every query of the call (the Triton forward zeroes such keys' values, which
     this kernel reads from shared memory untouched)."""
-    if not config.warp_specialize() or config.interpret_all() or q.device.type != "cuda":
+    if config.warp_specialize() == 0 or config.interpret_all() or q.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9 or q.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -121,15 +158,17 @@ def _descriptor(t: torch.Tensor, block_rows: int):
     return TensorDescriptor(t, list(t.shape), _tma_strides(t), block, layout)
 
 
-def launch(module: ModuleType, q, k, v, o, lse, runtime: list, group: int) -> None:
+def launch(module: ModuleType, q, k, v, o, lse, runtime: list, group: int, extra: list) -> None:
     """Run the warp-specialised forward: ``q [B, H, T_Q, 128]``, ``k, v [B, H_KV, T_KV, 128]``,
     ``o [B, H, T_Q, 128]`` (written) and ``lse [B, H, T_Q]`` float32 (written); ``runtime``
-    is the Triton forward's ``[H, T_Q, T_KV, Q_OFFSET, K_OFFSET, scale, scale * log2 e]``."""
+    is the Triton forward's ``[H, T_Q, T_KV, Q_OFFSET, K_OFFSET, scale, scale * log2 e]``;
+    ``extra`` the runtime-input arguments and, for masks classified from runtime inputs, the
+    metadata of query tiles of 128 against key tiles of 128 (``AttentionOp.tile_meta``)."""
     B, H, T_Q, _ = q.shape
     _, _, T_KV, q_start, k_start, scale, qk_scale_log2 = runtime
     grid = (-(-T_Q // BLOCK_Q), H, B)
     getattr(module, KERNEL)[grid](
-        _descriptor(q, BLOCK_Q), _descriptor(k, BLOCK_KV), _descriptor(v, BLOCK_KV), _descriptor(o, BLOCK_Q // 2), lse,
+        _descriptor(q, BLOCK_Q), _descriptor(k, BLOCK_KV), _descriptor(v, BLOCK_KV), _descriptor(o, BLOCK_Q // 2), lse, *extra,
         H, T_Q, T_KV, q_start, k_start, scale, qk_scale_log2,
         GROUP=group, STAGES=STAGES, TILE_SKIP=config.tile_skipping(), num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )  # fmt: skip

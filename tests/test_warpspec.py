@@ -25,9 +25,9 @@ from helpers import SMALL_PARAMS, check_spec, dims
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 needs_hopper = pytest.mark.skipif(not HOPPER, reason="the warp-specialised kernel runs on compute capability 9.x only")
 
-#: zoo specs it takes: softmax, scores and masks of positions (masks in closed form)
-TAKEN = ["causal", "chunked", "dense", "gemma2_local", "llama3_gqa", "longformer", "prefix_lm", "sliding_window", "softcap",
-         "streaming_sinks"]
+#: zoo specs it takes: softmax, scores and masks of positions and runtime-input reads
+TAKEN = ["alibi", "causal", "chunked", "dense", "document", "gemma2_local", "llama3_gqa", "longformer", "prefix_lm",
+         "sliding_window", "softcap", "streaming_sinks"]
 #: the anchors suite's softcap: the hardware's tanh.approx through the template's _tanh
 SOFTCAP_FAST = {"name": "softcap_fast", "mask": "k <= q", "score": "cap * tanh(s / cap)", "params": {"cap": 30.0},
                 "fast_tanh": True}
@@ -36,11 +36,17 @@ SOFTCAP_FAST = {"name": "softcap_fast", "mask": "k <= q", "score": "cap * tanh(s
 @pytest.mark.parametrize(
     ("name", "reason"),
     [(n, None) for n in TAKEN]
-    + [(SOFTCAP_FAST, None), ("alibi", "runtime inputs"), ("document", "runtime inputs"), ("strided", "strided part or stored P"),
+    + [(SOFTCAP_FAST, None), ("strided", "strided part or stored P"),
        ("dilated_window", "strided part or stored P"), ("sigmoid_causal", "sigmoid normaliser")],
 )  # fmt: skip
 def test_plan_supports_names_what_keeps_a_spec_out(name, reason):
     assert warpspec.plan_supports(build(name).plan) == reason
+
+
+@pytest.mark.parametrize(("name", "default"), [("causal", True), ("alibi", True), ("document", False)])
+def test_it_is_the_default_only_where_the_tile_ranges_are_closed_form(name, default):
+    # document ranges come from the metadata kernel; there the H200 ran it slower
+    assert warpspec.pays(build(name).plan) is default
 
 
 def test_bound_names_follow_the_segments_of_the_plan():
@@ -65,15 +71,23 @@ _COMPILE = textwrap.dedent("""
     import name_here
 
     name, group = sys.argv[1], int(sys.argv[2])
-    plan = build(name if name != "softcap_fast" else SOFTCAP_FAST).plan
+    compiled = build(name if name != "softcap_fast" else SOFTCAP_FAST)
+    plan = compiled.plan
     fn = getattr(load_module(warpspec.module_name(name), warpspec.render_ws(plan))[0], warpspec.KERNEL)
 
     def desc(rows):
         block = [1, 1, rows, 128]
         return f"tensordesc<bf16[{','.join(map(str, block))}],{gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)!r}>"
 
+    extra = {}
+    for inp in compiled.spec.inputs:
+        extra[inp.name + "_ptr"] = "*fp32" if inp.dtype.startswith("float") else "*i32"
+        for d in range(len(inp.shape)):
+            extra[f"{inp.name}_stride_{d}"] = extra[f"{inp.name}_size_{d}"] = "i32"
+    if plan.fwd_ranges.meta is not None:
+        extra["META"] = "*i32"
     sig = {"q_desc": desc(warpspec.BLOCK_Q), "k_desc": desc(warpspec.BLOCK_KV), "v_desc": desc(warpspec.BLOCK_KV),
-           "o_desc": desc(warpspec.BLOCK_Q // 2), "LSE": "*fp32", "H": "i32", "T_Q": "i32", "T_KV": "i32",
+           "o_desc": desc(warpspec.BLOCK_Q // 2), "LSE": "*fp32", **extra, "H": "i32", "T_Q": "i32", "T_KV": "i32",
            "Q_OFFSET": "i32", "K_OFFSET": "i32", "sm_scale": "fp32", "qk_scale_log2": "fp32",
            "GROUP": "constexpr", "STAGES": "constexpr", "TILE_SKIP": "constexpr"}
     k = triton.compile(GluonASTSource(fn, sig, constexprs={"GROUP": group, "STAGES": warpspec.STAGES, "TILE_SKIP": True}),
@@ -93,8 +107,11 @@ def test_score_reading_anything_but_the_score_and_positions_keeps_a_spec_out():
     assert warpspec.plan_supports(build(spec).plan).startswith("score reads")
 
 
-@pytest.mark.parametrize(("name", "group"), [("sliding_window", 1), ("llama3_gqa", 4), ("softcap_fast", 1)])
-def test_kernel_compiles_for_sm90_into_three_partitions_without_spills(name, group, tmp_path):
+@pytest.mark.parametrize(("name", "group", "max_spill"),
+                         [("sliding_window", 1, 0), ("llama3_gqa", 4, 0), ("softcap_fast", 1, 0), ("alibi", 1, 0),
+                          ("document", 1, 64)])  # fmt: skip
+def test_kernel_compiles_for_sm90_into_three_partitions_without_spills(name, group, max_spill, tmp_path):
+    # documents keep each key's document id in registers as well: ptxas spilled 24 bytes
     # compiled in a child process: this one may run Triton's interpreter, which Triton fixes
     # at import; no GPU is needed to compile for sm_90
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -107,7 +124,7 @@ def test_kernel_compiles_for_sm90_into_three_partitions_without_spills(name, gro
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
     # 4 warps per consumer warp group, 1 producer warp padded to a warp group
     assert lines["warps"] == "12"
-    assert set(lines["spills"].split()) == {"0"}
+    assert lines["spills"] and max(map(int, lines["spills"].split())) <= max_spill
 
 
 @pytest.fixture
@@ -127,7 +144,9 @@ def launches(monkeypatch):
 @needs_hopper
 @pytest.mark.parametrize("name", TAKEN)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_zoo_spec_matches_the_reference(name, dtype, launches):
+def test_zoo_spec_matches_the_reference(name, dtype, launches, monkeypatch):
+    if name == "document":  # not the default there (warpspec.pays): force it
+        monkeypatch.setenv("ATTNGEN_WS", "1")
     # 333 positions: the last query and key tiles are partial; 2 query heads per KV head
     check_spec(name, dims(B=2, H=4, H_KV=2, T_Q=333, T_KV=333, D_QK=128), dtype, params=SMALL_PARAMS.get(name))
     assert launches, "the forward did not take the warp-specialised kernel"
@@ -162,6 +181,13 @@ def test_without_tile_skipping_gives_what_skipping_gives(launches, monkeypatch):
 def test_switch_off_sends_calls_to_the_triton_forward(launches, monkeypatch):
     monkeypatch.setenv("ATTNGEN_WS", "0")
     check_spec("causal", dims(B=1, H=2, H_KV=2, T_Q=200, T_KV=200, D_QK=128), torch.bfloat16)
+    assert not launches
+
+
+@needs_hopper
+def test_documents_take_the_triton_forward_unless_forced(launches, monkeypatch):
+    monkeypatch.delenv("ATTNGEN_WS", raising=False)
+    check_spec("document", dims(B=1, H=2, H_KV=2, T_Q=300, T_KV=300, D_QK=128), torch.bfloat16)
     assert not launches
 
 

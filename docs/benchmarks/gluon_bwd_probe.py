@@ -20,9 +20,9 @@ dQ is not computed: the probe asks how fast the four products of the dK/dV loop 
 split this way. It reports that loop's rate (4 products: twice the forward's FLOPs) next to
 the whole backward of SDPA-cuDNN and of attngen (5 products counted, as the anchors
 suite counts them), in the same run. Correctness: dK and dV against SDPA's autograd
-gradients (relative error; above 1e-2 is WRONG). B = 1, H = 16, T = 16384, bf16. Not yet
-run on a GPU: written in the eleventh session after its device time was spent; it compiles
-for sm_90 (``--compile``).
+gradients (relative error; above 1e-2 is WRONG). B = 1, H = 16, T = 16384, bf16. The twelfth
+session's run on the H200 is in h200-gluon-bwd-probe-s12.txt; it compiles for sm_90 without
+a GPU (``--compile``).
 """
 
 import math

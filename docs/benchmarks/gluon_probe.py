@@ -21,9 +21,8 @@ they run out of step (FlashAttention-3 also orders them with named barriers; thi
 
 No mask or the causal one, B = 1, H = 16, T = 16384, bf16; each config in its own process
 with a time limit, as in ws_probe.py, whose baselines (SDPA-cuDNN and attngen at the same
-mask) it reuses. Not yet
-run on a GPU: the eleventh session wrote it after its device time was spent, and checked
-that it compiles for sm_90 (``--compile``).
+mask) it reuses. The twelfth session's run on the H200 is in h200-gluon-probe-s12.txt; the
+split form became attngen's forward on Hopper (attngen/warpspec.py).
 """
 
 import math
