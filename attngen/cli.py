@@ -161,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _plain_warning
 
     try:
+        from . import config
+
+        config.check_switches()  # a bad ATTNGEN_* switch stops every command here, not mid-run
         if args.command == "show":
             return _show(args)
         if args.command == "zoo":
@@ -280,12 +283,33 @@ def _show(args) -> int:
         names += [r.meta.name for r in (part.fwd_ranges, part.dkdv_ranges) if r.meta is not None]
     decode = render_decode(compiled.plan)  # its own module, for op.decode
     print(f"  {compiled.plan.decode.name:<24} {write_kernel(decode_module_name(compiled.spec.name), decode)}")
+    _show_warp_specialized(compiled)
     for name in names:
         print(f"  {name:<24} {path}")
     if args.source:
         print()
         print(compiled.rendered.source)
     return 0
+
+
+def _show_warp_specialized(compiled) -> None:
+    """The Hopper forward (attngen.warpspec): its file, or why this spec takes attn_fwd."""
+    from . import warpspec
+    from .load import write_kernel
+
+    why = warpspec.plan_supports(compiled.plan)
+    if why is not None:
+        print(f"  {'attn_fwd_ws':<24} not used ({why}): every forward runs attn_fwd")
+        return
+    path = write_kernel(warpspec.module_name(compiled.spec.name), warpspec.render_ws(compiled.plan))
+    print(f"  {'attn_fwd_ws':<24} {path}")
+    pad = " " * 26
+    print(f"{pad}replaces attn_fwd on compute capability 9.x for fp16/bf16 and head dim 128, "
+          + ("by default" if warpspec.pays(compiled.plan) else "only with ATTNGEN_WS=1"))
+    if not warpspec.pays(compiled.plan):
+        print(f"{pad}(its tile ranges come from runtime inputs, where it ran slower on the H200)")
+    if compiled.plan.has_mask:
+        print(f"{pad}(masked calls: only when T_Q == T_KV, queries and keys at the same positions)")
 
 
 def _show_linear(compiled, source: bool) -> int:

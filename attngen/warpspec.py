@@ -77,9 +77,10 @@ def plan_supports(plan: ModulePlan) -> str | None:
 def pays(plan: ModulePlan) -> bool:
     """Whether the kernel is the default for a spec it can run: not when the tile ranges come
     from runtime inputs (documents). On the H200, at B = 1, H = 16, T = 16384, D = 128 with
-    1000-token documents, it ran the forward at 195.5 TFLOP/s where the Triton forward ran at
-    219.4 (docs/perf-notes.md): programs of about 8 key tiles leave the pipeline little to
-    overlap."""
+    1000-token documents, it ran the forward at 195.5 TFLOP/s. The Triton forward ran at
+    219.4 in an earlier run on the same kind of host, and FlexAttention at 210.5 in the same
+    run as this kernel (docs/perf-notes.md). Programs of about 8 key tiles leave the
+    pipeline little to overlap."""
     return plan.fwd_ranges.meta is None
 
 

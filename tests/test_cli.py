@@ -73,10 +73,18 @@ def test_usage_errors_say_what_to_change():
 
 
 def test_a_bad_debug_switch_exits_2_naming_it_without_a_traceback():
-    for name, value in (("ATTNGEN_DQ", "atomic"), ("ATTNGEN_DESCRIPTORS", "3"), ("ATTNGEN_STAGES", "9"), ("ATTNGEN_NO_SKIP", "yes")):
+    for name, value in (("ATTNGEN_DQ", "atomic"), ("ATTNGEN_DESCRIPTORS", "3"), ("ATTNGEN_STAGES", "9"), ("ATTNGEN_NO_SKIP", "yes"),
+                        ("ATTNGEN_WS", "on")):  # fmt: skip
         res = run_cli("run", "causal", "--device", "cpu", **{name: value})
         assert res.returncode == 2, (name, res.stdout, res.stderr)
         assert res.stderr.startswith(f"error: {name}: '{value}'") and "Traceback" not in res.stderr, res.stderr
+
+
+def test_every_command_checks_the_switches_before_it_starts():
+    # show would otherwise ignore the bad value, and zoo and fuzz report it as a kernel failure per case
+    for args in (("show", "causal"), ("zoo", "--shape", "1,1,1,16,16"), ("fuzz", "causal", "--examples", "2")):
+        res = run_cli(*args, ATTNGEN_WS="bogus")
+        assert res.returncode == 2 and res.stderr.startswith("error: ATTNGEN_WS: 'bogus'"), (args, res.stderr)
 
 
 def test_warnings_print_as_one_plain_line():
@@ -93,6 +101,14 @@ def test_show_lists_metadata_and_residue_order_kernels():
     assert "attn_fwd_perm" in strided and "attn_bwd_dkdv_perm" in strided and "attn_bwd_dq_perm" in strided
     tiles = run_cli("show", "strided", "--tiles", "--t-q", "1024").stdout
     assert "runs in residue order" in tiles
+
+
+def test_show_says_which_specs_take_the_warp_specialized_forward():
+    causal = run_cli("show", "causal").stdout
+    line = next(ln for ln in causal.splitlines() if ln.strip().startswith("attn_fwd_ws"))
+    assert "def attn_fwd_ws(" in Path(line.split()[-1]).read_text() and "by default" in causal
+    assert "only with ATTNGEN_WS=1" in run_cli("show", "document").stdout
+    assert "attn_fwd_ws              not used (strided part or stored P)" in run_cli("show", "strided").stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
