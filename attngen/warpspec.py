@@ -45,7 +45,9 @@ _LOAD_NAMES = {"pos_q", "pos_k", "off_b", "off_h", "tl", "to", "int64"}
 
 
 def _names(code: str) -> set[str]:
-    return set(re.findall(r"[A-Za-z_][A-Za-z_0-9]*", code))
+    """The names ``code`` reads: identifiers not after a dot (attributes) or inside a number
+    (the ``e`` of ``1e-05``)."""
+    return set(re.findall(r"(?<![\w.])[A-Za-z_]\w*", code))
 
 
 def plan_supports(plan: ModulePlan) -> str | None:
@@ -60,6 +62,10 @@ def plan_supports(plan: ModulePlan) -> str | None:
         return "strided part or stored P"
     loads = plan.fwd.outer_loads + plan.fwd.inner_loads
     reads = {ld.var for ld in loads}
+    # the partitions evaluate the tile ranges before any runtime input is read
+    ranged = _names(" ".join(plan.fwd_ranges.statements)) & reads
+    if ranged:
+        return f"tile ranges read runtime inputs per program ({', '.join(sorted(ranged))})"
     for ld in loads:
         own = {f"{ld.input}_ptr"} | {f"{ld.input}_{kind}_{d}" for kind in ("stride", "size") for d in range(8)}
         names = _names(" ".join(ld.offset_terms + ld.bound_codes))

@@ -107,6 +107,23 @@ def test_score_reading_anything_but_the_score_and_positions_keeps_a_spec_out():
     assert warpspec.plan_supports(build(spec).plan).startswith("score reads")
 
 
+def test_a_number_in_exponent_form_is_not_a_name():
+    spec = {"name": "tiny_scale", "mask": "k <= q", "score": "s * 0.00001"}  # printed as 1e-05 * s
+    assert "e-05" in build(spec).plan.score_code
+    assert warpspec.plan_supports(build(spec).plan) is None
+
+
+@pytest.mark.parametrize("spec", [
+    {"name": "prefix_per_example", "mask": "k <= q or k < np[b]", "inputs": {"np": {"dtype": "int32", "shape": ["B"]}}},
+    {"name": "sinks_per_head", "mask": "k <= q and (k < ns[h] or q - k < 128)",
+     "inputs": {"ns": {"dtype": "int32", "shape": ["H"]}}},
+])  # fmt: skip
+def test_tile_ranges_that_read_a_runtime_input_keep_a_spec_out(spec):
+    # the partitions evaluate the ranges before the consumers read any input (the producer
+    # never does): such a kernel would not compile
+    assert warpspec.plan_supports(build(spec).plan) == "tile ranges read runtime inputs per program (ld0)"
+
+
 @pytest.mark.parametrize(("name", "group", "max_spill"),
                          [("sliding_window", 1, 0), ("llama3_gqa", 4, 0), ("softcap_fast", 1, 0), ("alibi", 1, 0),
                           ("document", 1, 64)])  # fmt: skip
