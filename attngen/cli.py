@@ -294,7 +294,7 @@ def _show(args) -> int:
 
 def _show_warp_specialized(compiled) -> None:
     """The Hopper forward (attngen.warpspec): its file, or why this spec takes attn_fwd."""
-    from . import warpspec
+    from . import config, warpspec
     from .load import write_kernel
 
     why = warpspec.plan_supports(compiled.plan)
@@ -310,6 +310,12 @@ def _show_warp_specialized(compiled) -> None:
         print(f"{pad}(its tile ranges come from runtime inputs, where it ran slower on the H200)")
     if compiled.plan.has_mask:
         print(f"{pad}(masked calls: only when T_Q == T_KV, queries and keys at the same positions)")
+    if compiled.plan.stored is not None:
+        print(f"{pad}(recompute: store_p: calls that store P run attn_fwd_sp)")
+    forced = config.warp_specialize()
+    if forced is not None:
+        print(f"{pad}(ATTNGEN_WS={forced} is set: " + ("every forward runs attn_fwd)" if forced == 0 else
+                                                      "every call it can run takes it)"))
 
 
 def _show_linear(compiled, source: bool) -> int:

@@ -92,7 +92,7 @@ def forced_stages() -> int | None:
     text = os.environ.get("ATTNGEN_STAGES", "").strip()
     if not text:
         return None
-    if not text.isdigit() or not 1 <= int(text) <= 8:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= 8:
         raise EnvError("ATTNGEN_STAGES", f"{text!r} is not a pipeline depth: give an integer from 1 to 8, or unset it")
     return int(text)
 
@@ -107,7 +107,7 @@ def min_head_block() -> int:
     text = os.environ.get("ATTNGEN_MIN_HEAD_BLOCK", "").strip()
     if not text:
         return 0
-    if not text.isdigit() or int(text) < 16 or int(text) & (int(text) - 1):
+    if not (text.isascii() and text.isdigit()) or int(text) < 16 or int(text) & (int(text) - 1):
         raise EnvError("ATTNGEN_MIN_HEAD_BLOCK", f"{text!r} is not a head block: give a power of two of at least 16 "
                        "(tl.dot's minimum), or unset it")
     return int(text)

@@ -36,7 +36,7 @@ MAXNREG = 168  # setmaxnreg then gives the consumers 240 registers and the produ
 
 #: names a mask expression may read in this kernel: positions, and the functions Gluon shares
 #: with Triton's language under the same names (runtime-input reads ``ld<i>`` are checked apart)
-_MASK_NAMES = {"pos_q", "pos_k", "tl", "where", "minimum", "maximum", "abs"}
+_MASK_NAMES = {"pos_q", "pos_k", "tl", "where", "minimum", "maximum", "abs", "True", "False"}
 #: names a score expression may read: the scaled score, positions, the same functions and
 #: exponentials, and the helpers the template defines (sigmoid, fast_tanh's _tanh)
 _SCORE_NAMES = _MASK_NAMES | {"s", "exp", "exp2", "log", "log2", "sqrt", "sigmoid", "_tanh", "FAST_SIGMOID"}
@@ -52,20 +52,25 @@ def _names(code: str) -> set[str]:
 
 def plan_supports(plan: ModulePlan) -> str | None:
     """Why ``plan``'s forward cannot run warp-specialised, or None when it can: softmax, no
-    strided (residue-order) part or stored P, and a mask and score modification built from
-    the score ``s``, the positions, runtime-input reads indexed by batch entry, head and
-    positions, and functions Gluon has. The tile ranges may depend on runtime inputs
-    (documents), through the metadata kernel's output."""
+    strided (residue-order) part, a mask every position passes with itself (else every
+    masked call needs ``attn_fwd``'s guard for keys no query sees), and a mask and score
+    modification built from the score ``s``, the positions, runtime-input reads indexed by
+    batch entry, head and positions, and functions Gluon has. The tile ranges may depend on
+    runtime inputs (documents) through the metadata kernel's output, but not on an input
+    read once per program. Calls of a ``recompute: store_p`` spec that store P run
+    ``attn_fwd_sp`` whatever this says."""
     if plan.sigmoid:
         return "sigmoid normaliser"
     if plan.perm is not None or plan.perm_stride or plan.store_p:
-        return "strided part or stored P"
+        return "strided part"
+    if plan.has_mask and not plan.sees_itself:
+        return "the mask can hide a position from itself, so masked calls need attn_fwd's guard for unseen keys"
     loads = plan.fwd.outer_loads + plan.fwd.inner_loads
     reads = {ld.var for ld in loads}
     # the partitions evaluate the tile ranges before any runtime input is read
-    ranged = _names(" ".join(plan.fwd_ranges.statements)) & reads
+    ranged = sorted({ld.input for ld in loads if ld.var in _names(" ".join(plan.fwd_ranges.statements))})
     if ranged:
-        return f"tile ranges read runtime inputs per program ({', '.join(sorted(ranged))})"
+        return f"tile ranges read runtime input {', '.join(map(repr, ranged))} once per program"
     for ld in loads:
         own = {f"{ld.input}_ptr"} | {f"{ld.input}_{kind}_{d}" for kind in ("stride", "size") for d in range(8)}
         names = _names(" ".join(ld.offset_terms + ld.bound_codes))
@@ -76,8 +81,12 @@ def plan_supports(plan: ModulePlan) -> str | None:
         return f"mask reads {sorted(names - _MASK_NAMES - reads)}"
     names = _names(plan.score_code) if plan.has_score else set()
     if not names <= _SCORE_NAMES | reads:
-        return f"score reads {sorted(names - _SCORE_NAMES - reads)}"
+        return f"score reads {sorted(_SPEC_NAMES.get(n, n) for n in names - _SCORE_NAMES - reads)}"
     return None
+
+
+#: the spec's names of kernel variables, for messages
+_SPEC_NAMES = {"off_h": "h", "off_b": "b", "T_Q": "T_Q", "T_KV": "T_KV"}
 
 
 def pays(plan: ModulePlan) -> bool:

@@ -74,7 +74,7 @@ def test_usage_errors_say_what_to_change():
 
 def test_a_bad_debug_switch_exits_2_naming_it_without_a_traceback():
     for name, value in (("ATTNGEN_DQ", "atomic"), ("ATTNGEN_DESCRIPTORS", "3"), ("ATTNGEN_STAGES", "9"), ("ATTNGEN_NO_SKIP", "yes"),
-                        ("ATTNGEN_WS", "on")):  # fmt: skip
+                        ("ATTNGEN_WS", "on"), ("ATTNGEN_STAGES", "³"), ("ATTNGEN_MIN_HEAD_BLOCK", "²")):  # fmt: skip
         res = run_cli("run", "causal", "--device", "cpu", **{name: value})
         assert res.returncode == 2, (name, res.stdout, res.stderr)
         assert res.stderr.startswith(f"error: {name}: '{value}'") and "Traceback" not in res.stderr, res.stderr
@@ -108,7 +108,7 @@ def test_show_says_which_specs_take_the_warp_specialized_forward():
     line = next(ln for ln in causal.splitlines() if ln.strip().startswith("attn_fwd_ws"))
     assert "def attn_fwd_ws(" in Path(line.split()[-1]).read_text() and "by default" in causal
     assert "only with ATTNGEN_WS=1" in run_cli("show", "document").stdout
-    assert "attn_fwd_ws              not used (strided part or stored P)" in run_cli("show", "strided").stdout
+    assert "attn_fwd_ws              not used (strided part)" in run_cli("show", "strided").stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")

@@ -36,8 +36,8 @@ SOFTCAP_FAST = {"name": "softcap_fast", "mask": "k <= q", "score": "cap * tanh(s
 @pytest.mark.parametrize(
     ("name", "reason"),
     [(n, None) for n in TAKEN]
-    + [(SOFTCAP_FAST, None), ("strided", "strided part or stored P"),
-       ("dilated_window", "strided part or stored P"), ("sigmoid_causal", "sigmoid normaliser")],
+    + [(SOFTCAP_FAST, None), ("strided", "strided part"),
+       ("dilated_window", "strided part"), ("sigmoid_causal", "sigmoid normaliser")],
 )  # fmt: skip
 def test_plan_supports_names_what_keeps_a_spec_out(name, reason):
     assert warpspec.plan_supports(build(name).plan) == reason
@@ -121,7 +121,20 @@ def test_a_number_in_exponent_form_is_not_a_name():
 def test_tile_ranges_that_read_a_runtime_input_keep_a_spec_out(spec):
     # the partitions evaluate the ranges before the consumers read any input (the producer
     # never does): such a kernel would not compile
-    assert warpspec.plan_supports(build(spec).plan) == "tile ranges read runtime inputs per program (ld0)"
+    name = next(iter(spec["inputs"]))
+    assert warpspec.plan_supports(build(spec).plan) == f"tile ranges read runtime input {name!r} once per program"
+
+
+@pytest.mark.parametrize("mask", ["k < q", "False"])
+def test_a_mask_that_can_hide_a_position_from_itself_keeps_a_spec_out(mask):
+    # every masked call of such a spec guards keys no query sees, which this kernel cannot
+    reason = warpspec.plan_supports(build({"name": "strict", "mask": mask}).plan)
+    assert reason.startswith("the mask can hide a position from itself")
+
+
+def test_reasons_name_the_spec_s_variables():
+    assert warpspec.plan_supports(build({"name": "head_bias", "mask": "k <= q", "score": "s + 0.1 * h"}).plan) == (
+        "score reads ['h']")
 
 
 @pytest.mark.parametrize(("name", "group", "max_spill"),
