@@ -289,6 +289,10 @@ def _show(args) -> int:
     if args.source:
         print()
         print(compiled.rendered.source)
+        from . import warpspec
+
+        if warpspec.plan_supports(compiled.plan) is None:
+            print(warpspec.render_ws(compiled.plan).source)
     return 0
 
 
@@ -332,6 +336,7 @@ def _show_linear(compiled, source: bool) -> int:
     for name in kernels:  # the prep kernel only with normalize, the state kernels only for causal walks
         if f"def {name}(" in compiled.rendered.source:
             print(f"  {name:<24} {path}")
+    print(f"  {'attn_fwd_ws':<24} not used (linear attention): the Hopper forward is for softmax specs")
     if source:
         print()
         print(compiled.rendered.source)

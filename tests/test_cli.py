@@ -109,6 +109,9 @@ def test_show_says_which_specs_take_the_warp_specialized_forward():
     assert "def attn_fwd_ws(" in Path(line.split()[-1]).read_text() and "by default" in causal
     assert "only with ATTNGEN_WS=1" in run_cli("show", "document").stdout
     assert "attn_fwd_ws              not used (strided part)" in run_cli("show", "strided").stdout
+    assert "not used (linear attention)" in run_cli("show", "linear_elu").stdout
+    source = run_cli("show", "sliding_window", "--source").stdout
+    assert "def attn_fwd(" in source and "def attn_fwd_ws(" in source
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
