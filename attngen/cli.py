@@ -308,9 +308,10 @@ def _show_warp_specialized(compiled) -> None:
     path = write_kernel(warpspec.module_name(compiled.spec.name), warpspec.render_ws(compiled.plan))
     print(f"  {'attn_fwd_ws':<24} {path}")
     pad = " " * 26
+    pays = warpspec.pays(compiled.plan)
     print(f"{pad}replaces attn_fwd on compute capability 9.x for fp16/bf16 and head dim 128, "
-          + ("by default" if warpspec.pays(compiled.plan) else "only with ATTNGEN_WS=1"))
-    if not warpspec.pays(compiled.plan):
+          + ("by default" if pays else "only with ATTNGEN_WS=1"))
+    if not pays:
         print(f"{pad}(its tile ranges come from runtime inputs, where it ran slower on the H200)")
     if compiled.plan.has_mask:
         print(f"{pad}(masked calls: only when T_Q == T_KV, queries and keys at the same positions)")

@@ -361,9 +361,10 @@ class AttentionOp:
 
     def _warp_specialized(self, q, k, v, constexprs: dict) -> bool:
         """Whether this forward call runs the warp-specialised kernel (attngen.warpspec)."""
-        if self.ws_unsupported is not None or q.numel() == 0 or k.shape[2] == 0:
+        forced = config.warp_specialize()
+        if forced == 0 or self.ws_unsupported is not None or q.numel() == 0 or k.shape[2] == 0:
             return False
-        if config.warp_specialize() is None and not warpspec.pays(self.plan):
+        if forced is None and not warpspec.pays(self.plan):
             return False
         return warpspec.call_supports(q, k, v, constexprs["GUARD_UNSEEN"], self.plan.has_mask)
 

@@ -16,6 +16,7 @@ off, ``ATTNGEN_WS=1`` runs it wherever it can run, whether it pays or not.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 from types import ModuleType
@@ -42,6 +43,8 @@ _MASK_NAMES = {"pos_q", "pos_k", "tl", "where", "minimum", "maximum", "abs", "Tr
 _SCORE_NAMES = _MASK_NAMES | {"s", "exp", "exp2", "log", "log2", "sqrt", "sigmoid", "_tanh", "FAST_SIGMOID"}
 #: names a runtime-input read's address and bounds may use besides the input's own arguments
 _LOAD_NAMES = {"pos_q", "pos_k", "off_b", "off_h", "tl", "to", "int64"}
+#: the spec's names of kernel variables, for messages
+_SPEC_NAMES = {"off_h": "h", "off_b": "b"}
 
 
 def _names(code: str) -> set[str]:
@@ -61,7 +64,7 @@ def plan_supports(plan: ModulePlan) -> str | None:
     ``attn_fwd_sp`` whatever this says."""
     if plan.sigmoid:
         return "sigmoid normaliser"
-    if plan.perm is not None or plan.perm_stride or plan.store_p:
+    if plan.perm is not None:
         return "strided part"
     if plan.has_mask and not plan.sees_itself:
         return "the mask can hide a position from itself, so masked calls need attn_fwd's guard for unseen keys"
@@ -83,10 +86,6 @@ def plan_supports(plan: ModulePlan) -> str | None:
     if not names <= _SCORE_NAMES | reads:
         return f"score reads {sorted(_SPEC_NAMES.get(n, n) for n in names - _SCORE_NAMES - reads)}"
     return None
-
-
-#: the spec's names of kernel variables, for messages
-_SPEC_NAMES = {"off_h": "h", "off_b": "b", "T_Q": "T_Q", "T_KV": "T_KV"}
 
 
 def pays(plan: ModulePlan) -> bool:
@@ -136,6 +135,7 @@ def module_name(spec_name: str) -> str:
     return f"{spec_name}_ws"
 
 
+@functools.cache
 def _gluon_available() -> bool:
     """Whether this Triton has Gluon's Hopper host side (Triton 3.5 and newer)."""
     try:
@@ -145,13 +145,13 @@ def _gluon_available() -> bool:
 
 
 def call_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, guard_unseen: bool, has_mask: bool) -> bool:
-    """Whether a forward call can take the warp-specialised kernel: ``ATTNGEN_WS`` not 0, CUDA
+    """Whether a forward call can take the warp-specialised kernel (``ATTNGEN_WS`` aside): CUDA
     tensors on a compute-capability 9.x GPU (Hopper: wgmma, TMA, setmaxnreg), fp16 or bf16,
     head dims of 128 for q, k and v (at 64 the H200 probe found no gain, docs/perf-notes.md),
     16-byte aligned tensors with a contiguous last dimension (TMA), and, under a mask, no key
     hidden from every query of the call (the Triton forward zeroes such keys' values, which
     this kernel reads from shared memory untouched)."""
-    if config.warp_specialize() == 0 or config.interpret_all() or q.device.type != "cuda":
+    if config.interpret_all() or q.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9 or q.dtype not in (torch.float16, torch.bfloat16):
         return False
