@@ -267,6 +267,9 @@ def _show(args) -> int:
     print("\n# IR after the pass pipeline")
     for key in ("exp2", "fold_scale", "acc_dtype", "saved"):
         print(f"graph.{key} = {compiled.graph.graph.get(key)}")
+    split = compiled.graph.graph.get("bias_split")
+    if split:  # the score is s + row + column: rows go to the log-sum-exp (passes.split_score_bias)
+        print(f"graph.bias_split = row {split['row']}, column {split['col']}, slope {split['slope']}")
     for node, data in compiled.graph.nodes(data=True):
         attrs = ", ".join(f"{k}={v}" for k, v in data.items() if k != "op")
         succ = ", ".join(compiled.graph.successors(node))

@@ -460,6 +460,9 @@ class AttentionOp:
         # queries and keys at the same positions under a mask every position passes with
         # itself: nothing is hidden from all partners, so masked tiles need no guard
         constexprs["GUARD_UNSEEN"] = not (self.plan.sees_itself and T_Q == T_KV and q_start == k_start)
+        # a separable bias's row term into the log-sum-exp (attngen.passes.split_score_bias) for
+        # 16-bit inputs; float32 inputs keep the whole score, exact to float32's rounding
+        constexprs["BIAS_SPLIT"] = self.plan.bias_split is not None and q.dtype in (torch.float16, torch.bfloat16)
         runtime = [H, T_Q, T_KV, q_start, k_start, scale, scale * LOG2E]
         if self.plan.sigmoid:
             runtime.append(self.spec.bias if self.spec.bias is not None else -math.log(t_keys))

@@ -16,7 +16,7 @@ import sympy
 from . import config
 from .classify import MAX_ATOMS, classify
 from .errors import IRVerifyError, UnsupportedError
-from .expr import SYMBOLS
+from .expr import SYMBOLS, FloorDiv
 from .expr import bind_params as bind
 
 LOG2E = 1.0 / math.log(2.0)
@@ -230,6 +230,95 @@ def choose_numerics(g: nx.DiGraph) -> nx.DiGraph:
     return g
 
 
+#: the position a kernel program measures a separable bias from (:func:`split_score_bias`): the
+#: first query of the program's tile where the program owns query rows, the first key of
+#: its tile in the dK/dV kernel
+ANCHOR = sympy.Symbol("pos_a", integer=True)
+
+
+def split_score_bias(g: nx.DiGraph) -> nx.DiGraph:
+    """Split a softmax score of the form ``s + R(q) + C(k)`` into a row term and a column term.
+
+    Softmax is unchanged by a term that is the same across a row, so the kernels drop
+    ``R(q)`` from the scores and add it back only to each row's log-sum-exp; ``C(k)`` is
+    evaluated once per key tile as a vector. Each score then costs one fused multiply-add
+    (``q·k · scale·log2 e + C``) instead of the whole expression per element. ALiBi's
+    ``s - slope[h] (q - k)`` (Press et al., 2022) is the case in point.
+
+    Both terms are measured from an anchor position ``pos_a`` of each program when ``C`` is
+    affine in ``k`` (``R(q) + C(a)`` and ``C(k) - C(a)``, the same sum): near the anchor
+    they stay as small as the original ``slope (q - k)``, so float32 loses nothing to
+    cancelling two large position terms at long sequence lengths.
+
+    Applies when the normaliser is softmax and every additive term of ``score - s`` is a
+    per-program factor (numbers, params, the sequence lengths, runtime inputs read by batch
+    entry and head only) times at most one factor of ``q`` or of ``k``: the position, or
+    ``//``, ``%``, ``min``, ``max``, ``abs`` of affine integer expressions of it. The
+    kernels take the split for bf16 and fp16 inputs only (``BIAS_SPLIT``): from the anchor,
+    scores near the diagonal carry up to ``|c|·BLOCK_Q`` of bias, which adds a relative
+    rounding of about ``|c|·BLOCK_Q·2⁻²⁴`` to P, below fp16's own rounding of P for slopes
+    ``|c| < 64``, but visible next to float32's.
+
+    Requires: loads collected, numerics chosen.
+    Establishes: graph attribute ``bias_split``: None, or ``{"row": R, "col": C, "slope": c}``
+    (sympy, in natural units; ``R`` of ``q`` and ``pos_a``, ``C`` of ``k`` and ``pos_a``; ``c``
+    the per-program ``C = c (k - pos_a)`` when ``C`` is affine in ``k``, else None).
+    """
+    g.graph["bias_split"] = None
+    if g.graph["normalizer"] != "softmax" or "score" not in g:
+        return g
+    s, q, k = SYMBOLS["s"], SYMBOLS["q"], SYMBOLS["k"]
+    bias = sympy.expand(g.nodes["score"]["expr"] - s)
+    if s in bias.free_symbols:
+        return g
+    per_program = {d["symbol"] for _, d in g.nodes(data=True) if d.get("op") == "load_input" and d["deps"] <= {"b", "h"}}
+    known = per_program | {SYMBOLS[n] for n in ("q", "k", "b", "h", "T_Q", "T_KV")}
+    if not bias.free_symbols <= known:
+        return g  # a runtime input read along a position
+    row, col = sympy.Integer(0), sympy.Integer(0)
+    for term in sympy.Add.make_args(bias):
+        if not _one_position_factor(term, q, k):
+            return g
+        if k in term.free_symbols:
+            col += term
+        else:
+            row += term
+    slope = None
+    if col.is_polynomial(k) and sympy.degree(col, k) <= 1:
+        at_anchor = col.subs(k, ANCHOR)
+        row, col = row + at_anchor, col - at_anchor
+        slope = sympy.diff(col, k)
+    g.graph["bias_split"] = {"row": sympy.factor_terms(row), "col": sympy.factor_terms(col), "slope": slope}
+    return g
+
+
+#: position functions a split term may hold, of positions affine with integer coefficients
+_POSITION_FUNCTIONS = (FloorDiv, sympy.Mod, sympy.Min, sympy.Max, sympy.Abs)
+
+
+def _one_position_factor(term: sympy.Expr, q: sympy.Symbol, k: sympy.Symbol) -> bool:
+    """Whether ``term`` is a per-program factor times at most one factor of one position:
+    the position itself, or ``//``, ``%``, ``min``, ``max`` or ``abs`` of affine integer
+    expressions of it. Such terms are finite wherever the per-program values are, and as
+    small in int32 as the user wrote them (no expanded powers that wrap, no ``log q`` that
+    is infinite on a row the mask empties)."""
+    factors = [f for f in sympy.Mul.make_args(term) if f.free_symbols & {q, k}]
+    if not factors:
+        return True
+    if len(factors) > 1 or (q in factors[0].free_symbols and k in factors[0].free_symbols):
+        return False
+    (f,) = factors
+    if f in (q, k):
+        return True
+    if not isinstance(f, _POSITION_FUNCTIONS):
+        return False
+    for arg in f.args:
+        poly = arg.as_poly(q, k)
+        if poly is None or poly.total_degree() > 1 or not all(c.is_integer for c in poly.coeffs()):
+            return False
+    return True
+
+
 def apply_recompute(g: nx.DiGraph) -> nx.DiGraph:
     """Apply the recompute policy of the backward pass.
 
@@ -258,6 +347,7 @@ PIPELINE: list[Callable[[nx.DiGraph], nx.DiGraph]] = [
     split_periodic,
     classify_tiles,
     choose_numerics,
+    split_score_bias,
     apply_recompute,
 ]
 

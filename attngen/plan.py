@@ -16,6 +16,7 @@ from sympy.logic.inference import satisfiable
 from .classify import full_segments, masked_segments, range_statements, runtime_tests, segment_statements
 from .expr import SYMBOLS, FloorDiv
 from .errors import UnsupportedError
+from .passes import ANCHOR
 from .printer import TritonPrinter
 
 #: Kernel variable of each position symbol. ``pos_q`` is ``[BLOCK_Q, 1]``, ``pos_k`` is
@@ -62,6 +63,20 @@ class GradLoad:
     load: LoadPlan
     derivative: str
     reduce: str  # "all", "rows" (sum over keys), "cols" (sum over queries) or "none"
+
+
+@dataclass(frozen=True)
+class BiasSplit:
+    """A softmax score ``s + R(q) + C(k)`` split by :func:`attngen.passes.split_score_bias`:
+    ``row_code`` is ``R`` of ``pos_row`` (the program's query positions, a vector) and the
+    anchor ``pos_a``, added to each row's log-sum-exp; ``col_code`` is ``C`` of ``pos_k``
+    and ``pos_a``, added to the scaled ``q·k``. Both in natural units. ``slope_code``: where the
+    column term is ``c · (pos_k - pos_a)`` with ``c`` the same for the whole program (ALiBi's
+    slope), ``c``; a key tile's columns are then ``c`` times a lane index plus one scalar."""
+
+    row_code: str
+    col_code: str
+    slope_code: str | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +178,11 @@ class ModulePlan:
     sees_itself: bool = False
     #: the score's tanh runs through the rendered ``_tanh`` helper (the spec's ``fast_tanh``)
     fast_tanh: bool = False
+    #: the score is ``s`` plus a row term and a column term: the forward, dQ and dK/dV kernels
+    #: (natural order, recompute ``lse``) take the columns per tile and the rows in the
+    #: log-sum-exp for bf16 and fp16 launches (``BIAS_SPLIT``); float32 launches, the decoding
+    #: kernel and P's writers and readers use ``score_code``
+    bias_split: BiasSplit | None = None
 
     @property
     def needs_scores(self) -> bool:
@@ -206,6 +226,14 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         # a score free of s (a bias alone) must still be a full tile: broadcast it
         score_code = f"tl.full(s.shape, 0.0, tl.float32) + ({score_code})"
 
+    bias_split = None
+    if g.graph.get("bias_split"):
+        row_names = {**names, "q": "pos_row", ANCHOR.name: ANCHOR.name}
+        slope = g.graph["bias_split"]["slope"]
+        bias_split = BiasSplit(TritonPrinter(row_names)(g.graph["bias_split"]["row"]),
+                               TritonPrinter({**names, ANCHOR.name: ANCHOR.name})(g.graph["bias_split"]["col"]),
+                               None if slope is None else pr.flt(slope))
+
     grad_loads = []
     if "score" in g:
         score = g.nodes["score"]["expr"]
@@ -241,6 +269,7 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
             grad_loads=tuple(grad_loads),
             sees_itself=sees_itself(g),
             fast_tanh=spec.fast_tanh,
+            bias_split=None if perm_stride else bias_split,  # residue order keeps the whole score
         )
 
     decode_loads = split("k", "attn_decode")  # its loop runs over key tiles, as the forward's
@@ -257,7 +286,8 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
         if g.graph["recompute"] != "store_p":
             return main
         renamed = {f: dataclasses.replace(getattr(main, f), name=getattr(main, f).name + "_sp") for f in ("fwd", "dkdv", "dq")}
-        return dataclasses.replace(main, stored=dataclasses.replace(main, store_p=True, **renamed))
+        # P's writer and readers compute whole scores against the true log-sum-exp
+        return dataclasses.replace(main, stored=dataclasses.replace(main, store_p=True, bias_split=None, **renamed))
     if g.graph["recompute"] == "store_p":
         raise UnsupportedError(f"recompute: store_p with the strided mask of {spec.name!r}: its residue-order part "
                                "finishes each row's log-sum-exp after the natural part, so P cannot be written; use 'lse'")

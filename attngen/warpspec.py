@@ -126,6 +126,8 @@ def render_ws(plan: ModulePlan) -> RenderedModule:
     args = input_arg_names(plan)
     extra = args + (["META"] if plan.fwd_ranges.meta is not None else [])
     ctx = args + [ld.var for ld in plan.fwd.outer_loads] + (["off_b", "off_h"] if plan.fwd.inner_loads else [])
+    ctx += ["pos_a"] if plan.bias_split else []  # the separable bias's anchor
+    ctx += ["slope2"] if plan.bias_split and plan.bias_split.slope_code else []
     context = dict(plan=plan, bounds=", ".join(bound_names(plan)), extra=", ".join(extra), ctx=ctx)
     return _render(TEMPLATE, plan.spec_name, [context])
 

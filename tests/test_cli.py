@@ -122,3 +122,9 @@ def test_gpu_only_commands_say_so_instead_of_suggesting_a_missing_flag(capsys):
     assert "bench times kernels and needs a CUDA GPU; on the CPU use run, zoo or fuzz" in capsys.readouterr().err
     assert main(["tune", "causal", "--gpu-shapes", "1,2,2,64,16"]) == 2
     assert "tune times kernels and needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_show_prints_the_bias_split():
+    alibi = run_cli("show", "alibi").stdout
+    assert "graph.bias_split = row ld0*(pos_a - q), column ld0*(k - pos_a), slope ld0" in alibi
+    assert "graph.bias_split" not in run_cli("show", "softcap").stdout

@@ -26,7 +26,7 @@ def test_pipeline_is_one_ordered_list_of_documented_passes():
     names = [p.__name__ for p in PIPELINE]
     assert names == [
         "bind_params", "simplify_expressions", "derive_backward",
-        "collect_input_loads", "split_periodic", "classify_tiles", "choose_numerics", "apply_recompute",
+        "collect_input_loads", "split_periodic", "classify_tiles", "choose_numerics", "split_score_bias", "apply_recompute",
     ]  # fmt: skip
     for p in PIPELINE:
         assert "Requires" in p.__doc__ or "Establishes" in p.__doc__

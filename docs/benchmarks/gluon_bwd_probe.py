@@ -18,8 +18,8 @@ producer/consumer form):
 
 Without DQ the probe asks how fast the four products of the dK/dV loop run when split this
 way, and reports that loop's rate (4 products: twice the forward's FLOPs). With DQ (configs
-named ``bwd``, added in the twelfth session after its device time was spent, so not yet run
-on a GPU) the loop also forms dQ's share of each key tile, dS K, and adds it to a float32
+named ``bwd``, added in the twelfth session and first run in the thirteenth:
+h200-gluon-bwd-probe-dq-s13.txt) the loop also forms dQ's share of each key tile, dS K, and adds it to a float32
 accumulator by atomics; its time includes zeroing that accumulator and converting it, and
 its rate counts five products. Both are reported next to the whole backward of SDPA-cuDNN
 and of attngen (5 products counted, as the anchors suite counts them), in the same run.
