@@ -269,7 +269,13 @@ def _show(args) -> int:
         print(f"graph.{key} = {compiled.graph.graph.get(key)}")
     split = compiled.graph.graph.get("bias_split")
     if split:  # the score is s + row + column: rows go to the log-sum-exp (passes.split_score_bias)
-        print(f"graph.bias_split = row {split['row']}, column {split['col']}, slope {split['slope']}")
+        # in the spec's words: each ld<i> back as the input read it stands for
+        import sympy
+
+        reads = {d["symbol"]: sympy.Indexed(d["input"], *d["indices"])
+                 for _, d in compiled.graph.nodes(data=True) if d.get("op") == "load_input"}
+        row, col, slope = (None if split[key] is None else split[key].xreplace(reads) for key in ("row", "col", "slope"))
+        print(f"graph.bias_split = row {row}, column {col}, slope {slope} (pos_a: the program's anchor position)")
     for node, data in compiled.graph.nodes(data=True):
         attrs = ", ".join(f"{k}={v}" for k, v in data.items() if k != "op")
         succ = ", ".join(compiled.graph.successors(node))

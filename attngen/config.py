@@ -146,9 +146,9 @@ def warp_specialize() -> int | None:
 
 def _forced_choice(name: str, allowed: tuple[str, ...], meanings: str) -> int | None:
     """The integer choice environment variable ``name`` forces, or None when it is unset or
-    ``auto``; ``meanings`` describes ``allowed`` in the error."""
+    ``auto`` (in any case); ``meanings`` describes ``allowed`` in the error."""
     text = os.environ.get(name, "").strip()
-    if text in ("", "auto"):
+    if text.lower() in ("", "auto"):  # AUTO and Auto as well
         return None
     if text not in allowed:
         raise EnvError(name, f"{text!r} is not a choice: give {meanings}, or auto (or unset it)")

@@ -126,5 +126,5 @@ def test_gpu_only_commands_say_so_instead_of_suggesting_a_missing_flag(capsys):
 
 def test_show_prints_the_bias_split():
     alibi = run_cli("show", "alibi").stdout
-    assert "graph.bias_split = row ld0*(pos_a - q), column ld0*(k - pos_a), slope ld0" in alibi
+    assert "graph.bias_split = row (pos_a - q)*slopes[h], column (k - pos_a)*slopes[h], slope slopes[h]" in alibi
     assert "graph.bias_split" not in run_cli("show", "softcap").stdout

@@ -143,7 +143,7 @@ def test_compile_rejects_a_bad_debug_switch_by_name(name, value, monkeypatch):
     with pytest.raises(attngen.EnvError, match=f"^{name}: '{value}' is not") as info:
         attngen.compile("causal")
     assert info.value.name == name and isinstance(info.value, ValueError)
-    monkeypatch.setenv(name, {"ATTNGEN_DQ": "auto", "ATTNGEN_DESCRIPTORS": "auto", "ATTNGEN_POISON": "1", "ATTNGEN_VERIFY_IR": "0"}.get(name, ""))
+    monkeypatch.setenv(name, {"ATTNGEN_DQ": "auto", "ATTNGEN_DESCRIPTORS": "AUTO", "ATTNGEN_POISON": "1", "ATTNGEN_VERIFY_IR": "0"}.get(name, ""))
     attngen.compile("causal")
 
 
