@@ -247,8 +247,8 @@ def split_score_bias(g: nx.DiGraph) -> nx.DiGraph:
 
     Both terms are measured from an anchor position ``pos_a`` of each program when ``C`` is
     affine in ``k`` (``R(q) + C(a)`` and ``C(k) - C(a)``, the same sum): near the anchor
-    they stay as small as the original ``slope (q - k)``, so float32 loses nothing to
-    cancelling two large position terms at long sequence lengths.
+    they stay as small as the original ``slope (q - k)``: no two large position terms
+    cancel in float32 at long sequence lengths.
 
     Applies when the normaliser is softmax and every additive term of ``score - s`` is a
     per-program factor (numbers, params, the sequence lengths, runtime inputs read by batch
