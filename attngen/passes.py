@@ -169,6 +169,12 @@ def split_periodic(g: nx.DiGraph) -> nx.DiGraph:
     return g
 
 
+def _read_symbols(g: nx.DiGraph, free_of: set[str]) -> list[sympy.Symbol]:
+    """The symbols (``ld<i>``) of the runtime-input reads whose indices use none of the
+    position symbols in ``free_of``."""
+    return [d["symbol"] for _, d in g.nodes(data=True) if d.get("op") == "load_input" and not (d["deps"] & free_of)]
+
+
 def classify_tiles(g: nx.DiGraph) -> nx.DiGraph:
     """Classify (query tile, key tile) pairs in closed form (:mod:`attngen.classify`).
 
@@ -185,7 +191,7 @@ def classify_tiles(g: nx.DiGraph) -> nx.DiGraph:
     mask = g.nodes["mask"]["expr"] if "mask" in g else None
 
     def loads_free_of(deps: set[str]) -> list[str]:
-        return [d["symbol"].name for _, d in g.nodes(data=True) if d.get("op") == "load_input" and not (d["deps"] & deps)]
+        return [sym.name for sym in _read_symbols(g, deps)]
 
     scalar_loads = loads_free_of({"q", "k"})
     position_loads = {}
@@ -271,7 +277,7 @@ def split_score_bias(g: nx.DiGraph) -> nx.DiGraph:
     bias = sympy.expand(g.nodes["score"]["expr"] - s)
     if s in bias.free_symbols:
         return g
-    per_program = {d["symbol"] for _, d in g.nodes(data=True) if d.get("op") == "load_input" and d["deps"] <= {"b", "h"}}
+    per_program = set(_read_symbols(g, {"q", "k"}))
     known = per_program | {SYMBOLS[n] for n in ("q", "k", "b", "h", "T_Q", "T_KV")}
     if not bias.free_symbols <= known:
         return g  # a runtime input read along a position

@@ -228,11 +228,11 @@ def make_plan(g: nx.DiGraph) -> ModulePlan:
 
     bias_split = None
     if g.graph.get("bias_split"):
-        row_names = {**names, "q": "pos_row", ANCHOR.name: ANCHOR.name}
-        slope = g.graph["bias_split"]["slope"]
-        bias_split = BiasSplit(TritonPrinter(row_names)(g.graph["bias_split"]["row"]),
-                               TritonPrinter({**names, ANCHOR.name: ANCHOR.name})(g.graph["bias_split"]["col"]),
-                               None if slope is None else pr.flt(slope))
+        terms = g.graph["bias_split"]
+        # the row term reads the program's query positions as a vector (pos_row), not pos_q's column
+        pr_split = TritonPrinter({**names, ANCHOR.name: ANCHOR.name, "q": "pos_row"})
+        bias_split = BiasSplit(pr_split(terms["row"]), pr_split(terms["col"]),
+                               None if terms["slope"] is None else pr.flt(terms["slope"]))
 
     grad_loads = []
     if "score" in g:
