@@ -280,6 +280,7 @@ def _show(args) -> int:
         attrs = ", ".join(f"{k}={v}" for k, v in data.items() if k != "op")
         succ = ", ".join(compiled.graph.successors(node))
         print(f"  {node:<20} {data['op']:<11} {attrs}" + (f"  -> {succ}" if succ else ""))
+    _show_program_order(compiled)
     path = write_kernel(compiled.spec.name, compiled.rendered)
     print("\n# rendered kernels")
     names = []
@@ -303,6 +304,20 @@ def _show(args) -> int:
         if warpspec.plan_supports(compiled.plan) is None:
             print(warpspec.render_ws(compiled.plan).source)
     return 0
+
+
+def _show_program_order(compiled) -> None:
+    """How the forward and dQ grids order their programs (attngen.tilemap.query_tile_order)."""
+    from .tilemap import FIRST_TILE_FIRST, LAST_TILE_FIRST, query_tile_order
+
+    order = query_tile_order(compiled.spec, compiled.graph, compiled.plan)
+    print("\n# program order (forward and dQ grids; ATTNGEN_LAUNCH_ORDER=1 keeps launch order)")
+    if order == LAST_TILE_FIRST:
+        print("  last query tile first, heads in groups: later query tiles visit more key tiles")
+    elif order == FIRST_TILE_FIRST:
+        print("  first query tile first, heads in groups: earlier query tiles visit more key tiles")
+    else:
+        print("  launch order: no query tile visits much more than another, or the mask reads runtime inputs")
 
 
 def _show_warp_specialized(compiled) -> None:

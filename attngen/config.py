@@ -20,6 +20,9 @@
                         (:meth:`attngen.op.AttentionOp.dq_mode`). Deterministic algorithms,
                         stored P and learnable inputs that want gradients take ``0`` whatever
                         it says.
+``ATTNGEN_LAUNCH_ORDER`` ``1`` runs the attention kernels' programs in launch order instead of
+                        longest first (:func:`attngen.tilemap.query_tile_order`; a switch for A/B
+                        timings; results must not change).
 ``ATTNGEN_POISON``      ``1`` fills fresh outputs with NaN before the kernels write them, so an
                         element a kernel forgets to write cannot pass a test.
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
@@ -157,7 +160,7 @@ def _forced_choice(name: str, allowed: tuple[str, ...], meanings: str) -> int | 
 
 def check_switches() -> None:
     """Read every switch (``ATTNGEN_VERIFY_IR``, ``ATTNGEN_NO_SKIP``, ``ATTNGEN_POISON``,
-    ``ATTNGEN_STAGES``, ``ATTNGEN_MIN_HEAD_BLOCK``, ``ATTNGEN_DESCRIPTORS``, ``ATTNGEN_DQ``, ``ATTNGEN_WS``), so
+    ``ATTNGEN_STAGES``, ``ATTNGEN_MIN_HEAD_BLOCK``, ``ATTNGEN_DESCRIPTORS``, ``ATTNGEN_DQ``, ``ATTNGEN_WS``, ``ATTNGEN_LAUNCH_ORDER``), so
     a bad one fails when a spec is compiled rather than at the first launch that reads it.
     Each launch still reads them again, so a change after compiling takes effect.
 
@@ -172,6 +175,14 @@ def check_switches() -> None:
     descriptor_rank()
     dq_mode()
     warp_specialize()
+    tile_order()
+
+
+def tile_order() -> bool:
+    """Whether the attention kernels take their tiles longest first where the mask makes
+    some programs longer (:func:`attngen.tilemap.query_tile_order`), off with
+    ``ATTNGEN_LAUNCH_ORDER=1``."""
+    return not _flag("ATTNGEN_LAUNCH_ORDER")
 
 
 def poison_outputs() -> bool:

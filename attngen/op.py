@@ -240,6 +240,21 @@ class AttentionOp:
 
         return mask_class(self.spec, self._graph, self.plan)
 
+    @functools.cached_property
+    def query_tile_order(self) -> int:
+        """The order in which the forward and dQ grids take their query tiles
+        (:func:`attngen.tilemap.query_tile_order`; launch order for an op built without its
+        IR). Counted in closed form on first use, as :attr:`mask_class`."""
+        if self._graph is None:
+            return 0
+        from .tilemap import query_tile_order
+
+        return query_tile_order(self.spec, self._graph, self.plan)
+
+    def _order(self) -> dict:
+        """The ``ORDER_Q`` constexpr of a forward or dQ launch (``ATTNGEN_LAUNCH_ORDER=1``: 0)."""
+        return {"ORDER_Q": self.query_tile_order if config.tile_order() else 0}
+
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
         _, ordered = check_call(self.spec, q, k, v, inputs, constant_reads=self._constant_reads, grad_inputs=self._grad_inputs)
         if return_lse and self.plan.sigmoid:
@@ -637,7 +652,8 @@ class AttentionOp:
             p = _new_output((B, H, T_Q, dims["T_KV"]), q.dtype, q.device)
         if p is None and self._warp_specialized(q, k, v, constexprs):
             meta = self.tile_meta("k", warpspec.BLOCK_Q, warpspec.BLOCK_KV, inputs, dims, q.device, shard)
-            warpspec.launch(self.ws_module, q, k, v, o, lse, runtime, constexprs["GROUP"], self._input_args(inputs) + meta)
+            warpspec.launch(self.ws_module, q, k, v, o, lse, runtime, constexprs["GROUP"], self._input_args(inputs) + meta,
+                            self._order()["ORDER_Q"])
             return (o, lse, None) if want_p else (o, lse)
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)
@@ -648,7 +664,7 @@ class AttentionOp:
                 *self._input_args(inputs), *meta,
                 *q.stride(), *k.stride(), *v.stride(), *o.stride(),
                 *runtime,
-                **constexprs, **self._launch(cfg), **self._descriptors(part, k, v, cfg.block_kv, constexprs),
+                **constexprs, **self._order(), **self._launch(cfg), **self._descriptors(part, k, v, cfg.block_kv, constexprs),
             )  # fmt: skip
         return (o, lse, p) if want_p else (o, lse)
 
@@ -715,7 +731,7 @@ class AttentionOp:
                 *input_args, *meta, *grad_args,
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 *runtime,
-                **constexprs, **extra, **self._launch(cfg), **self._descriptors(part, k, v, cfg.block_kv, constexprs),
+                **constexprs, **extra, **self._order(), **self._launch(cfg), **self._descriptors(part, k, v, cfg.block_kv, constexprs),
             )  # fmt: skip
         in_grads = [grads[n].to(t.dtype) if n in grads and want else None
                     for n, t, want in zip(names, inputs, input_grads or [False] * len(inputs))]  # fmt: skip

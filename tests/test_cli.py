@@ -128,3 +128,9 @@ def test_show_prints_the_bias_split():
     alibi = run_cli("show", "alibi").stdout
     assert "graph.bias_split = row (pos_a - q)*slopes[h], column (k - pos_a)*slopes[h], slope slopes[h]" in alibi
     assert "graph.bias_split" not in run_cli("show", "softcap").stdout
+
+
+def test_show_prints_the_program_order():
+    assert "  last query tile first, heads in groups" in run_cli("show", "causal").stdout
+    assert "  launch order: no query tile" in run_cli("show", "dense").stdout
+
