@@ -307,17 +307,19 @@ def _show(args) -> int:
 
 
 def _show_program_order(compiled) -> None:
-    """How the forward and dQ grids order their programs (attngen.tilemap.query_tile_order)."""
-    from .tilemap import FIRST_TILE_FIRST, LAST_TILE_FIRST, query_tile_order
+    """How the attn_fwd and attn_bwd_dq grids order their programs (attngen.tilemap.query_tile_order)."""
+    from .tilemap import FIRST_TILE_FIRST, LAST_TILE_FIRST, LAUNCH_ORDER, query_tile_order
 
     order = query_tile_order(compiled.spec, compiled.graph, compiled.plan)
-    print("\n# program order (forward and dQ grids; ATTNGEN_LAUNCH_ORDER=1 keeps launch order)")
+    print("\n# program order (attn_fwd and attn_bwd_dq grids; ATTNGEN_LAUNCH_ORDER=1 keeps launch order)")
     if order == LAST_TILE_FIRST:
         print("  last query tile first, heads in groups: later query tiles visit more key tiles")
     elif order == FIRST_TILE_FIRST:
         print("  first query tile first, heads in groups: earlier query tiles visit more key tiles")
     else:
-        print("  launch order: no query tile visits much more than another, or the mask reads runtime inputs")
+        print("  launch order: no query tile visits much more than another, or the tile bounds read runtime inputs")
+    if order != LAUNCH_ORDER and compiled.plan.perm is not None:
+        print("  (the residue-order kernels of the strided part keep launch order)")
 
 
 def _show_warp_specialized(compiled) -> None:

@@ -20,9 +20,10 @@
                         (:meth:`attngen.op.AttentionOp.dq_mode`). Deterministic algorithms,
                         stored P and learnable inputs that want gradients take ``0`` whatever
                         it says.
-``ATTNGEN_LAUNCH_ORDER`` ``1`` runs the attention kernels' programs in launch order instead of
-                        longest first (:func:`attngen.tilemap.query_tile_order`; a switch for A/B
-                        timings; results must not change).
+``ATTNGEN_LAUNCH_ORDER`` ``1`` runs the forward and dQ kernels' programs (``attn_fwd``,
+                        ``attn_bwd_dq``) in launch order instead of longest first
+                        (:func:`attngen.tilemap.query_tile_order`; a switch for A/B timings;
+                        results must not change).
 ``ATTNGEN_POISON``      ``1`` fills fresh outputs with NaN before the kernels write them, so an
                         element a kernel forgets to write cannot pass a test.
 ``TRITON_INTERPRET``    ``1`` makes Triton interpret every kernel (also GPU tensors). CPU
@@ -179,8 +180,8 @@ def check_switches() -> None:
 
 
 def tile_order() -> bool:
-    """Whether the attention kernels take their tiles longest first where the mask makes
-    some programs longer (:func:`attngen.tilemap.query_tile_order`), off with
+    """Whether ``attn_fwd`` and ``attn_bwd_dq`` take their query tiles longest first where
+    the mask makes some programs longer (:func:`attngen.tilemap.query_tile_order`), off with
     ``ATTNGEN_LAUNCH_ORDER=1``."""
     return not _flag("ATTNGEN_LAUNCH_ORDER")
 

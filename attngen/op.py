@@ -251,9 +251,16 @@ class AttentionOp:
 
         return query_tile_order(self.spec, self._graph, self.plan)
 
+    #: Bytes of L2 cache that the K and V of one group of heads may take in a reordered grid
+    #: (:attr:`query_tile_order`). On the H200 a 24 MiB share ran the warp-specialised
+    #: forward 4.5% slower than launch order and 8 MiB ran the Triton forward 6-10% faster
+    #: (docs/perf-notes.md, "Longest programs first").
+    l2_budget: int = 8 * 1024 * 1024
+
     def _order(self) -> dict:
-        """The ``ORDER_Q`` constexpr of a forward or dQ launch (``ATTNGEN_LAUNCH_ORDER=1``: 0)."""
-        return {"ORDER_Q": self.query_tile_order if config.tile_order() else 0}
+        """The ``ORDER_Q`` and ``L2_BUDGET`` constexprs of a forward or dQ launch
+        (``ATTNGEN_LAUNCH_ORDER=1``: order 0)."""
+        return {"ORDER_Q": self.query_tile_order if config.tile_order() else 0, "L2_BUDGET": self.l2_budget}
 
     def __call__(self, q, k, v, *, return_lse: bool = False, **inputs):
         _, ordered = check_call(self.spec, q, k, v, inputs, constant_reads=self._constant_reads, grad_inputs=self._grad_inputs)
@@ -652,8 +659,7 @@ class AttentionOp:
             p = _new_output((B, H, T_Q, dims["T_KV"]), q.dtype, q.device)
         if p is None and self._warp_specialized(q, k, v, constexprs):
             meta = self.tile_meta("k", warpspec.BLOCK_Q, warpspec.BLOCK_KV, inputs, dims, q.device, shard)
-            warpspec.launch(self.ws_module, q, k, v, o, lse, runtime, constexprs["GROUP"], self._input_args(inputs) + meta,
-                            self._order()["ORDER_Q"])
+            warpspec.launch(self.ws_module, q, k, v, o, lse, runtime, constexprs["GROUP"], self._input_args(inputs) + meta)
             return (o, lse, None) if want_p else (o, lse)
         cfg = self.config_for("fwd", dims, q.dtype, q.device)
         meta = self.tile_meta("k", cfg.block_q, cfg.block_kv, inputs, dims, q.device, shard)

@@ -275,27 +275,30 @@ LAST_TILE_FIRST = 2
 
 
 def query_tile_order(spec, g, plan) -> int:
-    """The order in which the forward and dQ programs of a built spec take their query tiles:
-    :data:`LAUNCH_ORDER`, :data:`FIRST_TILE_FIRST` or :data:`LAST_TILE_FIRST` (the kernels'
-    ``ORDER_Q``; the macro ``program_order`` in ``templates/macros.j2``).
+    """The order in which the ``attn_fwd`` and ``attn_bwd_dq`` programs of a built spec take
+    their query tiles: :data:`LAUNCH_ORDER`, :data:`FIRST_TILE_FIRST` or
+    :data:`LAST_TILE_FIRST` (the kernels' ``ORDER_Q``; the macro ``program_order`` in
+    ``templates/macros.j2``).
 
     Longest processing time first: GPU blocks start roughly in launch order, so a grid whose
     last programs are its longest ends on a tail where a few multiprocessors work and the
     rest idle. The key tiles each query tile visits are counted in closed form at
-    ``T = 16384`` with 64 x 64 tiles. When the last quarter of the query tiles visits more
-    than 1.5 times what the first quarter does (causal, prefix-LM), the grid runs its last
-    tile first; in the opposite case (``k >= q``), its first tile first, with the heads dealt
-    out in groups whose keys and values fit in a share of L2 so that the order holds over the
-    whole grid rather than within each head; otherwise, and for masks classified from runtime
-    inputs (documents) or with no mask, in launch order. Each program writes its own rows, so
-    the order changes no result. Counted for batch entry 0 and head 0, as :func:`mask_class`
-    is.
+    ``T = 16384`` with 64 x 64 tiles, whatever a call's lengths. When the last quarter of the
+    query tiles visits more than 1.5 times what the first quarter does (causal, prefix-LM,
+    causal windows of 4096 but not of 1024), the grid runs its last tile first; in the
+    opposite case (``k >= q``), its first tile first. A reordered grid deals its heads out
+    in groups of whole KV heads whose K and V fit in :attr:`AttentionOp.l2_budget
+    <attngen.op.AttentionOp.l2_budget>`, so that the order holds over the whole grid rather
+    than within each head. Otherwise, and for specs with no mask or whose tile bounds read
+    runtime inputs (documents, ``k < n[b]``), launch order. Each program writes its own rows,
+    so the order changes no result. Counted for batch entry 0 and head 0, as
+    :func:`mask_class` is.
 
-    Measured on the H200 (docs/benchmarks/h200-tile-order-split-8mib-s14.txt, T = 16384,
-    bf16): the Triton forward at D = 64 ran 6-10% faster (causal, prefix-LM, softcap, ALiBi),
-    the warp-specialised one at D = 128 0-4%, forward+backward 1-3% with the dQ kernel's grid
-    in this order as well. The dK/dV grid (over key tiles) keeps launch order, which under a
-    causal mask already starts each head's longest programs first: grouping its heads ran
+    Measured on the H200 (docs/perf-notes.md, "Longest programs first"; T = 16384, bf16):
+    the D = 64 forward ran 6-10% faster (causal, prefix-LM, softcap, ALiBi), forward+backward
+    at D = 64 1-3%. The warp-specialised forward keeps its own order (the last tile first
+    within each head), and the dK/dV grid keeps launch order, which under a causal mask
+    already starts each head's longest programs first: grouping its heads ran
     forward+backward 2-3.5% slower there at D = 64.
     """
     if plan.fwd_ranges.meta is not None or "mask" not in g:

@@ -176,18 +176,17 @@ def _descriptor(t: torch.Tensor, block_rows: int):
     return TensorDescriptor(t, list(t.shape), _tma_strides(t), block, layout)
 
 
-def launch(module: ModuleType, q, k, v, o, lse, runtime: list, group: int, extra: list, order: int = 0) -> None:
+def launch(module: ModuleType, q, k, v, o, lse, runtime: list, group: int, extra: list) -> None:
     """Run the warp-specialised forward: ``q [B, H, T_Q, 128]``, ``k, v [B, H_KV, T_KV, 128]``,
     ``o [B, H, T_Q, 128]`` (written) and ``lse [B, H, T_Q]`` float32 (written); ``runtime``
     is the Triton forward's ``[H, T_Q, T_KV, Q_OFFSET, K_OFFSET, scale, scale * log2 e]``;
     ``extra`` the runtime-input arguments and, for masks classified from runtime inputs, the
-    metadata of query tiles of 128 against key tiles of 128 (``AttentionOp.tile_meta``);
-    ``order`` the order of the query tiles (:func:`attngen.tilemap.query_tile_order`)."""
+    metadata of query tiles of 128 against key tiles of 128 (``AttentionOp.tile_meta``)."""
     B, H, T_Q, _ = q.shape
     _, _, T_KV, q_start, k_start, scale, qk_scale_log2 = runtime
     grid = (-(-T_Q // BLOCK_Q), H, B)
     getattr(module, KERNEL)[grid](
         _descriptor(q, BLOCK_Q), _descriptor(k, BLOCK_KV), _descriptor(v, BLOCK_KV), _descriptor(o, BLOCK_Q // 2), lse, *extra,
         H, T_Q, T_KV, q_start, k_start, scale, qk_scale_log2,
-        GROUP=group, STAGES=STAGES, TILE_SKIP=config.tile_skipping(), ORDER=order, num_warps=NUM_WARPS, maxnreg=MAXNREG,
+        GROUP=group, STAGES=STAGES, TILE_SKIP=config.tile_skipping(), num_warps=NUM_WARPS, maxnreg=MAXNREG,
     )  # fmt: skip
